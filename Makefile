@@ -1,0 +1,27 @@
+# The two set-up commands of the README; each creates the environment it needs first.
+#   make pipeline   run the main job end to end on the built-in default data
+#   make test       run the tests
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: pipeline test repro env clean-data
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+
+env: $(VENV)/.installed
+
+pipeline: $(VENV)/.installed
+	$(BIN)/twin generate
+	$(BIN)/twin prepare
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The same pipeline through DVC, which skips stages whose inputs did not change.
+repro: $(VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+clean-data:
+	rm -rf data/raw data/prepared outputs

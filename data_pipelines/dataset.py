@@ -1,0 +1,202 @@
+"""The prepared dataset: split by run, normalisation on train, one Parquet per run segment.
+
+Last stage of `twin prepare` (read_historian -> validate -> align_runs -> write_dataset). It
+writes what docs/data_contracts.md section 3 fixes: `runs/<segment_id>.parquet`,
+`rejects.csv`, the copied `events.csv` / `fault_labels.csv`, and `manifest.json` with the
+SHA-256 of every file. The same input gives byte-identical output: Parquet is written with
+fixed options and no pandas metadata, the manifest with sorted keys and no wall-clock time.
+"""
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipelines.align import Segment
+from data_pipelines.errors import DataValidationError
+from data_pipelines.tags import TagDictionary
+from data_pipelines.timestamps import iso_utc
+
+SPLITS = ("train", "val", "test", "fault")
+RUNS_DIR = "runs"
+# Names this stage owns inside out_dir; only these are removed before writing, so a stale
+# run file of an earlier prepare can never sit beside a new manifest.
+OWNED = ("rejects.csv", "events.csv", "fault_labels.csv", "manifest.json")
+
+
+def split_runs(runs: pd.DataFrame, *, fractions: dict, seed: int) -> dict[str, str]:
+    """Assign every run, as a whole, to train / val / test / fault.
+
+    Fault runs go to "fault" and normal extrapolation runs to "test", whatever the
+    fractions. Normal interpolation runs are shuffled with `seed` (numpy default_rng) in
+    run-table order and cut by the fractions: n_val = round(n * val), n_test = round(n *
+    test) (halves round up), train gets the rest and at least one run when there is one.
+
+    Args:
+        runs: run table (run_id, kind, regime), sorted by start.
+        fractions: {"train", "val", "test"} summing to 1.
+        seed: seed of the shuffle.
+
+    Returns:
+        {run_id: split}.
+    """
+    split = {}
+    pool = []
+    for run_id, kind, regime in zip(runs["run_id"], runs["kind"], runs["regime"], strict=True):
+        if kind == "fault":
+            split[run_id] = "fault"
+        elif regime == "extrapolation":
+            split[run_id] = "test"
+        else:
+            pool.append(run_id)
+    n = len(pool)
+    n_val = math.floor(n * fractions["val"] + 0.5)
+    n_test = math.floor(n * fractions["test"] + 0.5)
+    while n and n - n_val - n_test < 1:  # a dataset with runs always has one to train on
+        if n_test:
+            n_test -= 1
+        else:
+            n_val -= 1
+    shuffled = [pool[i] for i in np.random.default_rng(seed).permutation(n)]
+    n_train = n - n_val - n_test
+    for i, run_id in enumerate(shuffled):
+        split[run_id] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+    return split
+
+
+def normalisation(
+    segments: list[Segment],
+    split: dict[str, str],
+    dictionary: TagDictionary,
+    *,
+    std_floor_fraction: float,
+) -> tuple[dict, list[str]]:
+    """Mean and std of each tag's grid values over the train segments only.
+
+    The std (population, ddof=0) is floored at `std_floor_fraction` * (range_high -
+    range_low), so a constant tag does not divide by zero when normalised; a tag with a
+    zero-width range is floored at 1.0.
+
+    Returns:
+        ({TAG: {"mean", "std"}}, warnings). A tag without any train value gets null mean
+        and std and a warning.
+    """
+    train = [s.frame for s in segments if split[s.run_id] == "train"]
+    stats, warnings = {}, []
+    for name in dictionary.column_order:
+        values = np.concatenate([f[name].to_numpy() for f in train]) if train else np.zeros(0)
+        values = values[~np.isnan(values)]
+        if not values.size:
+            stats[name] = {"mean": None, "std": None}
+            warnings.append(f"tag {name}: no value in the train split, no normalisation")
+            continue
+        spec = dictionary[name]
+        floor = std_floor_fraction * (spec.range_high - spec.range_low) or 1.0
+        stats[name] = {"mean": float(values.mean()), "std": max(float(values.std()), floor)}
+    return stats, warnings
+
+
+def write_dataset(
+    out_dir: Path,
+    segments: list[Segment],
+    *,
+    split: dict[str, str],
+    rejects: pd.DataFrame,
+    copies: dict[str, Path],
+    manifest: dict,
+) -> dict:
+    """Write run files, rejects.csv, copies and manifest.json; hash every file.
+
+    Args:
+        out_dir: created if missing; earlier run files and the OWNED names are replaced.
+        segments: from align_runs.
+        split: {run_id: split} from split_runs.
+        rejects: rejects.csv rows.
+        copies: {name in out_dir: source path} copied byte for byte (events, fault labels).
+        manifest: the fields prepare already knows; "runs", "splits", "files" are added.
+
+    Returns:
+        The manifest as written.
+
+    Raises:
+        DataValidationError: two segments would write the same file (a run id that looks
+            like another run's later segment, e.g. "A_s1" beside a split run "A").
+    """
+    _clear(out_dir, out_dir / RUNS_DIR)
+    runs = _write_runs(out_dir, segments, split)
+    files = {entry["file"]: entry["sha256"] for entry in runs.values()}
+    rejects.to_csv(out_dir / "rejects.csv", index=False, lineterminator="\n")
+    files["rejects.csv"] = sha256_file(out_dir / "rejects.csv")
+    for name, source in sorted(copies.items()):
+        shutil.copyfile(source, out_dir / name)
+        files[name] = sha256_file(out_dir / name)
+    splits = {name: sorted(s for s, e in runs.items() if e["split"] == name) for name in SPLITS}
+    manifest = {**manifest, "runs": runs, "files": files, "splits": splits}
+    text = json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False) + "\n"
+    (out_dir / "manifest.json").write_text(text, encoding="utf-8")
+    return json.loads(text)
+
+
+def _write_runs(out_dir: Path, segments: list[Segment], split: dict[str, str]) -> dict:
+    """One Parquet file per segment; returns the manifest's "runs" entries."""
+    runs = {}
+    for seg in segments:
+        if seg.segment_id in runs:
+            raise DataValidationError(f"run segment id {seg.segment_id} is not unique")
+        relative = f"{RUNS_DIR}/{seg.segment_id}.parquet"
+        write_parquet(seg.frame, out_dir / relative)
+        start, end = iso_utc(np.array([seg.start_ns, seg.end_ns]))
+        runs[seg.segment_id] = {
+            "file": relative,
+            "sha256": sha256_file(out_dir / relative),
+            "n_rows": len(seg.frame),
+            "start": start,
+            "end": end,
+            "kind": seg.kind,
+            "regime": seg.regime,
+            "split": split[seg.run_id],
+            "source_run": seg.run_id,
+        }
+    return runs
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write a frame so that the same frame always gives the same bytes.
+
+    The table is built column by column, without pandas schema metadata (which records
+    library versions); the arrow types (timestamp[ns, UTC], float64, int16) carry
+    everything a reader needs.
+    """
+    columns = {}
+    for name, column in frame.items():
+        if isinstance(column.dtype, pd.DatetimeTZDtype):
+            # built from UTC nanoseconds: pyarrow's pandas path warns under pandas 3.1
+            ns = column.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[ns]")
+            columns[name] = pa.array(ns, pa.timestamp("ns", tz="UTC"))
+        else:
+            columns[name] = pa.array(column.to_numpy())
+    table = pa.table(columns)
+    pq.write_table(table, path, compression="zstd", write_statistics=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _clear(out_dir: Path, runs_dir: Path) -> None:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for stale in runs_dir.glob("*.parquet"):
+        stale.unlink()
+    for name in OWNED:
+        (out_dir / name).unlink(missing_ok=True)

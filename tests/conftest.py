@@ -1,0 +1,45 @@
+"""Shared fixtures: seeded generators and float64 precision, as STYLE.md asks.
+
+The seed comes from TWIN_TEST_SEED (default 0) and is printed in the report header so a
+failure can be replayed with the same draws.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+TEST_SEED = int(os.environ.get("TWIN_TEST_SEED", "0"))
+
+
+def pytest_report_header(config):
+    return f"TWIN_TEST_SEED={TEST_SEED}"
+
+
+@pytest.fixture
+def seed() -> int:
+    return TEST_SEED
+
+
+@pytest.fixture
+def np_rng() -> np.random.Generator:
+    return np.random.default_rng(TEST_SEED)
+
+
+@pytest.fixture
+def rng():
+    """A seeded torch.Generator; torch is imported lazily so data tests need not load it."""
+    import torch
+
+    return torch.Generator().manual_seed(TEST_SEED)
+
+
+@pytest.fixture
+def float64():
+    """Run the test with float64 as torch's default dtype, restored afterwards."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield torch.float64
+    torch.set_default_dtype(previous)

@@ -1,0 +1,155 @@
+"""Split by run, normalisation on train only, deterministic files and their hashes."""
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+
+from data_pipelines import prepare_dataset, split_runs
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _prepare(raw, out, tags, data):
+    return prepare_dataset(raw, out, tags=tags, data=data, plant_name="test_line")
+
+
+def test_split_is_by_run_never_by_sample(six_run_export, tmp_path, small_tags, data_config):
+    raw, _, runs = six_run_export
+    data_config["max_gap_s"] = 100.0
+    manifest = _prepare(raw, tmp_path / "out", small_tags, data_config)
+    listed = [seg for split in manifest["splits"].values() for seg in split]
+    assert sorted(listed) == sorted(manifest["runs"])  # each segment in exactly one split
+    by_run = {}
+    for seg_id, entry in manifest["runs"].items():
+        assert seg_id in manifest["splits"][entry["split"]]
+        by_run.setdefault(entry["source_run"], set()).add(entry["split"])
+    assert all(len(splits) == 1 for splits in by_run.values())
+    assert sorted(by_run) == [r["run_id"] for r in runs]
+
+
+def test_fault_runs_only_in_fault_and_extrapolation_runs_only_in_test(exports):
+    runs = exports.runs_table(exports.six_runs())
+    for seed in range(10):
+        split = split_runs(runs, fractions={"train": 0.5, "val": 0.25, "test": 0.25}, seed=seed)
+        assert split["R6"] == "fault" and split["R5"] == "test"
+        assert [r for r, s in split.items() if s == "fault"] == ["R6"]
+        normal = [split[r] for r in ("R1", "R2", "R3", "R4")]
+        assert sorted(normal) == ["test", "train", "train", "val"]
+
+
+def test_split_is_seeded_and_a_single_run_goes_to_train(exports):
+    runs = exports.runs_table(exports.six_runs())
+    fractions = {"train": 0.5, "val": 0.25, "test": 0.25}
+    splits = [split_runs(runs, fractions=fractions, seed=s) for s in range(6)]
+    assert splits[0] == split_runs(runs, fractions=fractions, seed=0)
+    assert len({tuple(sorted(s.items())) for s in splits}) > 1
+    one = runs.iloc[:1]
+    assert split_runs(one, fractions=fractions, seed=0) == {"R1": "train"}
+
+
+def test_normalisation_uses_train_runs_only(
+    six_run_export, tmp_path, small_tags, data_config, exports
+):
+    raw, frame, runs = six_run_export
+    first = _prepare(raw, tmp_path / "out1", small_tags, data_config)
+    train = first["splits"]["train"]
+    frames = [pd.read_parquet(tmp_path / "out1" / first["runs"][r]["file"]) for r in train]
+    nir = pd.concat(frames)["NIR.CONC"].dropna()
+    assert np.isclose(first["normalisation"]["NIR.CONC"]["mean"], nir.mean(), rtol=1e-12)
+    assert np.isclose(first["normalisation"]["NIR.CONC"]["std"], nir.std(ddof=0), rtol=1e-12)
+    # change every test and val run: the statistics must not move
+    held_out = {
+        first["runs"][r]["source_run"] for r in first["splits"]["test"] + first["splits"]["val"]
+    }
+    changed = frame.copy()
+    edges = [r["start"] for r in runs] + [runs[-1]["start"] + pd.Timedelta(hours=1)]
+    run_of = pd.cut(
+        changed["timestamp"], bins=edges, right=False, labels=[r["run_id"] for r in runs]
+    )
+    changed.loc[run_of.isin(held_out).to_numpy(), "value"] *= 1.5
+    exports.write_export(tmp_path / "raw2", changed, runs)
+    second = _prepare(tmp_path / "raw2", tmp_path / "out2", small_tags, data_config)
+    assert second["normalisation"] == first["normalisation"]
+    assert second["splits"] == first["splits"]
+    test_run = first["splits"]["test"][0]
+    assert second["runs"][test_run]["sha256"] != first["runs"][test_run]["sha256"]
+
+
+def test_constant_tag_std_is_floored_at_a_fraction_of_its_range(
+    six_run_export, tmp_path, small_tags, data_config, exports
+):
+    raw, frame, runs = six_run_export
+    frame = frame.copy()
+    frame.loc[frame["tag"] == "HOPPER.MASS", "value"] = 20.0
+    exports.write_export(tmp_path / "raw2", frame, runs)
+    data_config["std_floor_fraction"] = 1e-3
+    manifest = _prepare(tmp_path / "raw2", tmp_path / "out", small_tags, data_config)
+    assert manifest["normalisation"]["HOPPER.MASS"] == {"mean": 20.0, "std": 1e-3 * 30.0}
+    assert manifest["constant_tags"] == ["HOPPER.MASS"]
+
+
+def test_manifest_hashes_match_the_files_and_counts_add_up(
+    six_run_export, tmp_path, small_tags, data_config
+):
+    raw, frame, _ = six_run_export
+    out = tmp_path / "out"
+    manifest = _prepare(raw, out, small_tags, data_config)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == sorted([*manifest["files"], "manifest.json"])
+    for relative, digest in manifest["files"].items():
+        assert _sha256(out / relative) == digest, relative
+    for entry in manifest["runs"].values():
+        assert manifest["files"][entry["file"]] == entry["sha256"]
+        assert len(pd.read_parquet(out / entry["file"])) == entry["n_rows"]
+    for name, digest in manifest["source"]["files"].items():
+        assert _sha256(raw / name) == digest
+    counts = manifest["counts"]
+    assert counts["rows_in"] == len(frame) == counts["rows_valid"] + counts["rows_rejected"]
+
+
+def test_same_input_gives_byte_identical_output(six_run_export, tmp_path, small_tags, data_config):
+    raw, _, _ = six_run_export
+    _prepare(raw, tmp_path / "a", small_tags, data_config)
+    _prepare(raw, tmp_path / "b", small_tags, data_config)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.*"))
+    assert files_a == files_b
+    for relative in files_a:
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes()
+
+
+def test_a_second_prepare_leaves_no_stale_run_file(
+    six_run_export, tmp_path, small_tags, data_config
+):
+    raw, _, _ = six_run_export
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "OLD_s1.parquet").write_bytes(b"stale")
+    manifest = _prepare(raw, out, small_tags, data_config)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        f"{seg}.parquet" for seg in manifest["runs"]
+    )
+
+
+def test_run_file_columns_and_types_follow_the_contract(
+    six_run_export, tmp_path, small_tags, data_config
+):
+    raw, _, _ = six_run_export
+    manifest = _prepare(raw, tmp_path / "out", small_tags, data_config)
+    frame = pd.read_parquet(tmp_path / "out" / manifest["runs"]["R1"]["file"])
+    assert list(frame.columns) == [
+        "time_s",
+        "timestamp",
+        *manifest["inputs"],
+        *manifest["disturbances"],
+        *manifest["measurements"],
+        *[f"{m}__n" for m in manifest["measurements"]],
+    ]
+    assert str(frame["timestamp"].dtype) == "datetime64[ns, UTC]"
+    assert frame["NIR.CONC__n"].dtype == np.int16 and frame["FEED.SP"].dtype == np.float64
+    assert len(frame) == 121 and manifest["runs"]["R1"]["start"] == "2025-03-01T06:00:00.000+00:00"

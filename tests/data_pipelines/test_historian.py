@@ -1,0 +1,191 @@
+"""read_historian: long and wide, CSV and Parquet, time zones, file-level faults."""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipelines import DataValidationError, read_historian
+
+UTC = {"timezone": "UTC"}
+
+
+def _samples(table) -> pd.DataFrame:
+    """The part of a long frame that must survive any layout: sorted, plain dtypes."""
+    f = table.frame
+    out = pd.DataFrame(
+        {
+            "timestamp": f["timestamp"],
+            "tag": f["tag"].astype(str),
+            "value": f["value"],
+            "quality": f["quality"].astype(object),
+        }
+    )
+    return out.sort_values(["timestamp", "tag"]).reset_index(drop=True)
+
+
+def _to_wide(frame: pd.DataFrame) -> pd.DataFrame:
+    wide = frame.pivot(index="timestamp", columns="tag", values="value")
+    return wide.reset_index().rename_axis(columns=None)
+
+
+def test_long_csv_rows_are_numbered_from_one_after_the_header(write_text):
+    path = write_text(
+        "historian.csv",
+        "timestamp,tag,value,quality\n"
+        "2025-03-01T06:00:00.000+00:00,FEED.SP,2.0,Good\n"
+        "2025-03-01T06:00:01.000+00:00,FEED.SP,,Bad\n",
+    )
+    table = read_historian(path, **UTC)
+    assert table.layout == "long"
+    assert table.frame["row"].tolist() == [1, 2]
+    assert table.frame["value"].iloc[0] == 2.0 and np.isnan(table.frame["value"].iloc[1])
+    assert table.frame["quality"].astype(str).tolist() == ["Good", "Bad"]
+    assert str(table.frame["timestamp"].dtype) == "datetime64[ns, UTC]"
+
+
+def test_wide_csv_with_unnamed_first_column_reads_quality_strings_and_unit_headers(write_text):
+    path = write_text(
+        "historian.csv",
+        ",FEED.SP [kg/h],NIR.CONC\n2025-03-01 06:00:00,2.0,Bad\n2025-03-01 06:00:05,,10.5\n",
+    )
+    table = read_historian(path, **UTC)
+    f = table.frame
+    assert table.layout == "wide"
+    assert f["tag"].astype(str).tolist() == ["FEED.SP", "NIR.CONC", "NIR.CONC"]
+    assert f["row"].tolist() == [1, 1, 2]
+    assert f["quality"].astype(object).tolist()[1] == "Bad"
+    assert np.isnan(f["value"].iloc[1]) and f["value"].iloc[2] == 10.5
+    assert table.empty_cells == 1
+    assert [(c.tag, c.unit, c.where) for c in table.unit_claims] == [
+        ("FEED.SP", "kg/h", "header column 2")
+    ]
+
+
+def test_long_to_wide_round_trip_gives_the_same_frame(tmp_path, exports, np_rng):
+    runs = exports.six_runs()[:1]
+    frame = exports.long_export(runs, np_rng)
+    long_path = exports.write_long_csv(frame, tmp_path / "long.csv")
+    wide = _to_wide(frame)
+    wide["timestamp"] = exports.iso(wide["timestamp"]).to_numpy()
+    wide_path = tmp_path / "wide.csv"
+    wide.to_csv(wide_path, index=False)
+    from_long, from_wide = read_historian(long_path, **UTC), read_historian(wide_path, **UTC)
+    # wide has no quality column: compare what both layouts carry
+    pd.testing.assert_frame_equal(
+        _samples(from_long).drop(columns="quality"), _samples(from_wide).drop(columns="quality")
+    )
+    assert from_wide.empty_cells == wide.shape[0] * (wide.shape[1] - 1) - len(frame)
+
+
+def test_wide_to_long_round_trip_gives_the_same_frame(tmp_path, exports):
+    wide = pd.DataFrame(
+        {
+            "timestamp": ["2025-03-01T06:00:00+00:00", "2025-03-01T06:00:05+00:00"],
+            "FEED.SP": [2.0, 2.5],
+            "NIR.CONC": ["Bad", "11.0"],
+        }
+    )
+    wide.to_csv(tmp_path / "wide.csv", index=False)
+    from_wide = read_historian(tmp_path / "wide.csv", **UTC)
+    long = _samples(from_wide)
+    long["value"] = long["value"].astype(object).where(long["quality"].isna(), "")
+    long["timestamp"] = exports.iso(long["timestamp"]).to_numpy()
+    long.to_csv(tmp_path / "long.csv", index=False)
+    back = read_historian(tmp_path / "long.csv", **UTC)
+    pd.testing.assert_frame_equal(_samples(from_wide), _samples(back))
+
+
+def test_csv_and_parquet_give_the_same_long_frame(tmp_path, exports, np_rng):
+    frame = exports.long_export(exports.six_runs()[:1], np_rng)
+    csv = read_historian(exports.write_long_csv(frame, tmp_path / "h.csv"), **UTC)
+    frame.to_parquet(tmp_path / "h.parquet", index=False)
+    parquet = read_historian(tmp_path / "h.parquet", **UTC)
+    pd.testing.assert_frame_equal(_samples(csv), _samples(parquet))
+
+
+def test_offset_timestamps_are_converted_to_utc(write_text):
+    path = write_text(
+        "historian.csv",
+        "timestamp,tag,value\n"
+        "2025-03-01T07:00:00+01:00,FEED.SP,1\n"
+        "2025-03-01T06:00:00Z,FEED.SP,2\n",
+    )
+    ts = read_historian(path, **UTC).frame["timestamp"]
+    assert (ts == pd.Timestamp("2025-03-01T06:00:00Z")).all()
+
+
+def test_naive_timestamps_are_local_times_of_the_configured_zone(write_text):
+    path = write_text(
+        "historian.csv",
+        "timestamp,tag,value\n2025-01-15 07:00:00,FEED.SP,1\n2025-07-15 08:00:00,FEED.SP,2\n",
+    )
+    ts = read_historian(path, timezone="Europe/Berlin").frame["timestamp"]
+    assert ts.tolist() == [pd.Timestamp("2025-01-15T06:00Z"), pd.Timestamp("2025-07-15T06:00Z")]
+
+
+def test_ambiguous_local_time_raises_naming_file_and_row(write_text):
+    path = write_text(
+        "historian.csv",
+        "timestamp,tag,value\n2025-10-26 01:30:00,FEED.SP,1\n2025-10-26 02:30:00,FEED.SP,2\n",
+    )
+    with pytest.raises(DataValidationError, match=r"historian.csv row 2: .*ambiguous"):
+        read_historian(path, timezone="Europe/Berlin")
+
+
+def test_nonexistent_local_time_is_flagged_when_policy_is_reject(write_text):
+    path = write_text(
+        "historian.csv",
+        "timestamp,tag,value\n2025-03-30 02:30:00,FEED.SP,1\n2025-03-30 03:30:00,FEED.SP,2\n",
+    )
+    with pytest.raises(DataValidationError, match=r"row 1: .*does not exist"):
+        read_historian(path, timezone="Europe/Berlin")
+    f = read_historian(path, timezone="Europe/Berlin", dst_policy="reject").frame
+    assert f["timestamp_error"].astype(object).tolist()[0] == "nonexistent_local_time"
+    assert f["timestamp"].iloc[1] == pd.Timestamp("2025-03-30T01:30Z")
+
+
+def test_parquet_timestamp_types_aware_and_naive_are_both_handled(tmp_path):
+    instants = pd.to_datetime(["2025-01-15T06:00:00Z", "2025-01-15T06:00:01Z"])
+    utc_values = instants.tz_convert(None).to_numpy()
+    local_values = instants.tz_convert("Europe/Berlin").tz_localize(None).to_numpy()
+    for name, column in (
+        ("aware", pa.array(utc_values, pa.timestamp("ns", tz="UTC"))),
+        ("naive", pa.array(local_values, pa.timestamp("ns"))),
+    ):
+        table = pa.table({"timestamp": column, "tag": ["FEED.SP"] * 2, "value": [1.0, 2.0]})
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        read = read_historian(tmp_path / f"{name}.parquet", timezone="Europe/Berlin")
+        assert read.frame["timestamp"].tolist() == list(instants), name
+
+
+def test_missing_timestamp_column_is_fatal(write_text):
+    path = write_text("historian.csv", "when,tag,value\n2025-03-01,FEED.SP,1\n")
+    with pytest.raises(DataValidationError, match=r"historian.csv: no timestamp column"):
+        read_historian(path, **UTC)
+
+
+def test_unreadable_file_is_fatal_and_names_the_file(write_text):
+    path = write_text("historian.parquet", "this is not parquet")
+    with pytest.raises(DataValidationError, match=r"historian.parquet: cannot read"):
+        read_historian(path, **UTC)
+
+
+def test_one_bad_timestamp_does_not_change_how_the_others_are_read(write_text):
+    # All-good text is parsed by one arrow cast; one bad string sends the file through the
+    # per-string path. Both must give the same instants.
+    good = [
+        "2025-03-01T07:00:00.123+01:00",
+        "2025-03-01T06:00:00Z",
+        "2025-03-01 06:00:00.5+00:00",
+        "2025-03-01T01:00:00.000000001-05:00",
+    ]
+    rows = "".join(f"{t},FEED.SP,{i}\n" for i, t in enumerate(good))
+    clean = read_historian(write_text("a.csv", "timestamp,tag,value\n" + rows), **UTC)
+    mixed = read_historian(
+        write_text("b.csv", "timestamp,tag,value\n" + rows + "not a time,FEED.SP,9\n"), **UTC
+    )
+    assert mixed.frame["timestamp"].iloc[:4].tolist() == clean.frame["timestamp"].tolist()
+    assert mixed.frame["timestamp_error"].astype(object).tolist()[4] == "unparseable_timestamp"
+    assert clean.frame["timestamp"].iloc[3].value == pd.Timestamp("2025-03-01T06:00Z").value + 1

@@ -1,0 +1,33 @@
+"""The `twin` command as a user meets it: help, stage dispatch, errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+TWIN = str(Path(sys.executable).with_name("twin"))
+
+
+def run_twin(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([TWIN, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_stage_with_one_line_each():
+    result = run_twin("--help")
+    assert result.returncode == 0, result.stderr
+    stage_lines = [line.split() for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert [words[0] for words in stage_lines] == ["generate", "prepare"]
+    assert all(len(words) > 3 for words in stage_lines)
+
+
+def test_unknown_stage_names_the_valid_ones():
+    result = run_twin("trian")
+    assert result.returncode == 2
+    assert "unknown stage 'trian'" in result.stderr
+    assert "generate, prepare" in result.stderr
+
+
+def test_stage_overrides_reach_the_composed_config():
+    result = run_twin("prepare", "data.dt_s=2.0", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "dt_s: 2.0" in result.stdout
+    assert "NIR.API_CONC" in result.stdout

@@ -1,0 +1,72 @@
+"""The `twin` command: one subcommand per pipeline stage, each a Hydra application.
+
+    twin <stage> [hydra overrides ...]      e.g. `twin prepare data.dt_s=2.0`
+    twin <stage> --help                     the stage's config and override syntax
+    twin <stage> --cfg job                  print the composed config without running
+
+Each stage's root config is `configs/<stage>.yaml`; see training/config_dir.py for where the
+configs are looked up.
+"""
+
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+import hydra
+from omegaconf import DictConfig
+
+from training.config_dir import config_dir
+
+
+class Stage(NamedTuple):
+    summary: str
+    run: Callable[[DictConfig], object]
+
+
+def _stages() -> dict[str, Stage]:
+    from training import data_stages
+
+    return {
+        "generate": Stage("simulate the built-in CDC line and write a historian export",
+                          data_stages.run_generate),
+        "prepare": Stage("validate, align and split a historian export into a dataset",
+                         data_stages.run_prepare),
+    }
+
+
+def _usage(stages: dict[str, Stage]) -> str:
+    width = max(len(name) for name in stages)
+    lines = [
+        "usage: twin <stage> [hydra overrides ...]",
+        "",
+        "Hybrid digital twin of a continuous pharmaceutical line: pipeline stages.",
+        "",
+        "stages:",
+        *(f"  {name:<{width}}  {stage.summary}" for name, stage in stages.items()),
+        "",
+        "`twin <stage> --help` shows a stage's configuration and Hydra's override syntax.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `twin <stage> ...` to the stage's Hydra application."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stages = _stages()
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage(stages))
+        return 0
+    name, overrides = argv[0], argv[1:]
+    if name not in stages:
+        print(f"twin: unknown stage {name!r}; valid stages: {', '.join(stages)}",
+              file=sys.stderr)
+        return 2
+    # Hydra reads its overrides from sys.argv, so the stage name is taken off first.
+    sys.argv = [f"twin {name}", *overrides]
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=name)
+    app(stages[name].run)()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The prepared dataset as a LightningDataModule: what `twin train` hands to the Trainer.
+
+It opens and verifies the dataset (dataset.PreparedDataset), loads the splits a stage needs,
+and serves windows.Window batches: random windows of the train runs (RandomWindowSampler,
+seeded per epoch) and deterministic windows of the val and test runs (SequentialWindows).
+A model reads its sizes, tag order and normalisation statistics from here before training,
+so it can be built, and its predictions denormalised, in the manifest's units and order.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from training.dataset import DatasetError, Normalisation, PreparedDataset, RunTensors
+from training.windows import RandomWindowSampler, SequentialWindows, TrajectoryWindows
+
+log = logging.getLogger(__name__)
+# The evaluation splits each Lightning stage needs ("predict" needs none).
+_EVAL_SPLITS_OF_STAGE = {
+    "fit": ("val",),
+    "validate": ("val",),
+    "test": ("test",),
+    None: ("val", "test"),
+}
+
+
+def _require(name: str, value: object, minimum: int, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        none = " or null" if allow_none else ""
+        raise ValueError(f"CDCDataModule: {name} must be an int >= {minimum}{none}, got {value!r}")
+
+
+class CDCDataModule(LightningDataModule):
+    """Training windows of a prepared CDC-line dataset (docs/data_contracts.md, section 3).
+
+    Batches are `windows.Window` tuples: u (batch, T, n_inputs), y and mask
+    (batch, T, n_measurements), past_u / past_y / past_mask with P rows, time_s (batch, T),
+    t0 and run_index (batch,). u and y are normalised with the train statistics
+    (`normalisation`); data tensors use torch's default dtype at `setup` time.
+
+    Args:
+        path: prepared dataset folder (holding manifest.json).
+        window_steps: T, grid rows predicted per window (T * dt_s seconds).
+        past_steps: P, grid rows before each window for the initial-state estimate.
+        batch_size: windows per batch.
+        windows_per_epoch: random train windows drawn per epoch.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        seed: seed of the train window draws; epoch e uses (seed, e).
+        eval_window_steps: length of the non-overlapping val/test windows; None = T.
+        eval_full_runs: if True each val/test run is one window from row P to its end
+            (batch size 1, since runs differ in length); eval_window_steps is then unused.
+
+    Raises:
+        ValueError: a size below its minimum (checked here, before any file is read).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        window_steps: int = 120,
+        past_steps: int = 24,
+        batch_size: int = 32,
+        windows_per_epoch: int = 4096,
+        num_workers: int = 0,
+        seed: int = 0,
+        eval_window_steps: int | None = None,
+        eval_full_runs: bool = False,
+    ):
+        super().__init__()
+        for name, value, minimum in (
+            ("window_steps", window_steps, 1),
+            ("past_steps", past_steps, 1),
+            ("batch_size", batch_size, 1),
+            ("windows_per_epoch", windows_per_epoch, 1),
+            ("num_workers", num_workers, 0),
+            ("seed", seed, 0),
+        ):
+            _require(name, value, minimum)
+        _require("eval_window_steps", eval_window_steps, 1, allow_none=True)
+        path = str(path)  # a plain string in the saved hyperparameters and MLflow params
+        self.save_hyperparameters()
+        self._dataset: PreparedDataset | None = None
+        self._runs: dict[str, list[RunTensors]] = {}
+        self.train_windows: TrajectoryWindows | None = None
+        self.train_sampler: RandomWindowSampler | None = None
+        self.eval_windows: dict[str, SequentialWindows] = {}
+
+    # -- what a model needs before training --------------------------------------------------
+
+    @property
+    def dataset(self) -> PreparedDataset:
+        """The prepared dataset, opened (and every file's SHA-256 checked) on first use."""
+        if self._dataset is None:
+            self._dataset = PreparedDataset.open(self.hparams.path)
+        return self._dataset
+
+    @property
+    def input_tags(self) -> list[str]:
+        """Columns of u: the manifest's inputs, then its disturbances."""
+        return self.dataset.input_tags
+
+    @property
+    def measurement_tags(self) -> list[str]:
+        """Columns of y and mask: the manifest's measurements."""
+        return self.dataset.measurement_tags
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.input_tags)
+
+    @property
+    def n_measurements(self) -> int:
+        return len(self.measurement_tags)
+
+    @property
+    def dt_s(self) -> float:
+        """Grid step of every run, seconds."""
+        return self.dataset.dt_s
+
+    @property
+    def manifest_sha256(self) -> str:
+        """SHA-256 of manifest.json: the dataset's identity for MLflow tags."""
+        return self.dataset.manifest_sha256
+
+    @property
+    def normalisation(self) -> Normalisation:
+        """Train statistics, (n_inputs,) and (n_measurements,) tensors: x = x_norm * std + mean."""
+        return self.dataset.normalisation()
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits of `stage`: fit -> train + val, validate -> val, test -> test.
+
+        Raises:
+            DatasetError: the dataset breaks its contract, or a split has no run long enough
+                for one window (the message names the split and each run).
+        """
+        if stage in ("fit", None) and self.train_windows is None:
+            self.train_windows = self._train_windows()
+            self.train_sampler = RandomWindowSampler(
+                len(self.train_windows), self.hparams.windows_per_epoch, self.hparams.seed
+            )
+        for split in _EVAL_SPLITS_OF_STAGE.get(stage, ()):
+            self.sequential_windows(split)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_windows is None:
+            self.setup("fit")
+        return DataLoader(
+            self.train_windows,
+            batch_size=self.hparams.batch_size,
+            sampler=self.train_sampler,
+            **self._worker_options(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    # -- evaluation views --------------------------------------------------------------------
+
+    def sequential_windows(self, split: str) -> SequentialWindows:
+        """The deterministic evaluation windows of any split (val, test, fault), cached.
+
+        Raises:
+            DatasetError: unknown split, or no run of it is long enough for one window.
+        """
+        if split not in self.eval_windows:
+            steps = (
+                None
+                if self.hparams.eval_full_runs
+                else (self.hparams.eval_window_steps or self.hparams.window_steps)
+            )
+            try:
+                windows = SequentialWindows(self._load(split), steps, self.hparams.past_steps)
+            except DatasetError as exc:
+                raise DatasetError(f"split {split!r} of {self.hparams.path}: {exc}") from exc
+            self._report(split, windows.skipped)
+            uncovered = sum(windows.uncovered_rows.values())
+            if uncovered:
+                log.info(
+                    "%s: %d trailing rows shorter than one window are not evaluated: %s",
+                    split,
+                    uncovered,
+                    windows.uncovered_rows,
+                )
+            self.eval_windows[split] = windows
+        return self.eval_windows[split]
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Sequential, unshuffled batches of `sequential_windows(split)`."""
+        batch_size = 1 if self.hparams.eval_full_runs else self.hparams.batch_size
+        return DataLoader(
+            self.sequential_windows(split),
+            batch_size=batch_size,
+            shuffle=False,
+            **self._worker_options(),
+        )
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _load(self, split: str) -> list[RunTensors]:
+        if split not in self._runs:
+            runs = self.dataset.load_split(split, torch.get_default_dtype())
+            trimmed = {run.run_id: run.first_row for run in runs if run.first_row}
+            if trimmed:
+                log.info(
+                    "%s: leading rows dropped until every input holds a value: %s", split, trimmed
+                )
+            self._runs[split] = runs
+        return self._runs[split]
+
+    def _train_windows(self) -> TrajectoryWindows:
+        try:
+            windows = TrajectoryWindows(
+                self._load("train"), self.hparams.window_steps, self.hparams.past_steps
+            )
+        except DatasetError as exc:
+            raise DatasetError(f"split 'train' of {self.hparams.path}: {exc}") from exc
+        self._report("train", windows.skipped)
+        return windows
+
+    @staticmethod
+    def _report(split: str, skipped: list) -> None:
+        if skipped:
+            log.warning(
+                "%s: %d run segments too short for one window are skipped: %s",
+                split,
+                len(skipped),
+                "; ".join(f"{s.run_id}: {s.reason}" for s in skipped),
+            )
+
+    def _worker_options(self) -> dict:
+        workers = self.hparams.num_workers
+        return {"num_workers": workers, "persistent_workers": workers > 0}

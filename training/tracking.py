@@ -1,0 +1,100 @@
+"""MLflow bookkeeping of a training run: where runs go, and what every run records.
+
+The default tracking store is a SQLite database in the project folder, so a data scientist
+can open `mlflow ui --backend-store-uri sqlite:///mlflow.db` without running a server;
+MLFLOW_TRACKING_URI points a team at its own server instead. Every run records the resolved
+config (flattened as params, and whole as `config.yaml`), the dataset manifest hash and the
+git commit as tags, so a number in the UI can be traced to the data and code that made it.
+"""
+
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import mlflow
+import yaml
+
+# MLflow refuses more than 100 params in one batch and values longer than 6000 characters.
+PARAMS_PER_BATCH = 100
+MAX_PARAM_CHARS = 6000
+DEFAULT_DB_NAME = "mlflow.db"
+
+
+def tracking_uri(project_dir: Path | None = None) -> str:
+    """The tracking URI: $MLFLOW_TRACKING_URI, else `sqlite:///<project_dir>/mlflow.db`.
+
+    Args:
+        project_dir: folder holding the default database; the current directory if None.
+    """
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    folder = Path.cwd() if project_dir is None else Path(project_dir)
+    return f"sqlite:///{(folder / DEFAULT_DB_NAME).resolve()}"
+
+
+def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"} as MLflow params.
+
+    Lists stay one value (`[0.0, 10.0]`) because a list is one setting to a reader of the UI.
+
+    Raises:
+        ValueError: a value longer than MLflow accepts, naming the key.
+    """
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+            continue
+        text = "null" if value is None else str(value)
+        if len(text) > MAX_PARAM_CHARS:
+            raise ValueError(
+                f"config key {name!r}: value of {len(text)} characters is longer than "
+                f"MLflow's limit of {MAX_PARAM_CHARS}; keep it in config.yaml only"
+            )
+        flat[name] = text
+    return flat
+
+
+def _batches(items: dict[str, str], size: int) -> Iterator[dict[str, str]]:
+    keys = sorted(items)
+    for start in range(0, len(keys), size):
+        yield {key: items[key] for key in keys[start : start + size]}
+
+
+def log_config(config: Mapping) -> None:
+    """Log a resolved config to the active run: flattened params plus `config.yaml`."""
+    for batch in _batches(flatten_params(config), PARAMS_PER_BATCH):
+        mlflow.log_params(batch)
+    mlflow.log_text(yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
+
+
+def git_commit(repo_dir: Path | None = None) -> str:
+    """The commit of the code that runs, with `-dirty` when the work tree has changes.
+
+    Returns "unknown" outside a git work tree (an installed copy), never raising: a run must
+    not fail for want of provenance, and "unknown" in the UI says what happened.
+    """
+    cwd = Path(__file__).resolve().parent if repo_dir is None else Path(repo_dir)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def provenance_tags(manifest_sha256: str, model_kind: str) -> dict[str, str]:
+    """Tags that tie a run to its data and code."""
+    return {
+        "data.manifest_sha256": manifest_sha256,
+        "git.commit": git_commit(),
+        "model.kind": model_kind,
+    }
