@@ -15,6 +15,8 @@ env: $(VENV)/.installed
 pipeline: $(VENV)/.installed
 	$(BIN)/twin generate
 	$(BIN)/twin prepare
+	$(BIN)/twin train num_threads=1
+	@echo "Runs and the registered model: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -31,7 +31,17 @@ def _stages() -> dict[str, Stage]:
                           data_stages.run_generate),
         "prepare": Stage("validate, align and split a historian export into a dataset",
                          data_stages.run_prepare),
+        "train": Stage("train a twin (hybrid, mechanistic or black box), track it in MLflow",
+                       _run_train),
     }
+
+
+def _run_train(cfg: DictConfig) -> float:
+    # Imported on use: Lightning and MLflow take seconds to load, which `twin --help`,
+    # `generate` and `prepare` should not pay.
+    from training.train import run_train
+
+    return run_train(cfg)
 
 
 def _usage(stages: dict[str, Stage]) -> str:

@@ -220,3 +220,40 @@ def make_dataset(tmp_path: Path, seed: int) -> Callable[..., SyntheticDataset]:
 def prepared(make_dataset) -> SyntheticDataset:
     """The default synthetic prepared dataset."""
     return make_dataset()
+
+
+# -- A tiny dataset of the real CDC line, for training tests (TwinModel needs every tag) ----
+
+TINY_SIM = {  # 4 normal runs of 15 min: train 2, val 1, test 1 (181 rows of 5 s each)
+    "n_normal_runs": 4,
+    "n_extrapolation_runs": 0,
+    "n_fault_runs_per_kind": 0,
+    "run_hours": 0.25,
+    "n_setpoint_changes": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_cdc_dataset(tmp_path_factory) -> Path:
+    """A prepared dataset simulated by plant_sim and written by `prepare_dataset` (~1 s).
+
+    Returns:
+        The prepared folder (holding manifest.json), shared by the session: do not modify.
+    """
+    import yaml
+
+    from data_pipelines import prepare_dataset
+    from data_pipelines.plant_sim import write_historian_export
+    from training.config_dir import SHIPPED_CONFIG_DIR
+
+    def load(relative: str) -> dict:
+        return yaml.safe_load((SHIPPED_CONFIG_DIR / relative).read_text())
+
+    root = tmp_path_factory.mktemp("tiny_cdc")
+    tags = load("plant/cdc_line.yaml")["tags"]
+    sim = {**load("sim/cdc_default.yaml"), **TINY_SIM}
+    write_historian_export(root / "raw", tags=tags, sim=sim, seed=0)
+    data = {**load("data/cdc_default.yaml"), "raw_dir": str(root / "raw")}
+    data["out_dir"] = str(root / "prepared")
+    prepare_dataset(root / "raw", root / "prepared", tags=tags, data=data, plant_name="cdc_line")
+    return root / "prepared"

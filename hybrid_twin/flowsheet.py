@@ -1,0 +1,313 @@
+"""Composes unit models into one vector field over the line's named global state.
+
+A flowsheet spec (a plain mapping; training/ translates Hydra configs into it) names the
+components, the units and the streams between them; `build_flowsheet` checks it and returns a
+`Flowsheet`, which is itself a vector field (`theta()`, `rhs(x, u, theta)`) that the solvers
+integrate and `hybrid_twin.hybrid.HybridVectorField` wraps. Units are kept in topological order
+of the streams; the global state, input, output and parameter vectors are the units' vectors
+concatenated in that order, named "<unit>.<name>".
+"""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hybrid_twin.errors import ConfigError, unknown_key_message
+from hybrid_twin.units import UNITS
+from hybrid_twin.units.base import AbstractUnit
+
+SPEC_KEYS = (
+    "name",
+    "components",
+    "units",
+    "streams",
+    "inputs",
+    "measurements",
+    "disturbances",
+    "calibrated",
+)
+
+
+def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+class Flowsheet(nn.Module):
+    """A line of unit models connected by material streams.
+
+    Args:
+        units: the units in topological order (every upstream unit before its downstream).
+        upstream: for each unit, indices of the units feeding it.
+        components: component names of the streams.
+        tags: {"inputs": {tag: "unit.input"}, "measurements": {...}, "disturbances": {...},
+            "calibrated": [tag, ...]}, kept as metadata for the observation model and training.
+
+    Attributes:
+        state_names, input_names, output_names, param_names: "<unit>.<name>" in vector order.
+        input_tags: plant tag of each input (aligned with input_names) where the spec maps one.
+    """
+
+    state_slices: list[tuple[int, int]]
+    input_slices: list[tuple[int, int]]
+    param_slices: list[tuple[int, int]]
+    upstream: list[list[int]]
+
+    def __init__(
+        self,
+        units: Sequence[AbstractUnit],
+        upstream: Sequence[Sequence[int]],
+        components: Sequence[str],
+        tags: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.upstream = [list(up) for up in upstream]
+        self.components = list(components)
+        self.n_components = len(self.components)
+        self.unit_names = [unit.unit_name for unit in units]
+        self.state_specs = [spec for unit in units for spec in unit.state_specs]
+        self.input_specs = [spec for unit in units for spec in unit.input_specs]
+        self.param_specs = [spec for unit in units for spec in unit.params.specs]
+        self.state_names = [f"{u.unit_name}.{s.name}" for u in units for s in u.state_specs]
+        self.input_names = [f"{u.unit_name}.{s.name}" for u in units for s in u.input_specs]
+        self.output_names = [f"{u.unit_name}.{s.name}" for u in units for s in u.output_specs]
+        self.param_names = [f"{u.unit_name}.{n}" for u in units for n in u.params.names]
+        self.state_slices = _offsets([len(u.state_specs) for u in units])
+        self.input_slices = _offsets([len(u.input_specs) for u in units])
+        self.param_slices = _offsets([len(u.params.names) for u in units])
+        self.n_states, self.n_inputs = len(self.state_names), len(self.input_names)
+        self.n_outputs, self.n_params = len(self.output_names), len(self.param_names)
+        self.tags = dict(tags or {})
+        by_input = {v: k for k, v in dict(self.tags.get("inputs", {})).items()}  # type: ignore[call-overload]
+        self.input_tags = [by_input.get(name, "") for name in self.input_names]
+
+    def theta(self) -> Tensor:
+        """Physical parameter values of all units, (1, n_params)."""
+        values: list[Tensor] = []
+        for unit in self.units:
+            values.append(unit.params.values())
+        return torch.cat(values).unsqueeze(0)
+
+    def _inflow(self, i: int, outflows: list[Tensor], no_inflow: Tensor) -> Tensor:
+        upstream = self.upstream[i]
+        if len(upstream) == 0:
+            return no_inflow
+        inflow = outflows[upstream[0]]
+        for j in upstream[1:]:
+            inflow = inflow + outflows[j]
+        return inflow
+
+    def _evaluate(self, x: Tensor, u: Tensor, theta: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        derivatives: list[Tensor] = []
+        outflows: list[Tensor] = []
+        no_inflow = torch.zeros(x.shape[0], self.n_components, dtype=x.dtype, device=x.device)
+        columns = theta.split(1, dim=1)  # one split per evaluation, not one slice per parameter
+        for i, unit in enumerate(self.units):
+            inflow = self._inflow(i, outflows, no_inflow)
+            s0, s1 = self.state_slices[i]
+            i0, i1 = self.input_slices[i]
+            p0, p1 = self.param_slices[i]
+            dx, out = unit.derivative(
+                x.narrow(1, s0, s1 - s0),
+                u.narrow(1, i0, i1 - i0),
+                inflow,
+                columns[p0:p1],
+            )
+            derivatives.append(dx)
+            outflows.append(out)
+        return derivatives, outflows
+
+    @torch.jit.export
+    def rhs(self, x: Tensor, u: Tensor, theta: Tensor) -> Tensor:
+        """dx/dt = f_mech(x, u; theta).
+
+        Args:
+            x: states, (batch, n_states), units of `state_specs`.
+            u: inputs, (batch, n_inputs), units of `input_specs`.
+            theta: parameter values, (1 or batch, n_params), from `theta()`.
+
+        Returns:
+            dx/dt, (batch, n_states), state units per second.
+        """
+        return torch.cat(self._evaluate(x, u, theta)[0], dim=1)
+
+    @torch.jit.export
+    def flows(self, x: Tensor, u: Tensor, theta: Tensor) -> Tensor:
+        """Outlet stream of every unit, (batch, n_units, n_components), kg/h."""
+        return torch.stack(self._evaluate(x, u, theta)[1], dim=1)
+
+    @torch.jit.export
+    def outputs(self, x: Tensor, theta: Tensor) -> Tensor:
+        """All unit outputs h(x), (batch, n_outputs), in `output_names` order."""
+        values: list[Tensor] = []
+        columns = theta.split(1, dim=1)
+        for i, unit in enumerate(self.units):
+            s0, s1 = self.state_slices[i]
+            p0, p1 = self.param_slices[i]
+            values.append(unit.outputs(x.narrow(1, s0, s1 - s0), columns[p0:p1]))
+        return torch.cat(values, dim=1)
+
+    @torch.jit.export
+    def inventory(self, x: Tensor) -> Tensor:
+        """Material held in each unit, (batch, n_units, n_components), kg."""
+        values: list[Tensor] = []
+        for i, unit in enumerate(self.units):
+            s0, s1 = self.state_slices[i]
+            values.append(unit.inventory(x.narrow(1, s0, s1 - s0)))
+        return torch.stack(values, dim=1)
+
+    @torch.jit.export
+    def steady_state(self, u: Tensor, theta: Tensor) -> Tensor:
+        """Operating point for constant inputs, (batch, n_states); u: (batch, n_inputs)."""
+        states: list[Tensor] = []
+        outflows: list[Tensor] = []
+        no_inflow = torch.zeros(u.shape[0], self.n_components, dtype=u.dtype, device=u.device)
+        columns = theta.split(1, dim=1)
+        for i, unit in enumerate(self.units):
+            inflow = self._inflow(i, outflows, no_inflow)
+            i0, i1 = self.input_slices[i]
+            p0, p1 = self.param_slices[i]
+            x, out = unit.steady_state(u.narrow(1, i0, i1 - i0), inflow, columns[p0:p1])
+            states.append(x)
+            outflows.append(out)
+        return torch.cat(states, dim=1)
+
+    def forward(self, x: Tensor, u: Tensor) -> Tensor:
+        """dx/dt at the current parameters; see `rhs`."""
+        return self.rhs(x, u, self.theta())
+
+    def nominal_inputs(self) -> Tensor:
+        """Nominal input vector from the InputSpecs, (1, n_inputs)."""
+        return torch.tensor([[spec.nominal for spec in self.input_specs]])
+
+    def sinks(self) -> list[int]:
+        """Indices of units whose outflow leaves the line (no downstream unit)."""
+        fed = {j for up in self.upstream for j in up}
+        return [i for i in range(len(self.unit_names)) if i not in fed]
+
+
+def build_flowsheet(spec: Mapping[str, object]) -> Flowsheet:
+    """Build a Flowsheet from a spec mapping (see configs/flowsheet/cdc_line.yaml).
+
+    Args:
+        spec: {"components": [...], "units": {name: {"type": key, ...kwargs}},
+            "streams": [[from, to], ...], optional "inputs"/"measurements"/"disturbances"
+            ({tag: "unit.name"}), "calibrated" ([tag]), "name"}.
+
+    Returns:
+        The flowsheet with units in topological order of the streams.
+
+    Raises:
+        ConfigError: unknown keys, unit types or names, a stream cycle, a stream into a
+            unit that takes none, a tag mapped to an unknown quantity, inputs left unmapped.
+    """
+    unknown = set(spec) - set(SPEC_KEYS)
+    if unknown:
+        raise ConfigError(unknown_key_message("flowsheet key", sorted(unknown)[0], SPEC_KEYS))
+    components = [str(c) for c in spec.get("components", ())]  # type: ignore[attr-defined]
+    if not components or len(set(components)) != len(components):
+        raise ConfigError(f"flowsheet.components: expected distinct names, got {components}")
+    unit_specs = dict(spec.get("units", {}))  # type: ignore[call-overload]
+    if not unit_specs:
+        raise ConfigError("flowsheet.units: expected at least one unit")
+    upstream = _upstream_by_name(unit_specs, spec.get("streams", ()))  # type: ignore[arg-type]
+    order = _topological_order(list(unit_specs), upstream)
+    units = [_build_unit(name, unit_specs[name], components) for name in order]
+    for name, unit in zip(order, units, strict=True):
+        if upstream[name] and not getattr(unit, "accepts_inflow", True):
+            raise ConfigError(f"flowsheet.streams: {name} ({type(unit).__name__}) takes no inflow")
+    index = {name: i for i, name in enumerate(order)}
+    tags = {
+        key: spec[key]
+        for key in ("inputs", "measurements", "disturbances", "calibrated")
+        if key in spec
+    }
+    flowsheet = Flowsheet(units, [[index[u] for u in upstream[n]] for n in order], components, tags)
+    _check_tags(flowsheet)
+    return flowsheet
+
+
+def _build_unit(name: str, unit_spec: Mapping[str, object], components: list[str]) -> AbstractUnit:
+    options = dict(unit_spec)
+    kind = options.pop("type", None)
+    if kind not in UNITS:
+        raise ConfigError(
+            f"flowsheet.units.{name}: " + unknown_key_message("unit type", str(kind), UNITS)
+        )
+    cls = UNITS[str(kind)]
+    valid = cls.config_keys()
+    for key in options:
+        if key not in valid:
+            raise ConfigError(
+                f"flowsheet.units.{name}: " + unknown_key_message(f"{kind} key", key, valid)
+            )
+    try:
+        return cls(name, components, **options)  # type: ignore[arg-type]
+    except TypeError as error:  # a required key is missing
+        raise ConfigError(f"flowsheet.units.{name} ({kind}): {error}") from None
+
+
+def _upstream_by_name(
+    unit_specs: Mapping[str, object], streams: Sequence[Sequence[str]]
+) -> dict[str, list[str]]:
+    upstream: dict[str, list[str]] = {name: [] for name in unit_specs}
+    for stream in streams:
+        if len(stream) != 2:
+            raise ConfigError(f"flowsheet.streams: expected [from, to], got {list(stream)}")
+        source, target = (str(s) for s in stream)
+        for end in (source, target):
+            if end not in unit_specs:
+                raise ConfigError(
+                    "flowsheet.streams: " + unknown_key_message("unit", end, unit_specs)
+                )
+        if source == target or source in upstream[target]:
+            raise ConfigError(
+                f"flowsheet.streams: stream {source} -> {target} is a self-loop or duplicate"
+            )
+        upstream[target].append(source)
+    return upstream
+
+
+def _topological_order(names: list[str], upstream: Mapping[str, list[str]]) -> list[str]:
+    order: list[str] = []
+    while len(order) < len(names):
+        ready = [n for n in names if n not in order and all(u in order for u in upstream[n])]
+        if not ready:
+            left = [n for n in names if n not in order]
+            raise ConfigError(
+                f"flowsheet.streams: units {left} form a cycle (recycles are not supported)"
+            )
+        order.append(ready[0])  # declaration order among the ready units keeps names stable
+    return order
+
+
+def _check_tags(flowsheet: Flowsheet) -> None:
+    tags = flowsheet.tags
+    for key, valid in (
+        ("inputs", flowsheet.input_names),
+        ("measurements", flowsheet.output_names),
+        ("disturbances", flowsheet.output_names),
+    ):
+        for tag, target in dict(tags.get(key, {})).items():  # type: ignore[call-overload]
+            if target not in valid:
+                raise ConfigError(
+                    f"flowsheet.{key}.{tag}: " + unknown_key_message("quantity", str(target), valid)
+                )
+    if "inputs" in tags:
+        mapped = list(dict(tags["inputs"]).values())  # type: ignore[call-overload]
+        missing = [name for name in flowsheet.input_names if name not in mapped]
+        if missing or len(set(mapped)) != len(mapped):
+            raise ConfigError(
+                f"flowsheet.inputs: every unit input needs exactly one tag; unmapped: {missing}"
+            )
+    measured = dict(tags.get("measurements", {}))  # type: ignore[call-overload]
+    for tag in tags.get("calibrated", []):  # type: ignore[attr-defined]
+        if tag not in measured:
+            raise ConfigError(
+                f"flowsheet.calibrated: {tag!r} is not one of the measurements {sorted(measured)}"
+            )

@@ -1,0 +1,100 @@
+"""Flowsheet specs of the built-in lines, the same mappings as configs/flowsheet/<key>.yaml.
+
+`FLOWSHEETS[key]()` returns a fresh spec for `build_flowsheet`; a test checks each against its
+YAML file so the two never drift apart.
+"""
+
+from collections.abc import Callable
+
+
+def cdc_line_flowsheet_spec() -> dict[str, object]:
+    """The built-in continuous direct compression line (configs/plant/cdc_line.yaml tags).
+
+    Three loss-in-weight feeders (API, excipient, lubricant) -> tanks-in-series blender (NIR
+    at its outlet) -> tablet press. Nominal point (centre of the line's design space):
+    30 kg/h at 10 % API and 1 % lubricant, 400 rpm, 400 mg tablets with a 40 mg label claim.
+    """
+    return {
+        "name": "cdc_line",
+        "components": ["api", "excipient", "lubricant"],
+        "units": {
+            "feeder_api": {
+                "type": "liw_feeder",
+                "component": "api",
+                "nominal_flow_kg_h": 3.0,
+                "flow_range_kg_h": [0.0, 10.0],
+                "hopper_nominal_kg": 5.0,
+                "params": {"starve_mass_kg": 0.1},
+            },
+            "feeder_exc": {
+                "type": "liw_feeder",
+                "component": "excipient",
+                "nominal_flow_kg_h": 26.7,
+                "flow_range_kg_h": [0.0, 80.0],
+                "hopper_nominal_kg": 25.0,
+                "params": {"starve_mass_kg": 1.0},
+            },
+            "feeder_lub": {
+                "type": "liw_feeder",
+                "component": "lubricant",
+                "nominal_flow_kg_h": 0.3,
+                "flow_range_kg_h": [0.0, 2.0],
+                "hopper_nominal_kg": 1.0,
+                "params": {"starve_mass_kg": 0.03},
+            },
+            "blender": {
+                "type": "tanks_in_series_blender",
+                "n_tanks": 5,
+                "nominal_speed_rpm": 400.0,
+                "speed_range_rpm": [0.0, 1200.0],
+                "params": {
+                    "holdup_ref_kg": 0.6,
+                    "throughput_ref_kg_h": 30.0,
+                    "speed_ref_rpm": 400.0,
+                },
+            },
+            "press": {
+                "type": "tablet_press",
+                "api_component": "api",
+                "n_frame_tanks": 1,
+                "nominal_weight_mg": 400.0,
+                "weight_range_mg": [50.0, 1000.0],
+                "stations": 24,
+                "nominal_holdup_kg": 0.15,
+                "params": {"label_claim_mg": 40.0, "weight_ref_mg": 400.0, "force_ref_kN": 15.0},
+            },
+        },
+        "streams": [
+            ["feeder_api", "blender"],
+            ["feeder_exc", "blender"],
+            ["feeder_lub", "blender"],
+            ["blender", "press"],
+        ],
+        "inputs": {
+            "FEED_API.MASSFLOW_SP": "feeder_api.mass_flow_sp_kg_h",
+            "FEED_EXC.MASSFLOW_SP": "feeder_exc.mass_flow_sp_kg_h",
+            "FEED_LUB.MASSFLOW_SP": "feeder_lub.mass_flow_sp_kg_h",
+            "BLEND.SPEED_SP": "blender.speed_sp_rpm",
+            "PRESS.WEIGHT_SP": "press.weight_sp_mg",
+        },
+        "measurements": {
+            "FEED_API.MASSFLOW": "feeder_api.mass_flow_kg_h",
+            "FEED_EXC.MASSFLOW": "feeder_exc.mass_flow_kg_h",
+            "FEED_LUB.MASSFLOW": "feeder_lub.mass_flow_kg_h",
+            "BLEND.SPEED": "blender.speed_rpm",
+            "NIR.API_CONC": "blender.api_conc_pct_ww",
+            "PRESS.COMP_FORCE": "press.comp_force_kN",
+            "PRESS.TABLET_WEIGHT": "press.tablet_weight_mg",
+            "PRESS.TABLET_API": "press.tablet_api_pct_lc",
+        },
+        "disturbances": {
+            "FEED_API.HOPPER_MASS": "feeder_api.hopper_mass_kg",
+            "FEED_EXC.HOPPER_MASS": "feeder_exc.hopper_mass_kg",
+            "FEED_LUB.HOPPER_MASS": "feeder_lub.hopper_mass_kg",
+            "PRESS.TURRET_SPEED": "press.turret_speed_rpm",
+        },
+        "calibrated": ["NIR.API_CONC"],
+    }
+
+
+FLOWSHEETS: dict[str, Callable[[], dict[str, object]]] = {"cdc_line": cdc_line_flowsheet_spec}

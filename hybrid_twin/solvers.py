@@ -1,0 +1,370 @@
+"""TorchScript-compatible integrators for vector fields driven by zero-order-held inputs.
+
+Convention (every solver, `integrate_zoh` and `hybrid_twin.zoh.odeint_zoh`): inputs
+u: (batch, time, n_inputs) on a uniform grid t_k = k dt_s; u[:, k] holds on [t_k, t_(k+1)).
+The solution states: (batch, time + 1, n_states) has states[:, k] = x(t_k), states[:, 0] = x0.
+Every input step is an interval boundary the solver lands on and restarts from, so no
+solver ever hunts an input discontinuity by step rejection.
+
+A vector field is a module with `theta()` -> (1, n_params) and `rhs(x, u, theta)` -> dx/dt
+(`Flowsheet`, `HybridVectorField`); theta is evaluated once per solve. Solver trouble is data:
+each trajectory gets an int status (`SolverStatus`), which eager callers turn into an error
+with `check_status`.
+"""
+
+import enum
+import inspect
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hybrid_twin.errors import ConfigError, ShapeError, SolverError, unknown_key_message
+
+
+class SolverStatus(enum.IntEnum):
+    """Per-trajectory result codes returned by every solver (int64 tensor, (batch,))."""
+
+    SUCCESS = 0
+    MAX_STEPS_REACHED = 1
+    NON_FINITE = 2
+
+    @property
+    def message(self) -> str:
+        return {
+            0: "integration finished",
+            1: "the adaptive solver used max_steps inside one input interval without reaching its "
+            "end (stiff or badly scaled problem: raise max_steps, loosen rtol/atol or use rk4)",
+            2: "the state became NaN or inf",
+        }[int(self)]
+
+
+class ZOHSolution(NamedTuple):
+    """states: (batch, time + 1, n_states); status: (batch,) int64 SolverStatus codes;
+    n_steps: (batch,) int64 steps attempted (accepted + rejected)."""
+
+    states: Tensor
+    status: Tensor
+    n_steps: Tensor
+
+
+# Dormand-Prince 5(4) tableau (Dormand & Prince 1980); B5 is also row 7 of A (FSAL).
+_A = [
+    [0.2],
+    [3.0 / 40.0, 9.0 / 40.0],
+    [44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
+    [19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
+    [9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
+]
+_B5 = [35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0]
+# Fifth- minus fourth-order weights, over k1..k7.
+_E = [
+    71.0 / 57600.0,
+    0.0,
+    -71.0 / 16695.0,
+    71.0 / 1920.0,
+    -17253.0 / 339200.0,
+    22.0 / 525.0,
+    -1.0 / 40.0,
+]
+
+
+def _combine(ks: list[Tensor], coeffs: list[float]) -> Tensor:
+    """sum_j coeffs[j] * ks[j], skipping zero weights."""
+    total = ks[0] * coeffs[0]
+    for j in range(1, len(ks)):
+        if coeffs[j] != 0.0:
+            total = total.add(ks[j], alpha=coeffs[j])
+    return total
+
+
+def _finish(states: list[Tensor], status: Tensor, n_steps: Tensor) -> ZOHSolution:
+    trajectory = torch.stack(states, dim=1)
+    finite = torch.isfinite(trajectory).flatten(1).all(dim=1)
+    status = torch.where(finite, status, torch.full_like(status, 2))
+    return ZOHSolution(trajectory, status, n_steps)
+
+
+class AbstractZOHSolver(nn.Module):
+    """Base of the solvers; never instantiated. Holds the vector field as a submodule so
+    `torch.jit.script(solver)` compiles field and solver together."""
+
+    def __init__(self, vector_field: nn.Module) -> None:
+        super().__init__()
+        self.vector_field = vector_field
+
+    def forward(self, x0: Tensor, u: Tensor, dt_s: float) -> ZOHSolution:
+        """Integrate from x0 (batch, n_states) under u (batch, time, n_inputs); see module doc."""
+        raise NotImplementedError
+
+
+class Euler(AbstractZOHSolver):
+    """Explicit Euler, n_substeps equal steps per input interval (order 1; for tests/debug).
+
+    Args:
+        vector_field: module with theta() and rhs(x, u, theta).
+        n_substeps: steps per input interval.
+    """
+
+    def __init__(self, vector_field: nn.Module, n_substeps: int = 1) -> None:
+        super().__init__(vector_field)
+        self.n_substeps = _positive_int(n_substeps, "n_substeps")
+
+    def forward(self, x0: Tensor, u: Tensor, dt_s: float) -> ZOHSolution:
+        theta = self.vector_field.theta()
+        h = dt_s / self.n_substeps
+        x = x0
+        states = [x0]
+        for uk in u.unbind(1):
+            for _ in range(self.n_substeps):
+                x = x.add(self.vector_field.rhs(x, uk, theta), alpha=h)
+            states.append(x)
+        steps = torch.full(
+            (x0.shape[0],), u.shape[1] * self.n_substeps, dtype=torch.long, device=x0.device
+        )
+        return _finish(states, torch.zeros_like(steps), steps)
+
+
+class RK4(AbstractZOHSolver):
+    """Classic fourth-order Runge-Kutta, n_substeps equal steps per input interval.
+
+    Stable for the linear lags of the unit models while h = dt_s / n_substeps < 2.78 tau_min.
+
+    Args:
+        vector_field: module with theta() and rhs(x, u, theta).
+        n_substeps: steps per input interval.
+    """
+
+    def __init__(self, vector_field: nn.Module, n_substeps: int = 1) -> None:
+        super().__init__(vector_field)
+        self.n_substeps = _positive_int(n_substeps, "n_substeps")
+
+    def forward(self, x0: Tensor, u: Tensor, dt_s: float) -> ZOHSolution:
+        theta = self.vector_field.theta()
+        h = dt_s / self.n_substeps
+        x = x0
+        states = [x0]
+        for uk in u.unbind(1):
+            for _ in range(self.n_substeps):
+                x = self._step(x, uk, theta, h)
+            states.append(x)
+        steps = torch.full(
+            (x0.shape[0],), u.shape[1] * self.n_substeps, dtype=torch.long, device=x0.device
+        )
+        return _finish(states, torch.zeros_like(steps), steps)
+
+    def _step(self, x: Tensor, u: Tensor, theta: Tensor, h: float) -> Tensor:
+        f = self.vector_field
+        k1 = f.rhs(x, u, theta)
+        k2 = f.rhs(x.add(k1, alpha=0.5 * h), u, theta)
+        k3 = f.rhs(x.add(k2, alpha=0.5 * h), u, theta)
+        k4 = f.rhs(x.add(k3, alpha=h), u, theta)
+        return x.add(k1.add(k2.add(k3), alpha=2.0).add(k4), alpha=h / 6.0)
+
+
+class Dopri5(AbstractZOHSolver):
+    tableau_a: list[list[float]]
+    weights_5: list[float]
+    weights_error: list[float]
+
+    """Dormand-Prince 5(4) with per-trajectory error control, restarted at every input step.
+
+    Each trajectory keeps its own step size, so a row's result does not depend on the rest of
+    the batch. Error norm: RMS over states of err / (atol + rtol max(|x|, |x_new|)); steps
+    with norm <= 1 are accepted; the next step is h min(10, max(0.2, 0.9 norm^-1/5)), never
+    longer than the interval. Step-size control is detached from autograd (the gradient is
+    that of the computed solution for its step sequence).
+
+    Args:
+        vector_field: module with theta() and rhs(x, u, theta).
+        rtol, atol: relative and absolute tolerances (state units).
+        max_steps: cap on attempted steps per input interval; a trajectory that hits it gets
+            status MAX_STEPS_REACHED (its state then lags the grid).
+        first_step_s: first trial step; default the whole interval.
+        adaptive: False turns off error control: n_substeps fixed fifth-order steps.
+        n_substeps: steps per interval when adaptive is False.
+    """
+
+    def __init__(
+        self,
+        vector_field: nn.Module,
+        rtol: float = 1e-6,
+        atol: float = 1e-8,
+        max_steps: int = 64,
+        first_step_s: float | None = None,
+        adaptive: bool = True,
+        n_substeps: int = 1,
+    ) -> None:
+        super().__init__(vector_field)
+        if not (rtol > 0 and atol >= 0):
+            raise ConfigError(
+                f"solver.dopri5: expected rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}"
+            )
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.max_steps = _positive_int(max_steps, "max_steps")
+        self.first_step_s = -1.0 if first_step_s is None else float(first_step_s)
+        self.adaptive = bool(adaptive)
+        self.n_substeps = _positive_int(n_substeps, "n_substeps")
+        # Instance copies: scripted code cannot read module-level lists.
+        self.tableau_a = [list(row) for row in _A]
+        self.weights_5 = list(_B5)
+        self.weights_error = list(_E)
+
+    def forward(self, x0: Tensor, u: Tensor, dt_s: float) -> ZOHSolution:
+        theta = self.vector_field.theta()
+        batch = x0.shape[0]
+        first = dt_s if self.first_step_s <= 0 else min(self.first_step_s, dt_s)
+        h = torch.full((batch, 1), first, dtype=x0.dtype, device=x0.device)
+        status = torch.zeros(batch, dtype=torch.long, device=x0.device)
+        n_steps = torch.zeros_like(status)
+        x = x0
+        states = [x0]
+        for uk in u.unbind(1):
+            if self.adaptive:
+                x, h, done, n = self._interval(x, uk, theta, dt_s, h)
+                status = torch.maximum(status, (~done).long())
+                n_steps = n_steps + n
+            else:
+                step = torch.full(
+                    (batch, 1), dt_s / self.n_substeps, dtype=x0.dtype, device=x0.device
+                )
+                for _ in range(self.n_substeps):
+                    x = self._step(x, self.vector_field.rhs(x, uk, theta), uk, theta, step)[0]
+                n_steps = n_steps + self.n_substeps
+            states.append(x)
+        return _finish(states, status, n_steps)
+
+    def _step(
+        self, x: Tensor, k1: Tensor, u: Tensor, theta: Tensor, h: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One step of size h (batch, 1): (x5, f(x5), error estimate), all (batch, n_states)."""
+        f = self.vector_field
+        ks = [k1]
+        for row in self.tableau_a:
+            ks.append(f.rhs(x + h * _combine(ks, row), u, theta))
+        x_new = x + h * _combine(ks, self.weights_5)
+        ks.append(f.rhs(x_new, u, theta))
+        return x_new, ks[6], h * _combine(ks, self.weights_error)
+
+    def _interval(
+        self, x: Tensor, u: Tensor, theta: Tensor, dt_s: float, h: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Adaptive steps over one interval: (x, next h, done (batch,), steps (batch,))."""
+        t = torch.zeros_like(h)
+        done = torch.zeros(h.shape, dtype=torch.bool, device=h.device)
+        n = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+        k1 = self.vector_field.rhs(x, u, theta)
+        for _ in range(self.max_steps):
+            remaining = dt_s - t
+            last = h * 1.01 >= remaining  # stretch a step by <= 1 % rather than leave a sliver
+            step = torch.where(last, remaining, h)
+            x_new, k_new, error = self._step(x, k1, u, theta, step)
+            ratio = self._error_ratio(x.detach(), x_new.detach(), error.detach())
+            accept = (ratio <= 1.0) & ~done
+            x = torch.where(accept, x_new, x)
+            k1 = torch.where(accept, k_new, k1)
+            t = torch.where(accept, torch.where(last, torch.full_like(t, dt_s), t + step), t)
+            n = n + (~done).long().squeeze(1)
+            proposal = step * (0.9 * ratio.pow(-0.2)).clamp(0.2, 10.0)
+            proposal = torch.where(accept & last, torch.maximum(h, proposal), proposal).clamp(
+                max=dt_s
+            )
+            h = torch.where(done, h, proposal)
+            done = done | (accept & last)
+            if bool(done.all()):
+                break
+        return x, h, done.squeeze(1), n
+
+    def _error_ratio(self, x: Tensor, x_new: Tensor, error: Tensor) -> Tensor:
+        scale = self.atol + self.rtol * torch.maximum(x.abs(), x_new.abs())
+        ratio = (error / scale).pow(2).mean(dim=1, keepdim=True).sqrt()
+        # A NaN/inf error rejects the step and shrinks it by the largest factor.
+        return torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, 1e10))
+
+
+SOLVERS: dict[str, type[AbstractZOHSolver]] = {"euler": Euler, "rk4": RK4, "dopri5": Dopri5}
+
+
+def _positive_int(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"solver.{key}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def build_solver(vector_field: nn.Module, config: str | Mapping[str, object]) -> AbstractZOHSolver:
+    """A solver module from a registry key or a config {"name": key, **options}.
+
+    Args:
+        vector_field: module with theta() and rhs(x, u, theta).
+        config: "rk4" or e.g. {"name": "dopri5", "rtol": 1e-6} (configs/solver/<name>.yaml).
+
+    Raises:
+        ConfigError: unknown solver name or option (the message lists the valid ones).
+    """
+    options = {"name": config} if isinstance(config, str) else dict(config)
+    name = str(options.pop("name", ""))
+    if name not in SOLVERS:
+        raise ConfigError(unknown_key_message("solver", name, SOLVERS))
+    cls = SOLVERS[name]
+    valid = [
+        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "vector_field")
+    ]
+    for key in options:
+        if key not in valid:
+            raise ConfigError(f"solver.{name}: " + unknown_key_message("option", key, valid))
+    return cls(vector_field, **options)  # type: ignore[arg-type]
+
+
+def integrate_zoh(
+    vector_field: nn.Module,
+    x0: Tensor,
+    u: Tensor,
+    dt_s: float,
+    method: str = "rk4",
+    **options: object,
+) -> ZOHSolution:
+    """Integrate a vector field under zero-order-held inputs (eager entry point).
+
+    Args:
+        vector_field: module with theta(), rhs(x, u, theta) and n_states / n_inputs.
+        x0: initial states, (batch, n_states).
+        u: inputs, (batch, time, n_inputs); u[:, k] holds on [k dt_s, (k + 1) dt_s).
+        dt_s: grid step, s.
+        method: a SOLVERS key.
+        **options: solver options (n_substeps; rtol, atol, max_steps, ...).
+
+    Returns:
+        ZOHSolution(states (batch, time + 1, n_states), status (batch,), n_steps (batch,)).
+
+    Raises:
+        ShapeError: x0 / u shapes or dtypes do not match each other or the vector field.
+        ConfigError: unknown method or option, dt_s <= 0.
+    """
+    check_zoh_arguments(vector_field, x0, u, dt_s)
+    return build_solver(vector_field, {"name": method, **options})(x0, u, dt_s)
+
+
+def check_zoh_arguments(vector_field: nn.Module, x0: Tensor, u: Tensor, dt_s: float) -> None:
+    """Raise ShapeError/ConfigError for arguments `integrate_zoh` cannot use."""
+    n_states = getattr(vector_field, "n_states", x0.shape[-1])
+    n_inputs = getattr(vector_field, "n_inputs", u.shape[-1])
+    if x0.dim() != 2 or x0.shape[1] != n_states:
+        raise ShapeError(f"x0: expected (batch, {n_states}), got {tuple(x0.shape)}")
+    if u.dim() != 3 or u.shape[0] != x0.shape[0] or u.shape[2] != n_inputs:
+        raise ShapeError(f"u: expected ({x0.shape[0]}, time, {n_inputs}), got {tuple(u.shape)}")
+    if u.dtype != x0.dtype:
+        raise ShapeError(f"u: dtype {u.dtype} differs from x0's {x0.dtype}")
+    if not dt_s > 0:
+        raise ConfigError(f"dt_s: expected > 0 s, got {dt_s}")
+
+
+def check_status(solution: ZOHSolution, where: str = "integration") -> None:
+    """Raise SolverError if any trajectory's status is not SUCCESS, naming rows and reason."""
+    failed = torch.nonzero(solution.status).flatten().tolist()
+    if failed:
+        code = SolverStatus(int(solution.status[failed[0]]))
+        rows = ", ".join(str(i) for i in failed[:10]) + (" ..." if len(failed) > 10 else "")
+        raise SolverError(
+            f"{where}: {len(failed)} trajectories failed (rows {rows}): {code.name}: {code.message}"
+        )

@@ -1,0 +1,237 @@
+"""Unit models as physics: mass balance, non-negativity, residence times, step responses."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tolerances import tol
+
+from hybrid_twin import UNITS, ConfigError, build_flowsheet, integrate_zoh
+
+# Property tests: few examples (2 shared cores), no deadline (first calls pay torch's warm-up);
+# the function-scoped fixtures only set the dtype, so reusing them across examples is fine.
+PROPERTY_SETTINGS = settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+COMPONENTS = ["api", "excipient", "lubricant"]
+UNIT_OPTIONS = {
+    "liw_feeder": {
+        "component": "excipient",
+        "nominal_flow_kg_h": 10.0,
+        "flow_range_kg_h": [0.0, 50.0],
+    },
+    "tanks_in_series_blender": {},
+    "tablet_press": {},
+}
+
+
+@st.composite
+def unit_cases(draw, kind: str):
+    """A unit with parameters drawn inside their ParamSpec bounds, and a state, input and inflow."""
+    options = dict(UNIT_OPTIONS[kind])
+    if kind == "tanks_in_series_blender":
+        options["n_tanks"] = draw(st.integers(1, 6))
+    if kind == "tablet_press":
+        options["n_frame_tanks"] = draw(st.integers(1, 3))
+    specs = UNITS[kind](kind, COMPONENTS, **options).params.specs
+    # The whole interior except the last 1e-9 of the range, where the sigmoid transform rounds
+    # onto the bound (ParamSpec rejects such values).
+    margins = [(s.bounds[1] - s.bounds[0]) * 1e-9 for s in specs]
+    options["params"] = {
+        s.name: draw(st.floats(s.bounds[0] + m, s.bounds[1] - m))
+        for s, m in zip(specs, margins, strict=True)
+    }
+    unit = UNITS[kind](kind, COMPONENTS, **options)
+    scales = torch.tensor([s.scale for s in unit.state_specs])
+    x = scales * torch.tensor(
+        draw(st.lists(st.floats(0.0, 3.0), min_size=len(scales), max_size=len(scales)))
+    )
+    zero = torch.tensor(draw(st.lists(st.booleans(), min_size=len(scales), max_size=len(scales))))
+    u = torch.tensor([draw(st.floats(*s.bounds)) for s in unit.input_specs])
+    inflow = torch.tensor(draw(st.lists(st.floats(0.0, 50.0), min_size=3, max_size=3)))
+    return unit, x.unsqueeze(0), zero, u.unsqueeze(0), inflow.unsqueeze(0)
+
+
+@pytest.mark.parametrize("kind", sorted(UNITS))
+def test_each_unit_conserves_mass_of_every_component(float64, kind):
+    @PROPERTY_SETTINGS
+    @given(case=unit_cases(kind))
+    def check(case):
+        unit, x, _, u, inflow = case
+        dx, outflow = unit.derivative(x, u, inflow, unit.theta())
+        inflow = inflow if getattr(unit, "accepts_inflow", True) else torch.zeros_like(inflow)
+        accumulation_kg_h = 3600.0 * unit.inventory(dx)  # inventory is linear in x
+        scale = 1.0 + float(inflow.abs().max() + outflow.abs().max())
+        torch.testing.assert_close(
+            accumulation_kg_h, inflow - outflow, rtol=0.0, atol=tol("algebra") * scale
+        )
+
+    with torch.no_grad():
+        check()
+
+
+@pytest.mark.parametrize("kind", sorted(UNITS))
+def test_no_nonnegative_state_can_leave_zero_downwards(float64, kind):
+    """On the boundary x_i = 0 the flow points inward (dx_i/dt >= 0): exact solutions stay >= 0."""
+
+    @PROPERTY_SETTINGS
+    @given(case=unit_cases(kind))
+    def check(case):
+        unit, x, zero, u, inflow = case
+        x = torch.where(zero, torch.zeros_like(x), x)
+        dx, _ = unit.derivative(x, u, inflow, unit.theta())
+        nonnegative = torch.tensor([s.nonnegative for s in unit.state_specs])
+        assert bool((dx[0][zero & nonnegative] >= 0.0).all()), dx[0][zero & nonnegative]
+
+    with torch.no_grad():
+        check()
+
+
+@pytest.fixture
+def tracer_line(float64):
+    """Feeder (bulk, 30 kg/h) -> blender of 4 tanks, with a tracer component for the RTD."""
+    spec = {
+        "components": ["bulk", "tracer"],
+        "units": {
+            "feeder": {
+                "type": "liw_feeder",
+                "component": "bulk",
+                "nominal_flow_kg_h": 30.0,
+                "flow_range_kg_h": [0.0, 60.0],
+                "hopper_nominal_kg": 50.0,
+            },
+            "blender": {
+                "type": "tanks_in_series_blender",
+                "n_tanks": 4,
+                "nominal_speed_rpm": 350.0,
+                "params": {
+                    "holdup_ref_kg": 0.6,
+                    "throughput_ref_kg_h": 25.0,
+                    "speed_ref_rpm": 400.0,
+                },
+            },
+        },
+        "streams": [["feeder", "blender"]],
+    }
+    return build_flowsheet(spec)
+
+
+def test_blender_impulse_response_is_the_erlang_distribution(tracer_line):
+    line, dt_s, steps, n_tanks, tracer_kg = tracer_line, 2.0, 250, 4, 1e-3
+    theta, u = line.theta().detach(), line.nominal_inputs()
+    x0 = line.steady_state(u, theta)
+    x0[0, line.state_names.index("blender.tank1.tracer_kg")] += tracer_kg
+    with torch.no_grad():
+        states = integrate_zoh(
+            line, x0, u.unsqueeze(1).expand(1, steps, -1), dt_s, method="rk4", n_substeps=4
+        ).states[0]
+    blender = line.units[1]
+    k = blender.rate_1_s(torch.tensor([[30.0]]), torch.tensor([[350.0]]), blender.theta()).item()
+    t = torch.arange(steps + 1) * dt_s
+    rtd = (
+        k * states[:, line.state_names.index("blender.tank4.tracer_kg")] / tracer_kg
+    )  # outflow / impulse, 1/s
+    erlang = k**n_tanks * t ** (n_tanks - 1) * torch.exp(-k * t) / math.factorial(n_tanks - 1)
+    # RK4 with k h = 0.03: relative error about 1e-9 of the peak; 1e-7 leaves room.
+    torch.testing.assert_close(rtd, erlang, rtol=0.0, atol=1e-7 * float(erlang.max()))
+    holdup_kg = float(x0[0, line.state_names.index("blender.tank1.bulk_kg")]) * n_tanks
+    mean_s = float(torch.trapezoid(t * rtd, t))
+    # Mean residence time = hold-up / throughput; trapezoid with dt = 2 s on a ~90 s mean: 1e-3.
+    assert mean_s == pytest.approx(holdup_kg / (30.0 / 3600.0), rel=1e-3)
+    assert float(torch.trapezoid(rtd, t)) == pytest.approx(1.0, rel=1e-3)
+    assert n_tanks / k == pytest.approx(holdup_kg / (30.0 / 3600.0), rel=tol("algebra"))
+
+
+def test_blender_holdup_grows_with_throughput_and_falls_with_speed(tracer_line):
+    blender = tracer_line.units[1]
+    theta = [column.detach() for column in blender.theta()]
+    flows = torch.tensor([[10.0], [20.0], [40.0]])
+    mrt = blender.mean_residence_time_s(flows, torch.full_like(flows, 400.0), theta)
+    holdup = (mrt * flows / 3600.0).flatten()
+    assert holdup[0] < holdup[1] < holdup[2]  # a = 0.5
+    # rel 1e-7, not algebra: the throughput floor adds 1e-7 kg/h (a millionth of its width).
+    assert holdup[1] == pytest.approx(0.6 * (20.0 / 25.0) ** 0.5, rel=1e-7)
+    speeds = torch.tensor([[200.0], [400.0], [800.0]])
+    mrt = blender.mean_residence_time_s(torch.full_like(speeds, 25.0), speeds, theta).flatten()
+    assert mrt[0] > mrt[1] > mrt[2]
+
+
+def test_feeder_feed_rate_follows_the_setpoint_as_a_first_order_lag(float64):
+    spec = {
+        "components": ["api"],
+        "streams": [],
+        "units": {
+            "feeder": {
+                "type": "liw_feeder",
+                "component": "api",
+                "nominal_flow_kg_h": 3.0,
+                "flow_range_kg_h": [0.0, 10.0],
+                "params": {"feed_factor": 0.9, "response_tau_s": 4.0},
+            }
+        },
+    }
+    line = build_flowsheet(spec)
+    x0, u = torch.tensor([[5.0, 3.0]]), torch.full((1, 10, 1), 4.0)
+    with torch.no_grad():
+        states = integrate_zoh(line, x0, u, 2.0, method="rk4", n_substeps=16).states[0]
+    t = torch.arange(11) * 2.0
+    expected = 0.9 * 4.0 + (3.0 - 0.9 * 4.0) * torch.exp(-t / 4.0)
+    torch.testing.assert_close(states[:, 1], expected, rtol=0.0, atol=1e-8)  # RK4, h/tau = 1/32
+    delivered_kg = (
+        0.9 * 4.0 * 20.0 + (3.0 - 0.9 * 4.0) * 4.0 * (1.0 - math.exp(-20.0 / 4.0))
+    ) / 3600.0
+    torch.testing.assert_close(
+        5.0 - states[-1, 0], torch.tensor(delivered_kg), rtol=0.0, atol=1e-10
+    )
+
+
+def test_unit_config_errors_name_unit_key_and_valid_values(float64):
+    with pytest.raises(
+        ConfigError,
+        match=r"feeder_x.component: component 'apl' is not one of the flowsheet components",
+    ):
+        UNITS["liw_feeder"]("feeder_x", COMPONENTS, component="apl", nominal_flow_kg_h=1.0)
+    with pytest.raises(
+        ConfigError,
+        match="feeder_x: unknown parameter 'feed_factr'; valid: feed_factor, response_tau_s",
+    ):
+        UNITS["liw_feeder"](
+            "feeder_x",
+            COMPONENTS,
+            component="api",
+            nominal_flow_kg_h=1.0,
+            params={"feed_factr": 1.0},
+        )
+    with pytest.raises(
+        ConfigError, match=r"'feed_factor': value 2.0 is not strictly inside bounds \[0.5, 1.5\]"
+    ):
+        UNITS["liw_feeder"](
+            "feeder_x",
+            COMPONENTS,
+            component="api",
+            nominal_flow_kg_h=1.0,
+            params={"feed_factor": 2.0},
+        )
+    with pytest.raises(ConfigError, match="blender.n_tanks: expected an integer >= 1, got 0"):
+        UNITS["tanks_in_series_blender"]("blender", COMPONENTS, n_tanks=0)
+    with pytest.raises(ConfigError, match=r"press.api_component: component 'API'"):
+        UNITS["tablet_press"]("press", COMPONENTS, api_component="API")
+
+
+def test_blender_rate_law_stays_finite_in_float32_when_flow_or_speed_vanish():
+    """A stage state of a draining hopper can send the throughput below 0: no 0/0, no inf."""
+    blender = UNITS["tanks_in_series_blender"](
+        "blender", COMPONENTS, params={"holdup_flow_exp": 0.9}
+    )
+    flows = torch.tensor([[-50.0], [0.0], [1e-3], [30.0]], dtype=torch.float32, requires_grad=True)
+    speeds = torch.tensor(
+        [[0.0], [-10.0], [400.0], [400.0]], dtype=torch.float32, requires_grad=True
+    )
+    theta = [column.float() for column in blender.theta()]
+    rate = blender.rate_1_s(flows, speeds, theta)
+    rate.sum().backward()
+    for tensor in (rate, flows.grad, speeds.grad):
+        assert bool(torch.isfinite(tensor).all()), tensor

@@ -1,0 +1,241 @@
+"""TwinModel and TwinLitModule: loss, initial state, stages, tag mapping, a few real steps."""
+
+import functools
+
+import pytest
+import torch
+import yaml
+
+from hybrid_twin import ConfigError
+from tests.tolerances import tol
+from training.config_dir import SHIPPED_CONFIG_DIR
+from training.datamodule import CDCDataModule
+from training.lit_module import TwinLitModule, masked_mse
+from training.twin_model import build_twin_model
+
+WINDOW, PAST = 12, 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Batches of 4 x 26 states: a second intra-op thread only contends on a shared machine
+    # (a hybrid step took 10x longer with 2 threads under load).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _config(group: str, name: str) -> dict:
+    return yaml.safe_load((SHIPPED_CONFIG_DIR / group / f"{name}.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def datamodule(tiny_cdc_dataset) -> CDCDataModule:
+    dm = CDCDataModule(
+        tiny_cdc_dataset,
+        window_steps=WINDOW,
+        past_steps=PAST,
+        batch_size=4,
+        windows_per_epoch=8,
+        num_workers=0,
+        seed=0,
+    )
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def batch(datamodule):
+    return next(iter(datamodule.train_dataloader()))
+
+
+def _model(datamodule, kind: str = "hybrid", seed: int = 0, **model_overrides):
+    model_config = {**_config("model", kind), **model_overrides}
+    return build_twin_model(
+        _config("flowsheet", "cdc_line"),
+        model_config,
+        {"name": "rk4", "n_substeps": 1},
+        datamodule.input_tags,
+        datamodule.measurement_tags,
+        datamodule.normalisation,
+        datamodule.dt_s,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _lit(model, lr: float = 1e-2, **options) -> TwinLitModule:
+    optimizer = functools.partial(torch.optim.AdamW, lr=lr)
+    return TwinLitModule(model, optimizer, ["tag"] * model.y_std.shape[0], **options)
+
+
+def test_masked_loss_is_the_mean_over_sampled_entries_only():
+    y_hat = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    y = torch.tensor([[[0.0, float("nan")], [1.0, 1e6]]])
+    mask = torch.tensor([[[True, False], [True, False]]])
+    # (1 - 0)^2 and (3 - 1)^2 over 2 sampled entries; the NaN and 1e6 are not sampled.
+    assert masked_mse(y_hat, y, mask).item() == pytest.approx((1.0 + 4.0) / 2)
+
+
+def test_masked_loss_with_nothing_sampled_is_zero_with_zero_gradient():
+    y_hat = torch.ones(2, 3, 4, requires_grad=True)
+    loss = masked_mse(y_hat, torch.full((2, 3, 4), float("nan")), torch.zeros(2, 3, 4, dtype=bool))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(y_hat.grad) == 0
+
+
+def test_fresh_hybrid_predicts_exactly_what_the_mechanistic_model_predicts(datamodule, batch):
+    hybrid, mechanistic = _model(datamodule, "hybrid"), _model(datamodule, "mechanistic")
+    with torch.no_grad():
+        args = (batch.past_u, batch.past_y, batch.past_mask, batch.u)
+        torch.testing.assert_close(hybrid(*args), mechanistic(*args), rtol=0.0, atol=0.0)
+
+
+def test_predictions_have_the_window_shape_and_are_finite(datamodule, batch):
+    with torch.no_grad():
+        y_hat = _model(datamodule, "black_box")(
+            batch.past_u, batch.past_y, batch.past_mask, batch.u
+        )
+    assert y_hat.shape == (4, WINDOW, len(datamodule.measurement_tags))
+    assert bool(torch.isfinite(y_hat).all())
+
+
+def test_burn_in_from_constant_past_inputs_stays_at_the_steady_state(datamodule, batch, float64):
+    model = _model(datamodule, "mechanistic").double()
+    past_u = batch.past_u.double()[:, :1].expand(-1, PAST, -1).contiguous()
+    past_y, past_mask = batch.past_y.double(), torch.zeros_like(batch.past_mask)
+    x = model.initial_state(past_u, past_y, past_mask)
+    steady = model.field.flowsheet.steady_state(
+        model.model_inputs(past_u)[:, 0], model.field.theta()
+    )
+    reset = model.reset_from_u[:, 0]  # hopper masses come from the hopper load cells
+    keep = [i for i in range(x.shape[1]) if i not in reset.tolist()]
+    torch.testing.assert_close(x[:, keep], steady[:, keep], rtol=1e-9, atol=1e-9)
+    hopper = (past_u[:, -1] * model.u_std + model.u_mean).index_select(1, model.reset_from_u[:, 1])
+    torch.testing.assert_close(x.index_select(1, reset), hopper)
+
+
+def test_states_a_measurement_reads_start_at_its_last_sample(datamodule, batch):
+    model = _model(datamodule, "mechanistic")
+    state, column = model.reset_from_y[0].tolist()  # BLEND.SPEED reads blender.speed_rpm
+    past_mask = torch.zeros_like(batch.past_mask)
+    past_mask[:, 2, column] = True  # only row 2 sampled: later rows must not count
+    past_y = batch.past_y.clone()
+    past_y[:, 2, column] = 0.25
+    x = model.initial_state(batch.past_u, past_y, past_mask)
+    expected = 0.25 * model.y_std[column] + model.y_mean[column]
+    torch.testing.assert_close(x[:, state], expected.expand(x.shape[0]))
+
+
+def test_stage_one_trains_theta_only_and_stage_two_theta_and_phi(datamodule, batch):
+    lit = _lit(
+        _model(
+            datamodule,
+            "hybrid",
+            residual={**_config("model", "hybrid")["residual"], "zero_init": False},
+        ),
+        theta_only_epochs=1,
+        residual_penalty=1e-3,
+    )
+    for epoch, phi_learns in ((0, False), (1, True)):
+        lit.zero_grad(set_to_none=True)
+        lit.set_stage(epoch)
+        lit.losses(batch)[0].backward()
+        theta_grads = [p.grad for p in lit.theta_parameters() if p.requires_grad]
+        assert theta_grads and any(g is not None and bool(g.abs().sum() > 0) for g in theta_grads)
+        phi_grads = [p.grad for p in lit.phi_parameters()]
+        if phi_learns:
+            assert all(g is not None and bool(g.abs().sum() > 0) for g in phi_grads)
+        else:
+            assert all(g is None for g in phi_grads)
+
+
+def test_two_stage_schedule_needs_the_hybrid_kind(datamodule):
+    with pytest.raises(ConfigError, match="needs kind 'hybrid'.*'mechanistic'"):
+        _lit(_model(datamodule, "mechanistic"), theta_only_epochs=2)
+
+
+def test_black_box_freezes_theta_and_trains_its_network(datamodule):
+    lit = _lit(_model(datamodule, "black_box"))
+    assert not any(p.requires_grad for p in lit.model.field.flowsheet.parameters())
+    optimised = {
+        id(p) for group in lit.configure_optimizers().param_groups for p in group["params"]
+    }
+    assert {id(p) for p in lit.phi_parameters()} <= optimised
+    assert not optimised & {id(p) for p in lit.model.field.flowsheet.parameters()}
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "mechanistic", "black_box"])
+def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch(datamodule, batch, kind):
+    # lr 1e-3: Adam moves every weight of the zero-initialised last layer by ~lr at once.
+    lit = _lit(_model(datamodule, kind), lr=1e-3)
+    optimizer = lit.configure_optimizers()
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = lit.losses(batch)[0]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_scripted_twin_predicts_what_the_eager_twin_predicts(datamodule, batch):
+    model = _model(
+        datamodule,
+        "hybrid",
+        residual={**_config("model", "hybrid")["residual"], "zero_init": False},
+    )
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        args = (batch.past_u, batch.past_y, batch.past_mask, batch.u)
+        eps = tol("scripted_vs_eager", torch.float32)
+        torch.testing.assert_close(scripted(*args), model(*args), rtol=eps, atol=eps)
+
+
+def test_a_flowsheet_input_missing_from_the_dataset_is_named(datamodule):
+    inputs = [t for t in datamodule.input_tags if t != "BLEND.SPEED_SP"]
+    u_mean, u_std, y_mean, y_std = datamodule.normalisation
+    keep = [datamodule.input_tags.index(t) for t in inputs]
+    with pytest.raises(ConfigError, match="'BLEND.SPEED_SP' is not among the dataset's u"):
+        build_twin_model(
+            _config("flowsheet", "cdc_line"),
+            _config("model", "mechanistic"),
+            {"name": "rk4"},
+            inputs,
+            datamodule.measurement_tags,
+            (u_mean[keep], u_std[keep], y_mean, y_std),
+            datamodule.dt_s,
+        )
+
+
+def test_a_dataset_tag_the_flowsheet_does_not_map_is_named(datamodule):
+    measurements = [*datamodule.measurement_tags, "DRYER.MOISTURE"]
+    with pytest.raises(ConfigError, match="dataset tag 'DRYER.MOISTURE'"):
+        build_twin_model(
+            _config("flowsheet", "cdc_line"),
+            _config("model", "mechanistic"),
+            {"name": "rk4"},
+            datamodule.input_tags,
+            measurements,
+            datamodule.normalisation,
+            datamodule.dt_s,
+        )
+
+
+def test_a_learned_state_driven_below_zero_still_reads_out_finite(datamodule, batch):
+    model = _model(datamodule, "black_box")
+    with torch.no_grad():
+        model.field.net.layers[-1].bias.fill_(-10.0)  # g = -1: every state falls at full speed
+        y_hat, states, _, _ = model.simulate(batch.past_u, batch.past_y, batch.past_mask, batch.u)
+    weight = model.field.flowsheet.state_names.index("press.tablet_weight_mg")
+    assert states[..., weight].min() < 0
+    assert bool(torch.isfinite(y_hat).all())
+
+
+def test_a_non_finite_loss_stops_training_before_the_update(datamodule, batch):
+    lit = _lit(_model(datamodule, "mechanistic"))
+    poisoned = batch._replace(y=torch.where(batch.mask, float("inf"), batch.y))
+    with pytest.raises(FloatingPointError, match="loss is not finite"):
+        lit.losses(poisoned)

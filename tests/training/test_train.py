@@ -1,0 +1,308 @@
+"""`twin train` end to end: Lightning fit, MLflow run contents, the registered model round trip."""
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from training.config_dir import SHIPPED_CONFIG_DIR
+from training.datamodule import CDCDataModule
+from training.twin_model import build_twin_model
+
+# mlflow.pyfunc warns about its own type hints when it is first imported (mlflow 3.17).
+pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
+TWIN = Path(sys.executable).with_name("twin")
+TINY = [  # sizes for the tiny dataset: 2 epochs of 2 batches
+    "datamodule.window_steps=12",
+    "datamodule.past_steps=6",
+    "datamodule.eval_window_steps=24",
+    "datamodule.batch_size=4",
+    "datamodule.windows_per_epoch=8",
+    "trainer.max_epochs=2",
+    "num_threads=1",
+]
+
+
+def _config(group: str, name: str) -> dict:
+    return yaml.safe_load((SHIPPED_CONFIG_DIR / group / f"{name}.yaml").read_text())
+
+
+def _twin_train(tmp_path: Path, uri: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("TWIN_CONFIG_DIR", None)
+    return subprocess.run(
+        [str(TWIN), "train", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cdc_dataset, tmp_path_factory):
+    """One `twin train` run of a tiny hybrid against a SQLite store in a fresh folder."""
+    folder = tmp_path_factory.mktemp("train_cli")
+    uri = f"sqlite:///{folder / 'store.db'}"
+    result = _twin_train(folder, uri, f"datamodule.path={tiny_cdc_dataset}", *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("cdc-line-twin")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run, folder, uri
+
+
+def test_twin_train_logs_the_resolved_config_as_params_and_as_config_yaml(trained):
+    client, run, folder, _ = trained
+    params = run.data.params
+    assert params["model.kind"] == "hybrid"
+    assert params["datamodule.window_steps"] == "12"
+    assert params["trainer.max_epochs"] == "2"
+    path = client.download_artifacts(run.info.run_id, "config.yaml", str(folder))
+    logged = yaml.safe_load(Path(path).read_text())
+    assert logged["datamodule"]["batch_size"] == 4
+    assert logged["flowsheet"]["name"] == "cdc_line"
+
+
+def test_twin_train_logs_every_metric_once_per_epoch(trained):
+    client, run, _, _ = trained
+    for name in ("train/loss", "val/loss", "val/rmse/NIR.API_CONC", "val/rmse/BLEND.SPEED"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [0, 1], name
+        assert all(np.isfinite(m.value) for m in history), name
+
+
+def test_twin_train_tags_the_manifest_hash_and_git_commit(trained, tiny_cdc_dataset):
+    _, run, _, _ = trained
+    manifest = (tiny_cdc_dataset / "manifest.json").read_bytes()
+    assert run.data.tags["data.manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    commit = run.data.tags["git.commit"]
+    assert commit == "unknown" or len(commit.removesuffix("-dirty")) == 40
+    assert run.data.tags["model.kind"] == "hybrid"
+
+
+def test_registered_version_predicts_what_the_logged_weights_predict(trained, tiny_cdc_dataset):
+    import mlflow.pyfunc
+
+    client, run, folder, uri = trained
+    version = client.get_model_version("cdc-line-twin", "1")
+    assert version.run_id == run.info.run_id
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model("models:/cdc-line-twin/1")
+    assert loaded.metadata.signature is not None
+    # An eager model rebuilt from the logged config, with the registered weights loaded.
+    config = yaml.safe_load(
+        Path(client.download_artifacts(run.info.run_id, "config.yaml", str(folder))).read_text()
+    )
+    dm = CDCDataModule(**config["datamodule"])
+    eager = build_twin_model(
+        config["flowsheet"],
+        config["model"],
+        config["solver"],
+        dm.input_tags,
+        dm.measurement_tags,
+        dm.normalisation,
+        dm.dt_s,
+        config["initial_state"],
+    )
+    twin_pt = client.download_artifacts(run.info.run_id, "model/artifacts/twin.pt", str(folder))
+    eager.load_state_dict(torch.jit.load(twin_pt).state_dict())
+    example = _example(dm)
+    with torch.no_grad():
+        expected = eager.forecast(*(torch.as_tensor(example[k]) for k in ("past_u", "past_y", "u")))
+    np.testing.assert_allclose(loaded.predict(example), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _example(dm: CDCDataModule) -> dict[str, np.ndarray]:
+    from training.train import example_input
+
+    dm.setup("validate")
+    return example_input(dm, 2)
+
+
+def test_logged_twin_loads_back_from_the_registry_with_the_in_memory_predictions(
+    tiny_cdc_dataset, tmp_path
+):
+    import mlflow
+    import mlflow.pyfunc
+
+    from training.twin_pyfunc import log_twin
+
+    dm = CDCDataModule(tiny_cdc_dataset, window_steps=12, past_steps=6, batch_size=4)
+    model = build_twin_model(
+        _config("flowsheet", "cdc_line"),
+        {
+            **_config("model", "hybrid"),
+            "residual": {**_config("model", "hybrid")["residual"], "zero_init": False},
+        },
+        {"name": "rk4"},
+        dm.input_tags,
+        dm.measurement_tags,
+        dm.normalisation,
+        dm.dt_s,
+        generator=torch.Generator().manual_seed(1),
+    )
+    example = _example(dm)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run():
+        info = log_twin(
+            model,
+            example,
+            {"input_tags": dm.input_tags, "measurement_tags": dm.measurement_tags},
+            "cdc-line-twin",
+            tmp_path,
+        )
+    assert str(info.registered_model_version) == "1"
+    loaded = mlflow.pyfunc.load_model("models:/cdc-line-twin/1")
+    with torch.no_grad():
+        expected = model.forecast(*(torch.as_tensor(example[k]) for k in ("past_u", "past_y", "u")))
+    assert expected.shape == (2, 12, len(dm.measurement_tags))
+    np.testing.assert_allclose(loaded.predict(example), expected.numpy(), rtol=1e-6, atol=1e-6)
+    assert loaded.metadata.metadata["measurement_tags"] == dm.measurement_tags
+
+
+def _single_run(uri: str):
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("cdc-line-twin")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+@pytest.mark.slow
+def test_twin_train_with_ddp_runs_two_gloo_processes_on_cpu_and_records_one_run(
+    tiny_cdc_dataset, tmp_path
+):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    result = _twin_train(tmp_path, uri, f"datamodule.path={tiny_cdc_dataset}", *TINY, "trainer=ddp")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "distributed_backend=gloo" in output
+    assert "Starting with 2 processes" in output
+    client, run = _single_run(uri)  # the second process trains but records nothing
+    assert run.data.params["trainer.devices"] == "2"
+    history = client.get_metric_history(run.info.run_id, "val/loss")
+    assert [m.step for m in history] == [0, 1]
+    assert client.get_model_version("cdc-line-twin", "1").run_id == run.info.run_id
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_healthy(url: str, server: subprocess.Popen, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_twin_train_against_a_real_mlflow_server_records_and_registers_the_run(
+    tiny_cdc_dataset, tmp_path
+):
+    import mlflow.pyfunc
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_until_healthy(url, server)
+        result = _twin_train(
+            tmp_path, url, f"datamodule.path={tiny_cdc_dataset}", *TINY, "model=mechanistic"
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        client, run = _single_run(url)
+        assert run.data.params["model.kind"] == "mechanistic"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1]
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "config.yaml" in names
+        mlflow.set_tracking_uri(url)
+        loaded = mlflow.pyfunc.load_model("models:/cdc-line-twin/1")
+        dm = CDCDataModule(tiny_cdc_dataset, window_steps=12, past_steps=6, batch_size=4)
+        prediction = loaded.predict(_example(dm))
+        assert prediction.shape == (2, 12, len(dm.measurement_tags))
+        assert np.isfinite(prediction).all()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its worker, by the group we made
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(SHIPPED_CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
+@pytest.mark.parametrize("kind", ["hybrid", "mechanistic", "black_box"])
+def test_train_config_composes_for_every_model_kind_and_trainer(kind, trainer):
+    cfg = _compose(f"model={kind}", f"trainer={trainer}")
+    assert cfg.model.kind == kind
+    assert cfg.datamodule.window_steps == 60  # experiment=cdc_default applied last
+    assert cfg.trainer.precision == 32
+
+
+def test_seed_zero_fixes_the_network_weights_and_null_leaves_them_free(tiny_cdc_dataset):
+    from omegaconf import OmegaConf
+
+    from training.train import build_training
+
+    def weights(seed: str) -> torch.Tensor:
+        cfg = _compose("model=black_box", f"seed={seed}", f"datamodule.path={tiny_cdc_dataset}")
+        config = OmegaConf.to_container(cfg, resolve=True)
+        return build_training(cfg, config)[1].field.net.layers[0].weight.detach().clone()
+
+    torch.testing.assert_close(weights("0"), weights("0"), rtol=0.0, atol=0.0)
+    assert not torch.equal(weights("null"), weights("null"))

@@ -1,0 +1,200 @@
+"""TwinLitModule: the Lightning side of training a TwinModel (losses, stages, metrics).
+
+Data flow: `CDCDataModule` batches (windows.Window) -> `TwinModel.simulate` -> masked MSE on
+normalised measurements + a penalty on the residual network's output size -> AdamW. Per
+epoch it logs train/loss, val/loss and the val RMSE of each tag in the tag's unit. It reads
+no files and knows no config format: train.py builds it from plain values.
+
+Two-stage schedule (hybrid only): for the first `theta_only_epochs` epochs the network
+parameters phi are frozen and only the physical parameters theta (unit parameters and the
+NIR calibration) learn; then theta and phi learn together.
+"""
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from hybrid_twin import ConfigError, ZOHSolution, check_status
+from training.twin_model import TwinModel
+from training.windows import Window
+
+
+def masked_mse(y_hat: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    """Mean of (y_hat - y)^2 over the entries where mask is True; 0 if there are none.
+
+    Args:
+        y_hat, y: (batch, T, n_y) normalised; y may hold anything where mask is False
+            (even NaN: masked entries are selected away, not multiplied by 0).
+        mask: (batch, T, n_y) bool.
+
+    Returns:
+        A scalar; with an all-False mask it is 0 and its gradient is 0.
+    """
+    error = torch.where(mask, y_hat - y, torch.zeros_like(y_hat))
+    count = mask.sum().clamp_min(1)
+    return error.pow(2).sum() / count
+
+
+class TwinLitModule(LightningModule):
+    """Trains a TwinModel of any kind on CDCDataModule windows.
+
+    Args:
+        model: the twin (its field's kind decides which parameters exist).
+        optimizer: builds the optimizer from parameters, e.g. a Hydra `_partial_` AdamW.
+        measurement_tags: names of the y columns, for per-tag metric names.
+        residual_penalty: weight of mean |g_nn|^2 (normalised network output) in the loss.
+        theta_only_epochs: hybrid only: epochs that train theta alone before theta + phi.
+
+    Raises:
+        ConfigError: a negative penalty or stage length, or a two-stage schedule on a kind
+            without both theta and phi (mechanistic, black_box).
+    """
+
+    def __init__(
+        self,
+        model: TwinModel,
+        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+        measurement_tags: Sequence[str],
+        residual_penalty: float = 0.0,
+        theta_only_epochs: int = 0,
+    ) -> None:
+        super().__init__()
+        if residual_penalty < 0 or theta_only_epochs < 0:
+            raise ConfigError(
+                f"lit: residual_penalty and theta_only_epochs must be >= 0, got "
+                f"{residual_penalty} and {theta_only_epochs}"
+            )
+        if theta_only_epochs > 0 and model.field.kind != "hybrid":
+            raise ConfigError(
+                f"lit.theta_only_epochs: the two-stage schedule needs kind 'hybrid' "
+                f"(theta and phi), got {model.field.kind!r}"
+            )
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.measurement_tags = list(measurement_tags)
+        self.residual_penalty = float(residual_penalty)
+        self.theta_only_epochs = int(theta_only_epochs)
+        if model.field.kind == "black_box":
+            # The black box's dynamics ignore theta; it only places the initial steady state
+            # and the readout h(x), which stay at their configured values (docs/training.md).
+            for parameter in model.field.flowsheet.parameters():
+                parameter.requires_grad_(False)
+        self.register_buffer("_val_sq_error", torch.zeros(len(self.measurement_tags)))
+        self.register_buffer("_val_count", torch.zeros(len(self.measurement_tags)))
+
+    def phi_parameters(self) -> list[nn.Parameter]:
+        """The residual network's parameters (empty for the mechanistic kind)."""
+        net = self.model.field.net
+        return [] if net is None else list(net.parameters())
+
+    def theta_parameters(self) -> list[nn.Parameter]:
+        """Unit parameters and observation calibration: everything that is not phi."""
+        phi = {id(p) for p in self.phi_parameters()}
+        return [p for p in self.model.parameters() if id(p) not in phi]
+
+    def set_stage(self, epoch: int) -> None:
+        """Freeze phi while epoch < theta_only_epochs, unfreeze it afterwards."""
+        train_phi = epoch >= self.theta_only_epochs
+        for parameter in self.phi_parameters():
+            parameter.requires_grad_(train_phi)
+
+    def forward(self, past_u: Tensor, past_y: Tensor, past_mask: Tensor, u: Tensor) -> Tensor:
+        """Normalised predictions, (batch, T, n_y); see `TwinModel.forward`."""
+        return self.model(past_u, past_y, past_mask, u)
+
+    def losses(self, batch: Window) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Loss terms of one batch.
+
+        Args:
+            batch: a Window batch as CDCDataModule serves it.
+
+        Returns:
+            (total loss, masked MSE, residual size) scalars and y_hat (batch, T, n_y),
+            normalised.
+
+        Raises:
+            SolverError: a trajectory became NaN/inf (names the rows).
+            FloatingPointError: the loss is not finite (names the tags predicted as NaN/inf),
+                raised before a NaN gradient can corrupt the parameters.
+        """
+        y_hat, states, inputs, status = self.model.simulate(
+            batch.past_u, batch.past_y, batch.past_mask, batch.u
+        )
+        check_status_of(status, states)
+        fit = masked_mse(y_hat, batch.y, batch.mask)
+        size = self.model.residual_size(states, inputs)
+        loss = fit + self.residual_penalty * size
+        if not bool(torch.isfinite(loss)):
+            bad = ~torch.isfinite(y_hat).flatten(0, 1).all(dim=0)
+            tags = [t for t, b in zip(self.measurement_tags, bad.tolist(), strict=True) if b]
+            raise FloatingPointError(
+                f"training window: the loss is not finite (fit {fit.item()}, residual size "
+                f"{size.item()}); non-finite predictions of {tags}"
+            )
+        return loss, fit, size, y_hat
+
+    def on_train_epoch_start(self) -> None:
+        self.set_stage(self.current_epoch)
+
+    def training_step(self, batch: Window, batch_idx: int) -> Tensor:
+        loss, fit, size, _ = self.losses(batch)
+        size_b = batch.u.shape[0]
+        self.log(
+            "train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=size_b,
+            prog_bar=True,
+            sync_dist=True,
+        )
+        self.log("train/mse", fit, on_step=False, on_epoch=True, batch_size=size_b, sync_dist=True)
+        self.log(
+            "train/residual_size",
+            size,
+            on_step=False,
+            on_epoch=True,
+            batch_size=size_b,
+            sync_dist=True,
+        )
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sq_error.zero_()
+        self._val_count.zero_()
+
+    def validation_step(self, batch: Window, batch_idx: int) -> Tensor:
+        loss, _, _, y_hat = self.losses(batch)
+        self.log(
+            "val/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch.u.shape[0],
+            prog_bar=True,
+            sync_dist=True,
+        )
+        error = torch.where(batch.mask, (y_hat - batch.y) * self.model.y_std, 0.0)
+        self._val_sq_error += error.pow(2).sum(dim=(0, 1)).detach()
+        self._val_count += batch.mask.sum(dim=(0, 1))
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        sq_error = self.trainer.strategy.reduce(self._val_sq_error.clone(), reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_count.clone(), reduce_op="sum")
+        for i, tag in enumerate(self.measurement_tags):
+            if count[i] > 0:  # a tag never sampled in val has no RMSE, not a 0 one
+                # Already summed over processes; sync_dist only averages equal values.
+                self.log(f"val/rmse/{tag}", torch.sqrt(sq_error[i] / count[i]), sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Frozen theta (black box) stays out; phi is in even if a stage freezes it later.
+        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+
+
+def check_status_of(status: Tensor, states: Tensor) -> None:
+    """Raise SolverError when any trajectory's status is not success (eager training only)."""
+    if bool((status != 0).any()):
+        check_status(ZOHSolution(states, status, torch.zeros_like(status)), "training window")

@@ -1,0 +1,283 @@
+"""TwinModel: the trainable twin as one torch module (window in, predicted PAT tags out).
+
+Data flow: a `windows.Window` batch (normalised, in the manifest's tag order) -> the model's
+inputs picked by tag name through the flowsheet spec's `inputs` map and denormalised ->
+initial state from the past window (`TwinModel.initial_state`, docs/training.md) -> fixed-step
+solver over the window's zero-order-held inputs -> `ObservationModel` -> measurements,
+normalised again for the loss. The module holds everything it needs (tag maps as index
+buffers, normalisation statistics, dt), so the twin issue can script it as it is.
+`build_twin_model` is the only place that knows about tag names; the module sees indices.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hybrid_twin import (
+    ConfigError,
+    HybridVectorField,
+    ObservationModel,
+    build_flowsheet,
+    build_solver,
+)
+
+INITIAL_STATE_METHODS = ("steady_state", "burn_in")
+
+
+class TwinModel(nn.Module):
+    """x0 from the past window, then x' = f(x, u), y = h(x), on normalised window tensors.
+
+    Args:
+        field: the vector field (its kind decides mechanistic / black_box / hybrid).
+        observation: y = h(x) for the dataset's measurement tags, in their order.
+        solver: a fixed-step solver module wrapping `field` (`hybrid_twin.build_solver`).
+        input_columns: (n_model_inputs,) column of the window's u feeding each flowsheet input.
+        u_mean, u_std: (n_u,) statistics of all u columns (inputs then disturbances).
+        y_mean, y_std: (n_y,) statistics of the measurement tags.
+        reset_from_u: (k, 2) rows [state index, u column]: states a held tag measures directly.
+        reset_from_y: (m, 2) rows [state index, y column]: states a measurement reads directly.
+        dt_s: grid step of the data, s.
+        state_floor: (n_states,) smallest state value the readout h(x) sees (-inf: none).
+        burn_in: integrate through the past window from its first row's steady state (True)
+            or take the steady state at its last row (False).
+    """
+
+    def __init__(
+        self,
+        field: HybridVectorField,
+        observation: ObservationModel,
+        solver: nn.Module,
+        input_columns: Tensor,
+        u_mean: Tensor,
+        u_std: Tensor,
+        y_mean: Tensor,
+        y_std: Tensor,
+        reset_from_u: Tensor,
+        reset_from_y: Tensor,
+        dt_s: float,
+        state_floor: Tensor,
+        burn_in: bool = True,
+    ) -> None:
+        super().__init__()
+        self.field = field
+        self.observation = observation
+        self.solver = solver
+        self.register_buffer("input_columns", input_columns.to(torch.long))
+        dtype = torch.get_default_dtype()
+        for name, value in (("u_mean", u_mean), ("u_std", u_std), ("y_mean", y_mean)):
+            self.register_buffer(name, value.to(dtype))
+        self.register_buffer("y_std", y_std.to(dtype))
+        self.register_buffer("state_floor", state_floor.to(dtype))
+        self.register_buffer("reset_from_u", reset_from_u.to(torch.long).reshape(-1, 2))
+        self.register_buffer("reset_from_y", reset_from_y.to(torch.long).reshape(-1, 2))
+        self.dt_s = float(dt_s)
+        self.burn_in = bool(burn_in)
+
+    def model_inputs(self, u: Tensor) -> Tensor:
+        """Normalised window inputs (batch, T, n_u) -> flowsheet inputs (batch, T, n_inputs)."""
+        physical = u * self.u_std + self.u_mean
+        return physical.index_select(2, self.input_columns)
+
+    def initial_state(self, past_u: Tensor, past_y: Tensor, past_mask: Tensor) -> Tensor:
+        """State at the window's first row, (batch, n_states), from the past window.
+
+        Args:
+            past_u: (batch, P, n_u) normalised; past_y, past_mask: (batch, P, n_y).
+
+        Returns:
+            The steady state at past_u[:, 0] integrated through the past inputs (burn-in) or
+            the steady state at past_u[:, -1]; then states a tag measures directly are set to
+            their last good past value (hopper masses, impeller speed, tablet weight).
+        """
+        inputs = self.model_inputs(past_u)
+        theta = self.field.theta()
+        if self.burn_in:
+            x = self.field.flowsheet.steady_state(inputs[:, 0], theta)
+            x = self.solver(x, inputs, self.dt_s).states[:, -1]
+        else:
+            x = self.field.flowsheet.steady_state(inputs[:, -1], theta)
+        if self.reset_from_u.shape[0] > 0:
+            last_u = past_u[:, -1] * self.u_std + self.u_mean
+            values = last_u.index_select(1, self.reset_from_u[:, 1])
+            x = x.index_copy(1, self.reset_from_u[:, 0], values)
+        if self.reset_from_y.shape[0] > 0:
+            x = self._reset_from_measurements(x, past_y, past_mask)
+        return x
+
+    def _reset_from_measurements(self, x: Tensor, past_y: Tensor, past_mask: Tensor) -> Tensor:
+        columns = self.reset_from_y[:, 1]
+        y = past_y.index_select(2, columns) * self.y_std.index_select(0, columns)
+        y = y + self.y_mean.index_select(0, columns)
+        mask = past_mask.index_select(2, columns)
+        rows = torch.arange(past_y.shape[1], device=past_y.device).view(1, -1, 1)
+        last_row, _ = torch.where(mask, rows, torch.full_like(rows, -1)).max(dim=1)
+        seen = last_row >= 0
+        last = y.gather(1, last_row.clamp_min(0).unsqueeze(1)).squeeze(1)
+        current = x.index_select(1, self.reset_from_y[:, 0])
+        return x.index_copy(1, self.reset_from_y[:, 0], torch.where(seen, last, current))
+
+    @torch.jit.export
+    def simulate(
+        self, past_u: Tensor, past_y: Tensor, past_mask: Tensor, u: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Predictions and what the loss needs besides them.
+
+        Args:
+            past_u: (batch, P, n_u), past_y / past_mask: (batch, P, n_y), u: (batch, T, n_u);
+                normalised as the datamodule serves them.
+
+        Returns:
+            y_hat: (batch, T, n_y) normalised; states: (batch, T, n_states) at the rows of y
+            (row k = x(t_k); row 0 is the initial state); inputs: (batch, T, n_inputs)
+            physical flowsheet inputs; status: (batch,) int64 solver status (0 = success).
+        """
+        x0 = self.initial_state(past_u, past_y, past_mask)
+        inputs = self.model_inputs(u)
+        # y[:, k] is measured at t_k, so the last input interval is not needed.
+        solution = self.solver(x0, inputs.narrow(1, 0, inputs.shape[1] - 1), self.dt_s)
+        states = solution.states
+        # h(x) is defined on physical states only (a negative tablet weight makes the force
+        # law's power NaN); a learned field can leave that domain, so the readout is projected.
+        y = self.observation(torch.maximum(states, self.state_floor))
+        return (y - self.y_mean) / self.y_std, states, inputs, solution.status
+
+    def forward(self, past_u: Tensor, past_y: Tensor, past_mask: Tensor, u: Tensor) -> Tensor:
+        """Normalised predictions y_hat, (batch, T, n_y); arguments as in `simulate`."""
+        return self.simulate(past_u, past_y, past_mask, u)[0]
+
+    @torch.jit.export
+    def forecast(self, past_u: Tensor, past_y: Tensor, u: Tensor) -> Tensor:
+        """Physical units in and out: the form the registered MLflow model serves.
+
+        Args:
+            past_u: (batch, P, n_u) inputs then disturbances, tag units.
+            past_y: (batch, P, n_y) measurements, tag units; NaN where not sampled.
+            u: (batch, T, n_u) inputs then disturbances over the forecast horizon.
+
+        Returns:
+            (batch, T, n_y) predicted measurements, tag units.
+        """
+        mask = torch.isfinite(past_y)
+        past_y_n = torch.where(mask, (past_y - self.y_mean) / self.y_std, torch.zeros_like(past_y))
+        y_hat = self.forward(
+            (past_u - self.u_mean) / self.u_std, past_y_n, mask, (u - self.u_mean) / self.u_std
+        )
+        return y_hat * self.y_std + self.y_mean
+
+    @torch.jit.export
+    def residual_size(self, states: Tensor, inputs: Tensor) -> Tensor:
+        """mean |g_nn(x, u)|^2 of the normalised network output along the trajectory; 0 if none.
+
+        Args:
+            states: (batch, T, n_states); inputs: (batch, T, n_inputs), physical units.
+        """
+        flat_x = states.reshape(-1, states.shape[-1])
+        g = self.field.residual(flat_x, inputs.reshape(-1, inputs.shape[-1]))
+        if g.numel() == 0:
+            return torch.zeros((), dtype=states.dtype, device=states.device)
+        return g.pow(2).mean()
+
+
+def _columns(tags: Sequence[str], wanted: Sequence[str], what: str, where: str) -> list[int]:
+    missing = [tag for tag in wanted if tag not in tags]
+    if missing:
+        raise ConfigError(
+            f"{what}: flowsheet tag {missing[0]!r} is not among the dataset's {where} "
+            f"{list(tags)}; the dataset and configs/flowsheet disagree"
+        )
+    return [list(tags).index(tag) for tag in wanted]
+
+
+def _reset_rows(
+    mapping: Mapping[str, str], tags: Sequence[str], state_names: Sequence[str]
+) -> Tensor:
+    rows = [
+        [state_names.index(target), list(tags).index(tag)]
+        for tag, target in mapping.items()
+        if tag in tags and target in state_names
+    ]
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
+
+
+def _state_floor(specs: Sequence) -> Tensor:
+    # 1e-6 of a state's typical magnitude: far below any real value, far above 0 where the
+    # readout divides (API fraction) or raises to a power below 1 (force law).
+    floors = [1e-6 * spec.scale if spec.nonnegative else float("-inf") for spec in specs]
+    return torch.tensor(floors)
+
+
+def build_twin_model(
+    flowsheet_spec: Mapping[str, object],
+    model_config: Mapping[str, object],
+    solver_config: Mapping[str, object],
+    input_tags: Sequence[str],
+    measurement_tags: Sequence[str],
+    stats: Sequence[Tensor],
+    dt_s: float,
+    initial_state: str = "burn_in",
+    generator: torch.Generator | None = None,
+) -> TwinModel:
+    """A TwinModel for a dataset's tag order, from plain mappings (no DictConfig).
+
+    Args:
+        flowsheet_spec: configs/flowsheet/<line>.yaml as a mapping.
+        model_config: configs/model/<kind>.yaml as a mapping.
+        solver_config: configs/solver/<name>.yaml as a mapping (a fixed-step solver).
+        input_tags: the dataset's u columns (inputs then disturbances).
+        measurement_tags: the dataset's y columns.
+        stats: (u_mean, u_std, y_mean, y_std) as `CDCDataModule.normalisation` gives them.
+        dt_s: the dataset's grid step, s.
+        initial_state: "burn_in" or "steady_state" (docs/training.md).
+        generator: seeds the residual network's initial weights.
+
+    Raises:
+        ConfigError: a flowsheet input tag missing from the dataset's inputs, a dataset tag
+            the flowsheet does not map (the message names the tag), an unknown method.
+    """
+    if initial_state not in INITIAL_STATE_METHODS:
+        raise ConfigError(
+            f"initial_state: unknown method {initial_state!r}; valid: "
+            f"{', '.join(INITIAL_STATE_METHODS)}"
+        )
+    flowsheet = build_flowsheet(flowsheet_spec)
+    held = {
+        **dict(flowsheet.tags.get("inputs", {})),
+        **dict(flowsheet.tags.get("disturbances", {})),
+    }
+    observed = {
+        **dict(flowsheet.tags.get("measurements", {})),
+        **dict(flowsheet.tags.get("disturbances", {})),
+    }
+    for tags, known, where in (
+        (input_tags, held, "inputs or disturbances"),
+        (measurement_tags, observed, "measurements"),
+    ):
+        for tag in tags:
+            if tag not in known:
+                raise ConfigError(
+                    f"dataset tag {tag!r}: the flowsheet maps no {where} tag of that name; "
+                    f"known: {', '.join(sorted(known))}"
+                )
+    input_columns = _columns(input_tags, flowsheet.input_tags, "flowsheet.inputs", "u columns")
+    field = HybridVectorField(flowsheet, model_config, generator)
+    observation = ObservationModel(flowsheet, tags=list(measurement_tags))
+    solver = build_solver(field, dict(solver_config))
+    disturbances = dict(flowsheet.tags.get("disturbances", {}))
+    measured = dict(flowsheet.tags.get("measurements", {}))
+    u_mean, u_std, y_mean, y_std = stats
+    return TwinModel(
+        field,
+        observation,
+        solver,
+        torch.tensor(input_columns, dtype=torch.long),
+        u_mean,
+        u_std,
+        y_mean,
+        y_std,
+        _reset_rows(disturbances, input_tags, flowsheet.state_names),
+        _reset_rows(measured, measurement_tags, flowsheet.state_names),
+        dt_s,
+        _state_floor(flowsheet.state_specs),
+        burn_in=initial_state == "burn_in",
+    )
