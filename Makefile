@@ -15,7 +15,8 @@ env: $(VENV)/.installed
 pipeline: $(VENV)/.installed
 	$(BIN)/twin generate
 	$(BIN)/twin prepare
-	$(BIN)/twin train num_threads=1
+	$(BIN)/twin train -m model=hybrid,mechanistic,black_box num_threads=1
+	$(BIN)/twin evaluate num_threads=1
 	@echo "Runs and the registered model: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 test: $(VENV)/.installed

@@ -10,6 +10,8 @@ from hybrid_twin.errors import ConfigError as ConfigError
 from hybrid_twin.errors import ShapeError as ShapeError
 from hybrid_twin.errors import SolverError as SolverError
 from hybrid_twin.errors import TwinError as TwinError
+from hybrid_twin.estimation import ExtendedKalmanFilter as ExtendedKalmanFilter
+from hybrid_twin.estimation import FilterStep as FilterStep
 from hybrid_twin.flowsheet import Flowsheet as Flowsheet
 from hybrid_twin.flowsheet import build_flowsheet as build_flowsheet
 from hybrid_twin.flowsheets import FLOWSHEETS as FLOWSHEETS
@@ -20,6 +22,12 @@ from hybrid_twin.hybrid import ModelConfig as ModelConfig
 from hybrid_twin.hybrid import Normaliser as Normaliser
 from hybrid_twin.hybrid import ObservationModel as ObservationModel
 from hybrid_twin.hybrid import default_normalisers as default_normalisers
+from hybrid_twin.monitoring import InnovationMonitor as InnovationMonitor
+from hybrid_twin.monitoring import MonitorDataError as MonitorDataError
+from hybrid_twin.monitoring import MonitorState as MonitorState
+from hybrid_twin.monitoring import MonitorStep as MonitorStep
+from hybrid_twin.monitoring import chi2_quantile as chi2_quantile
+from hybrid_twin.monitoring import fit_monitor as fit_monitor
 from hybrid_twin.residual import ResidualConfig as ResidualConfig
 from hybrid_twin.residual import ResidualNet as ResidualNet
 from hybrid_twin.solvers import RK4 as RK4

@@ -29,6 +29,37 @@ SPEC_KEYS = (
 )
 
 
+def input_targets(inputs: Mapping[str, object]) -> list[tuple[str, str]]:
+    """(tag, "unit.input") pairs of a flowsheet spec's `inputs`, in spec and list order.
+
+    One plant signal may drive several unit inputs (a feeder setpoint feeds its feeder and the
+    press's recipe), so a value is either one "unit.input" or a list of them.
+
+    Args:
+        inputs: {tag: "unit.input" or ["unit.input", ...]}.
+
+    Returns:
+        One pair per target; a tag with n targets gives n pairs.
+
+    Raises:
+        ConfigError: a value that is neither a string nor a non-empty list of strings.
+    """
+    pairs: list[tuple[str, str]] = []
+    for tag, value in dict(inputs).items():
+        targets = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(targets, Sequence)
+            or not targets
+            or not all(isinstance(t, str) for t in targets)
+        ):
+            raise ConfigError(
+                f"flowsheet.inputs.{tag}: expected 'unit.input' or a non-empty list of them, "
+                f"got {value!r}"
+            )
+        pairs.extend((str(tag), target) for target in targets)
+    return pairs
+
+
 def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
     bounds, start = [], 0
     for size in sizes:
@@ -44,12 +75,17 @@ class Flowsheet(nn.Module):
         units: the units in topological order (every upstream unit before its downstream).
         upstream: for each unit, indices of the units feeding it.
         components: component names of the streams.
-        tags: {"inputs": {tag: "unit.input"}, "measurements": {...}, "disturbances": {...},
-            "calibrated": [tag, ...]}, kept as metadata for the observation model and training.
+        tags: {"inputs": {tag: "unit.input" or ["unit.input", ...]}, "measurements": {...},
+            "disturbances": {...}, "calibrated": [tag, ...]}, kept as metadata for the
+            observation model and training.
 
     Attributes:
         state_names, input_names, output_names, param_names: "<unit>.<name>" in vector order.
-        input_tags: plant tag of each input (aligned with input_names) where the spec maps one.
+        input_tags: plant tag of each input (aligned with input_names) where the spec maps one;
+            a tag that feeds several unit inputs appears once for each of them.
+
+    Raises:
+        ConfigError: an inputs entry that is neither a name nor a list of names.
     """
 
     state_slices: list[tuple[int, int]]
@@ -83,7 +119,8 @@ class Flowsheet(nn.Module):
         self.n_states, self.n_inputs = len(self.state_names), len(self.input_names)
         self.n_outputs, self.n_params = len(self.output_names), len(self.param_names)
         self.tags = dict(tags or {})
-        by_input = {v: k for k, v in dict(self.tags.get("inputs", {})).items()}  # type: ignore[call-overload]
+        pairs = input_targets(self.tags.get("inputs", {}))  # type: ignore[arg-type]
+        by_input = {target: tag for tag, target in pairs}
         self.input_tags = [by_input.get(name, "") for name in self.input_names]
 
     def theta(self) -> Tensor:
@@ -196,15 +233,18 @@ def build_flowsheet(spec: Mapping[str, object]) -> Flowsheet:
 
     Args:
         spec: {"components": [...], "units": {name: {"type": key, ...kwargs}},
-            "streams": [[from, to], ...], optional "inputs"/"measurements"/"disturbances"
-            ({tag: "unit.name"}), "calibrated" ([tag]), "name"}.
+            "streams": [[from, to], ...], optional "inputs" ({tag: "unit.input" or a list
+            of them}), "measurements"/"disturbances" ({tag: "unit.output"}), "calibrated"
+            ([tag]), "name"}.
 
     Returns:
         The flowsheet with units in topological order of the streams.
 
     Raises:
         ConfigError: unknown keys, unit types or names, a stream cycle, a stream into a
-            unit that takes none, a tag mapped to an unknown quantity, inputs left unmapped.
+            unit that takes none, a tag mapped to an unknown quantity, a unit input left
+            unmapped or mapped more than once, one tag feeding inputs of different engineering
+            units or nominal values.
     """
     unknown = set(spec) - set(SPEC_KEYS)
     if unknown:
@@ -293,21 +333,47 @@ def _check_tags(flowsheet: Flowsheet) -> None:
         ("measurements", flowsheet.output_names),
         ("disturbances", flowsheet.output_names),
     ):
-        for tag, target in dict(tags.get(key, {})).items():  # type: ignore[call-overload]
+        mapping = dict(tags.get(key, {}))  # type: ignore[call-overload]
+        pairs = input_targets(mapping) if key == "inputs" else list(mapping.items())
+        for tag, target in pairs:
             if target not in valid:
                 raise ConfigError(
                     f"flowsheet.{key}.{tag}: " + unknown_key_message("quantity", str(target), valid)
                 )
     if "inputs" in tags:
-        mapped = list(dict(tags["inputs"]).values())  # type: ignore[call-overload]
-        missing = [name for name in flowsheet.input_names if name not in mapped]
-        if missing or len(set(mapped)) != len(mapped):
-            raise ConfigError(
-                f"flowsheet.inputs: every unit input needs exactly one tag; unmapped: {missing}"
-            )
+        _check_input_mapping(flowsheet, input_targets(tags["inputs"]))  # type: ignore[arg-type]
     measured = dict(tags.get("measurements", {}))  # type: ignore[call-overload]
     for tag in tags.get("calibrated", []):  # type: ignore[attr-defined]
         if tag not in measured:
             raise ConfigError(
                 f"flowsheet.calibrated: {tag!r} is not one of the measurements {sorted(measured)}"
+            )
+
+
+def _check_input_mapping(flowsheet: Flowsheet, pairs: list[tuple[str, str]]) -> None:
+    """Every unit input gets exactly one tag; a tag's inputs agree on unit and nominal value."""
+    tags_of: dict[str, list[str]] = {}
+    for tag, target in pairs:
+        tags_of.setdefault(target, []).append(tag)
+    twice = {target: tags for target, tags in tags_of.items() if len(tags) > 1}
+    if twice:
+        target, tags = next(iter(twice.items()))
+        raise ConfigError(
+            f"flowsheet.inputs: unit input {target!r} is mapped more than once (by {tags}); "
+            "every unit input needs exactly one tag"
+        )
+    missing = [name for name in flowsheet.input_names if name not in tags_of]
+    if missing:
+        raise ConfigError(
+            f"flowsheet.inputs: every unit input needs exactly one tag; unmapped: {missing}"
+        )
+    spec_of = dict(zip(flowsheet.input_names, flowsheet.input_specs, strict=True))
+    first: dict[str, str] = {}
+    for tag, target in pairs:
+        seen = first.setdefault(tag, target)
+        a, b = spec_of[seen], spec_of[target]
+        if (a.unit, a.nominal) != (b.unit, b.nominal):
+            raise ConfigError(
+                f"flowsheet.inputs.{tag}: one tag is one signal, but it feeds {seen} "
+                f"(nominal {a.nominal} {a.unit}) and {target} (nominal {b.nominal} {b.unit})"
             )

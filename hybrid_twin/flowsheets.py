@@ -12,7 +12,10 @@ def cdc_line_flowsheet_spec() -> dict[str, object]:
 
     Three loss-in-weight feeders (API, excipient, lubricant) -> tanks-in-series blender (NIR
     at its outlet) -> tablet press. Nominal point (centre of the line's design space):
-    30 kg/h at 10 % API and 1 % lubricant, 400 rpm, 400 mg tablets with a 40 mg label claim.
+    30 kg/h at 10 % API and 1 % lubricant, 400 rpm, 400 mg tablets (a 40 mg dose). The press
+    reports tablet API against the running recipe's dose (`label_claim: recipe`), as the
+    plant's at-line assay does while a run steps the API fraction, so each feeder setpoint
+    tag also feeds the press's recipe input of its component.
     """
     return {
         "name": "cdc_line",
@@ -61,6 +64,9 @@ def cdc_line_flowsheet_spec() -> dict[str, object]:
                 "weight_range_mg": [50.0, 1000.0],
                 "stations": 24,
                 "nominal_holdup_kg": 0.15,
+                "label_claim": "recipe",
+                "nominal_feed_sp_kg_h": {"api": 3.0, "excipient": 26.7, "lubricant": 0.3},
+                "feed_sp_range_kg_h": [0.0, 80.0],
                 "params": {"label_claim_mg": 40.0, "weight_ref_mg": 400.0, "force_ref_kN": 15.0},
             },
         },
@@ -71,9 +77,9 @@ def cdc_line_flowsheet_spec() -> dict[str, object]:
             ["blender", "press"],
         ],
         "inputs": {
-            "FEED_API.MASSFLOW_SP": "feeder_api.mass_flow_sp_kg_h",
-            "FEED_EXC.MASSFLOW_SP": "feeder_exc.mass_flow_sp_kg_h",
-            "FEED_LUB.MASSFLOW_SP": "feeder_lub.mass_flow_sp_kg_h",
+            "FEED_API.MASSFLOW_SP": ["feeder_api.mass_flow_sp_kg_h", "press.api_sp_kg_h"],
+            "FEED_EXC.MASSFLOW_SP": ["feeder_exc.mass_flow_sp_kg_h", "press.excipient_sp_kg_h"],
+            "FEED_LUB.MASSFLOW_SP": ["feeder_lub.mass_flow_sp_kg_h", "press.lubricant_sp_kg_h"],
             "BLEND.SPEED_SP": "blender.speed_sp_rpm",
             "PRESS.WEIGHT_SP": "press.weight_sp_mg",
         },

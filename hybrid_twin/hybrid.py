@@ -80,16 +80,26 @@ class ModelConfig:
         residual: network settings (ignored by `mechanistic`).
         closure: hybrid only: names "<unit>.<param>" the network corrects multiplicatively
             instead of adding to dx/dt; empty means the additive form.
+        readout: hybrid and black_box: measurement tags whose reading h(x) a second network of
+            the states corrects multiplicatively (TwinModel applies it); for what the readout
+            law misses and no change of the dynamics can explain without distorting another
+            state (the compression force's dependence on the blend composition).
     """
 
     kind: str = "hybrid"
     residual: ResidualConfig = field(default_factory=ResidualConfig)
     closure: tuple[str, ...] = ()
+    readout: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError("model: " + unknown_key_message("kind", self.kind, KINDS))
         object.__setattr__(self, "closure", tuple(self.closure))
+        object.__setattr__(self, "readout", tuple(self.readout))
+        if self.readout and self.kind == "mechanistic":
+            raise ConfigError(
+                "model.readout: the mechanistic kind has no network to correct a readout with"
+            )
         if self.closure and self.kind != "hybrid":
             raise ConfigError(
                 f"model.closure: only the hybrid kind has a closure form, got kind={self.kind!r}"
@@ -173,9 +183,21 @@ class HybridVectorField(nn.Module):
         self.net: ResidualNet | None = None
         if config.kind != "mechanistic":
             n_out = self.n_closure if self.n_closure else self.n_states
-            zero_init = config.residual.zero_init and config.kind == "hybrid"
+            # zero_init: a hybrid starts as its mechanistic model, a black box as dx/dt = 0
+            # (every state held: a persistence forecast, stable from the first step).
             self.net = ResidualNet(
-                self.n_states + self.n_inputs, n_out, config.residual.hidden, zero_init, generator
+                self.n_states + self.n_inputs,
+                n_out,
+                config.residual.hidden,
+                config.residual.zero_init,
+                generator,
+            )
+        self.n_readout = len(config.readout)
+        self.readout_log_bound = float(config.residual.readout_log_bound)
+        self.readout_net: ResidualNet | None = None
+        if self.n_readout > 0:  # zero-initialised: no correction until it learns one
+            self.readout_net = ResidualNet(
+                self.n_states, self.n_readout, config.residual.hidden, True, generator
             )
 
     def _update_scale(self) -> None:
@@ -201,6 +223,14 @@ class HybridVectorField(nn.Module):
         if self.net is None:
             return torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
         return self.net(torch.cat([self.state_normaliser(x), self.input_normaliser(u)], dim=1))
+
+    @torch.jit.export
+    def readout_correction(self, x: Tensor) -> Tensor:
+        """Network output in (-1, 1) per `config.readout` tag, (batch, n_readout); the reading
+        becomes h(x) * exp(readout_log_bound * output). (batch, 0) if there is none."""
+        if self.readout_net is None:
+            return torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
+        return self.readout_net(self.state_normaliser(x))
 
     @torch.jit.export
     def rhs(self, x: Tensor, u: Tensor, theta: Tensor) -> Tensor:

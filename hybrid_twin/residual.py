@@ -27,6 +27,7 @@ class ResidualConfig:
         time_scale_s: time scale of that bound, s.
         zero_init: zero the last layer so the untrained hybrid equals the mechanistic model.
         closure_log_bound: closure form: corrected parameter = theta * exp(c), |c| < this.
+        readout_log_bound: readout correction: corrected reading = h(x) * exp(c), |c| < this.
     """
 
     hidden: tuple[int, ...] = (64, 64)
@@ -34,6 +35,7 @@ class ResidualConfig:
     time_scale_s: float = 60.0
     zero_init: bool = True
     closure_log_bound: float = 0.5
+    readout_log_bound: float = 0.3
 
     def __post_init__(self) -> None:
         hidden = tuple(self.hidden)
@@ -44,7 +46,7 @@ class ResidualConfig:
                 f"model.residual.hidden: expected positive integers, got {list(hidden)}"
             )
         object.__setattr__(self, "hidden", hidden)
-        for name in ("bound", "time_scale_s", "closure_log_bound"):
+        for name in ("bound", "time_scale_s", "closure_log_bound", "readout_log_bound"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"model.residual.{name}: expected > 0, got {getattr(self, name)}")
 

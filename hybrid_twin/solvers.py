@@ -10,6 +10,12 @@ A vector field is a module with `theta()` -> (1, n_params) and `rhs(x, u, theta)
 (`Flowsheet`, `HybridVectorField`); theta is evaluated once per solve. Solver trouble is data:
 each trajectory gets an int status (`SolverStatus`), which eager callers turn into an error
 with `check_status`.
+
+Pinned states (optional, every solver): `pin_index` (k,) names states a measured signal fixes
+and `pin_values` (batch, time, k) gives their values at t_1..t_time; after integrating
+interval k the solver overwrites those states with pin_values[:, k]. Between grid points the
+vector field moves them as usual. The twin pins the hopper masses to their load cells this way,
+so a refill (which no input carries) reaches the model when it shows on the scale.
 """
 
 import enum
@@ -79,6 +85,13 @@ def _combine(ks: list[Tensor], coeffs: list[float]) -> Tensor:
     return total
 
 
+def _pin(x: Tensor, k: int, pin_index: Tensor | None, pin_values: Tensor | None) -> Tensor:
+    """x with the pinned states set to their values at the end of interval k."""
+    if pin_index is None or pin_values is None:
+        return x
+    return x.index_copy(1, pin_index, pin_values.select(1, k))
+
+
 def _finish(states: list[Tensor], status: Tensor, n_steps: Tensor) -> ZOHSolution:
     trajectory = torch.stack(states, dim=1)
     finite = torch.isfinite(trajectory).flatten(1).all(dim=1)
@@ -94,7 +107,14 @@ class AbstractZOHSolver(nn.Module):
         super().__init__()
         self.vector_field = vector_field
 
-    def forward(self, x0: Tensor, u: Tensor, dt_s: float) -> ZOHSolution:
+    def forward(
+        self,
+        x0: Tensor,
+        u: Tensor,
+        dt_s: float,
+        pin_index: Tensor | None = None,
+        pin_values: Tensor | None = None,
+    ) -> ZOHSolution:
         """Integrate from x0 (batch, n_states) under u (batch, time, n_inputs); see module doc."""
         raise NotImplementedError
 
@@ -111,14 +131,22 @@ class Euler(AbstractZOHSolver):
         super().__init__(vector_field)
         self.n_substeps = _positive_int(n_substeps, "n_substeps")
 
-    def forward(self, x0: Tensor, u: Tensor, dt_s: float) -> ZOHSolution:
+    def forward(
+        self,
+        x0: Tensor,
+        u: Tensor,
+        dt_s: float,
+        pin_index: Tensor | None = None,
+        pin_values: Tensor | None = None,
+    ) -> ZOHSolution:
         theta = self.vector_field.theta()
         h = dt_s / self.n_substeps
         x = x0
         states = [x0]
-        for uk in u.unbind(1):
+        for k, uk in enumerate(u.unbind(1)):
             for _ in range(self.n_substeps):
                 x = x.add(self.vector_field.rhs(x, uk, theta), alpha=h)
+            x = _pin(x, k, pin_index, pin_values)
             states.append(x)
         steps = torch.full(
             (x0.shape[0],), u.shape[1] * self.n_substeps, dtype=torch.long, device=x0.device
@@ -140,14 +168,22 @@ class RK4(AbstractZOHSolver):
         super().__init__(vector_field)
         self.n_substeps = _positive_int(n_substeps, "n_substeps")
 
-    def forward(self, x0: Tensor, u: Tensor, dt_s: float) -> ZOHSolution:
+    def forward(
+        self,
+        x0: Tensor,
+        u: Tensor,
+        dt_s: float,
+        pin_index: Tensor | None = None,
+        pin_values: Tensor | None = None,
+    ) -> ZOHSolution:
         theta = self.vector_field.theta()
         h = dt_s / self.n_substeps
         x = x0
         states = [x0]
-        for uk in u.unbind(1):
+        for k, uk in enumerate(u.unbind(1)):
             for _ in range(self.n_substeps):
                 x = self._step(x, uk, theta, h)
+            x = _pin(x, k, pin_index, pin_values)
             states.append(x)
         steps = torch.full(
             (x0.shape[0],), u.shape[1] * self.n_substeps, dtype=torch.long, device=x0.device
@@ -211,7 +247,14 @@ class Dopri5(AbstractZOHSolver):
         self.weights_5 = list(_B5)
         self.weights_error = list(_E)
 
-    def forward(self, x0: Tensor, u: Tensor, dt_s: float) -> ZOHSolution:
+    def forward(
+        self,
+        x0: Tensor,
+        u: Tensor,
+        dt_s: float,
+        pin_index: Tensor | None = None,
+        pin_values: Tensor | None = None,
+    ) -> ZOHSolution:
         theta = self.vector_field.theta()
         batch = x0.shape[0]
         first = dt_s if self.first_step_s <= 0 else min(self.first_step_s, dt_s)
@@ -220,7 +263,7 @@ class Dopri5(AbstractZOHSolver):
         n_steps = torch.zeros_like(status)
         x = x0
         states = [x0]
-        for uk in u.unbind(1):
+        for k, uk in enumerate(u.unbind(1)):
             if self.adaptive:
                 x, h, done, n = self._interval(x, uk, theta, dt_s, h)
                 status = torch.maximum(status, (~done).long())
@@ -232,6 +275,7 @@ class Dopri5(AbstractZOHSolver):
                 for _ in range(self.n_substeps):
                     x = self._step(x, self.vector_field.rhs(x, uk, theta), uk, theta, step)[0]
                 n_steps = n_steps + self.n_substeps
+            x = _pin(x, k, pin_index, pin_values)
             states.append(x)
         return _finish(states, status, n_steps)
 

@@ -33,6 +33,10 @@ def _stages() -> dict[str, Stage]:
                          data_stages.run_prepare),
         "train": Stage("train a twin (hybrid, mechanistic or black box), track it in MLflow",
                        _run_train),
+        "evaluate": Stage("forecast held-out runs with each trained kind; RMSE table",
+                          _run_evaluate),
+        "export": Stage("one TorchScript twin file (forecast, EKF, fault detector), verified",
+                        _run_export),
     }
 
 
@@ -42,6 +46,18 @@ def _run_train(cfg: DictConfig) -> float:
     from training.train import run_train
 
     return run_train(cfg)
+
+
+def _run_evaluate(cfg: DictConfig) -> object:
+    from training.evaluate import run_evaluate
+
+    return run_evaluate(cfg)
+
+
+def _run_export(cfg: DictConfig) -> object:
+    from training.export import run_export
+
+    return run_export(cfg)
 
 
 def _usage(stages: dict[str, Stage]) -> str:

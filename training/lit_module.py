@@ -85,9 +85,11 @@ class TwinLitModule(LightningModule):
         self.register_buffer("_val_count", torch.zeros(len(self.measurement_tags)))
 
     def phi_parameters(self) -> list[nn.Parameter]:
-        """The residual network's parameters (empty for the mechanistic kind)."""
-        net = self.model.field.net
-        return [] if net is None else list(net.parameters())
+        """The networks' parameters: residual and readout correction (none: mechanistic)."""
+        field = self.model.field
+        return [
+            p for net in (field.net, field.readout_net) if net is not None for p in net.parameters()
+        ]
 
     def theta_parameters(self) -> list[nn.Parameter]:
         """Unit parameters and observation calibration: everything that is not phi."""

@@ -5,35 +5,73 @@ model, solver, optimizer, trainer), trains, and records one MLflow run: the reso
 as params and `config.yaml`, the manifest hash and git commit as tags, train/val metrics per
 epoch, and the trained model registered as `cdc-line-twin` (training/twin_pyfunc.py). It
 returns the monitored validation metric, so `twin train -m ...` sweeps can compare runs.
+
+Every epoch writes `<output dir>/checkpoints/last.ckpt` holding the MLflow run id;
+`twin train resume_from=<that file> trainer.max_epochs=<more>` reopens the same run, trains on
+from the checkpoint and registers a new version (docs/training.md, "Resuming a run").
 """
 
+import pickle
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import numpy as np
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from mlflow.entities import LifecycleStage
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from omegaconf import DictConfig, OmegaConf
 
+from hybrid_twin import ConfigError
 from training.datamodule import CDCDataModule
 from training.lit_module import TwinLitModule
-from training.tracking import log_config, provenance_tags, tracking_uri
+from training.tracking import (
+    flatten_params,
+    git_commit,
+    log_config,
+    provenance_tags,
+    tracking_uri,
+)
 from training.twin_model import TwinModel, build_twin_model
+
+CHECKPOINT_DIR = "checkpoints"  # under the Hydra output dir; `last.ckpt` is rewritten every epoch
+RUN_ID_KEY = "mlflow_run_id"  # the MLflow run a checkpoint belongs to, inside the checkpoint
+# Config keys a resumed run may change: how it trains (epochs, devices, threads), not what.
+RESUMABLE_KEYS = ("trainer.*", "num_threads")
 
 
 class MlflowEpochMetrics(Callback):
     """Logs every epoch-level metric Lightning collected to the active MLflow run (rank 0),
-    with the epoch as the step."""
+    with the epoch as the step, and writes that run's id into every checkpoint."""
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
         if not trainer.is_global_zero or mlflow.active_run() is None:
             return
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         mlflow.log_metrics(metrics, step=trainer.current_epoch)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
+        run = mlflow.active_run()
+        if trainer.is_global_zero and run is not None:  # rank 0 writes the file
+            checkpoint[RUN_ID_KEY] = run.info.run_id
+
+
+class Resume(NamedTuple):
+    """A checkpoint to train on from: its path, MLflow run and the epochs it has done."""
+
+    path: Path
+    run_id: str
+    epochs_done: int
 
 
 def run_train(cfg: DictConfig) -> float:
@@ -46,7 +84,9 @@ def run_train(cfg: DictConfig) -> float:
         The final value of `cfg.monitor` (val/loss by default), for Hydra sweepers.
 
     Raises:
-        ConfigError: the dataset's tags and the flowsheet disagree, or a bad model setting.
+        ConfigError: the dataset's tags and the flowsheet disagree, or a bad model setting;
+            or `resume_from` cannot be resumed (see `read_checkpoint`, `_resume_tags`).
+        FileNotFoundError: `resume_from` names no file.
         KeyError: `cfg.monitor` was never logged (the message lists the metrics that were).
     """
     if cfg.seed is not None:  # seed 0 is a seed (STYLE.md)
@@ -54,24 +94,28 @@ def run_train(cfg: DictConfig) -> float:
     if cfg.num_threads is not None:
         torch.set_num_threads(int(cfg.num_threads))
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    resume = None
+    if cfg.resume_from is not None:
+        resume = read_checkpoint(Path(cfg.resume_from), cfg.trainer.max_epochs)
+    ckpt_path = None if resume is None else str(resume.path)
     datamodule, model, lit = build_training(cfg, config)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    callbacks: list[Callback] = [MlflowEpochMetrics()]
+    if cfg.trainer.enable_checkpointing:
+        callbacks.append(_last_checkpoint(output_dir))
     trainer = Trainer(
         **instantiate(cfg.trainer, _convert_="all"),
         logger=False,
-        callbacks=[MlflowEpochMetrics()],
+        callbacks=callbacks,
         default_root_dir=str(output_dir),
     )
     _point_ddp_workers_at_twin()
     if not trainer.is_global_zero:  # DDP worker: trains its shard, records nothing
-        trainer.fit(lit, datamodule=datamodule)
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         return float("nan")
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(cfg.tracking.experiment_name)
-    with mlflow.start_run(run_name=f"{cfg.model.kind}-{output_dir.name}") as run:
-        log_config(config)
-        mlflow.set_tags(provenance_tags(datamodule.manifest_sha256, cfg.model.kind))
-        trainer.fit(lit, datamodule=datamodule)
+    with _mlflow_run(cfg, config, datamodule, output_dir, resume) as run:
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         if cfg.monitor not in trainer.callback_metrics:
             raise KeyError(
                 f"monitor {cfg.monitor!r} was not logged; logged: "
@@ -79,11 +123,140 @@ def run_train(cfg: DictConfig) -> float:
             )
         metric = float(trainer.callback_metrics[cfg.monitor])
         version = _register(cfg, model, datamodule, output_dir)
+        if cfg.tracking.plot_split:
+            from training.run_plots import log_run_plots
+
+            log_run_plots(
+                model.to("cpu"),
+                datamodule.dataset,
+                str(cfg.tracking.plot_split),
+                int(cfg.datamodule.past_steps),
+                output_dir / "plots",
+            )
         print(
             f"train: run {run.info.run_id}, {cfg.monitor} = {metric:.4g}, registered "
             f"{cfg.tracking.registered_model_name} version {version}"
         )
     return metric
+
+
+def read_checkpoint(path: Path, max_epochs: int | None) -> Resume:
+    """The checkpoint `resume_from` names, checked before anything trains.
+
+    Args:
+        path: a `last.ckpt` that `twin train` wrote; max_epochs: `trainer.max_epochs`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: not a Lightning checkpoint, no MLflow run id in it (not written by
+            `twin train`), or `trainer.max_epochs` does not go past the epochs it has done.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"resume_from: no checkpoint file {str(path)!r}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ConfigError(
+            f"resume_from: {str(path)!r} is not a Lightning checkpoint ({type(error).__name__})"
+        ) from error
+    if not isinstance(checkpoint, dict) or not checkpoint.get(RUN_ID_KEY):
+        raise ConfigError(
+            f"resume_from: checkpoint {str(path)!r} holds no MLflow run id ({RUN_ID_KEY!r}); "
+            f"only checkpoints that `twin train` wrote can be resumed"
+        )
+    epochs_done = int(checkpoint.get("epoch", -1)) + 1  # saved at the end of epoch `epoch`
+    if max_epochs is not None and 0 <= int(max_epochs) <= epochs_done:
+        raise ConfigError(
+            f"resume_from: checkpoint {str(path)!r} has trained {epochs_done} epochs; set "
+            f"trainer.max_epochs above {epochs_done} (got {max_epochs}) to train on"
+        )
+    return Resume(path.resolve(), str(checkpoint[RUN_ID_KEY]), epochs_done)
+
+
+@contextmanager
+def _mlflow_run(
+    cfg: DictConfig,
+    config: dict,
+    datamodule: CDCDataModule,
+    output_dir: Path,
+    resume: Resume | None,
+) -> Iterator[mlflow.ActiveRun]:
+    """A new MLflow run with the config and provenance, or the resumed run, reopened."""
+    checkpoint = str(output_dir / CHECKPOINT_DIR / "last.ckpt")
+    if resume is None:
+        mlflow.set_experiment(cfg.tracking.experiment_name)
+        with mlflow.start_run(run_name=f"{cfg.model.kind}-{output_dir.name}") as run:
+            log_config(config)
+            mlflow.set_tags(provenance_tags(datamodule.manifest_sha256, cfg.model.kind))
+            if cfg.trainer.enable_checkpointing:
+                mlflow.set_tag("checkpoint", checkpoint)
+            yield run
+        return
+    tags = _resume_tags(resume, config, datamodule.manifest_sha256)
+    if cfg.trainer.enable_checkpointing:
+        tags["checkpoint"] = checkpoint  # the newest one to resume from
+    with mlflow.start_run(run_id=resume.run_id) as run:
+        mlflow.set_tags(tags)
+        n = tags["resume.count"]
+        mlflow.log_text(yaml.safe_dump(dict(config), sort_keys=False), f"resume/{n}/config.yaml")
+        yield run
+
+
+def _resume_tags(resume: Resume, config: dict, manifest_sha256: str) -> dict[str, str]:
+    """Tags recording resume number n of a run: `resume.<n>.checkpoint`, `.epoch`,
+    `.git.commit`, and `resume.<n>.<key>` = the new value of each changed resumable key.
+
+    The run's params stay those it started with (MLflow cannot change a param).
+
+    Raises:
+        ConfigError: the run is not in the tracking store (or deleted), the dataset changed,
+            or the config changes a key other than trainer.*, num_threads and resume_from.
+    """
+    try:
+        run = mlflow.MlflowClient().get_run(resume.run_id)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        raise ConfigError(
+            f"resume_from: checkpoint {str(resume.path)!r} belongs to MLflow run "
+            f"{resume.run_id!r}, which is not in the tracking store {tracking_uri()!r}"
+        ) from error
+    if run.info.lifecycle_stage == LifecycleStage.DELETED:
+        raise ConfigError(
+            f"resume_from: MLflow run {resume.run_id!r} of checkpoint {str(resume.path)!r} "
+            f"is deleted in {tracking_uri()!r}"
+        )
+    logged = run.data.tags.get("data.manifest_sha256")
+    if logged is not None and logged != manifest_sha256:
+        raise ConfigError(
+            f"resume_from: run {resume.run_id!r} trained on a dataset with manifest SHA-256 "
+            f"{logged}, datamodule.path now has {manifest_sha256}"
+        )
+    n = int(run.data.tags.get("resume.count", "0")) + 1
+    tags = {
+        "resume.count": str(n),
+        f"resume.{n}.checkpoint": str(resume.path),
+        f"resume.{n}.epoch": str(resume.epochs_done),
+        f"resume.{n}.git.commit": git_commit(),
+    }
+    params = run.data.params
+    changed = {
+        key: value
+        for key, value in flatten_params(config).items()
+        if key in params and params[key] != value and key != "resume_from"
+    }
+    refused = [f"{k}: {params[k]} -> {v}" for k, v in changed.items() if not _may_change(k)]
+    if refused:
+        raise ConfigError(
+            f"resume_from: run {resume.run_id!r} was trained with other settings; a resumed "
+            f"run may change only {', '.join(RESUMABLE_KEYS)}. Changed: {'; '.join(refused)}"
+        )
+    tags.update({f"resume.{n}.{key}": value for key, value in changed.items()})
+    return tags
+
+
+def _may_change(key: str) -> bool:
+    return key.startswith("trainer.") or key in RESUMABLE_KEYS
 
 
 def build_training(cfg: DictConfig, config: dict) -> tuple[CDCDataModule, TwinModel, TwinLitModule]:
@@ -146,6 +319,16 @@ def example_input(datamodule: CDCDataModule, n_windows: int) -> dict[str, np.nda
         name: t.to(torch.float32).numpy()
         for name, t in (("past_u", past_u), ("past_y", past_y), ("u", u))
     }
+
+
+def _last_checkpoint(output_dir: Path) -> ModelCheckpoint:
+    """Writes `<output_dir>/checkpoints/last.ckpt` at the end of every epoch (rank 0)."""
+    return ModelCheckpoint(
+        dirpath=output_dir / CHECKPOINT_DIR,
+        filename="last",
+        save_top_k=1,  # no monitor: keeps only the newest, here always the same file
+        enable_version_counter=False,
+    )
 
 
 def _point_ddp_workers_at_twin() -> None:

@@ -18,6 +18,7 @@ from hybrid_twin import (
     ConfigError,
     HybridVectorField,
     ObservationModel,
+    ZOHSolution,
     build_flowsheet,
     build_solver,
 )
@@ -41,6 +42,8 @@ class TwinModel(nn.Module):
         state_floor: (n_states,) smallest state value the readout h(x) sees (-inf: none).
         burn_in: integrate through the past window from its first row's steady state (True)
             or take the steady state at its last row (False).
+        readout_columns: (k,) y columns whose reading the field's readout network corrects,
+            in the order of its `readout` tags; None: none.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class TwinModel(nn.Module):
         dt_s: float,
         state_floor: Tensor,
         burn_in: bool = True,
+        readout_columns: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.field = field
@@ -71,6 +75,8 @@ class TwinModel(nn.Module):
         self.register_buffer("state_floor", state_floor.to(dtype))
         self.register_buffer("reset_from_u", reset_from_u.to(torch.long).reshape(-1, 2))
         self.register_buffer("reset_from_y", reset_from_y.to(torch.long).reshape(-1, 2))
+        columns = torch.zeros(0) if readout_columns is None else readout_columns
+        self.register_buffer("readout_columns", columns.to(torch.long))
         self.dt_s = float(dt_s)
         self.burn_in = bool(burn_in)
 
@@ -94,7 +100,10 @@ class TwinModel(nn.Module):
         theta = self.field.theta()
         if self.burn_in:
             x = self.field.flowsheet.steady_state(inputs[:, 0], theta)
-            x = self.solver(x, inputs, self.dt_s).states[:, -1]
+            # Interval k ends at past row k + 1; the last ends at t_0, whose row the past
+            # window lacks: its pinned states are held at the last past value.
+            ends = torch.cat([past_u.narrow(1, 1, past_u.shape[1] - 1), past_u[:, -1:]], dim=1)
+            x = self._solve(x, inputs, ends).states[:, -1]
         else:
             x = self.field.flowsheet.steady_state(inputs[:, -1], theta)
         if self.reset_from_u.shape[0] > 0:
@@ -117,6 +126,20 @@ class TwinModel(nn.Module):
         current = x.index_select(1, self.reset_from_y[:, 0])
         return x.index_copy(1, self.reset_from_y[:, 0], torch.where(seen, last, current))
 
+    def _solve(self, x0: Tensor, inputs: Tensor, u_at_ends: Tensor) -> ZOHSolution:
+        """Integrate over `inputs` (batch, K, n_inputs) with the states a held tag measures
+        directly (reset_from_u: the hopper masses) pinned to that tag at each interval's end.
+
+        Args:
+            u_at_ends: (batch, K, n_u) normalised u at the end of each interval.
+        """
+        if self.reset_from_u.shape[0] == 0:
+            return self.solver(x0, inputs, self.dt_s)
+        columns = self.reset_from_u[:, 1]
+        measured = u_at_ends.index_select(2, columns) * self.u_std.index_select(0, columns)
+        measured = measured + self.u_mean.index_select(0, columns)
+        return self.solver(x0, inputs, self.dt_s, self.reset_from_u[:, 0], measured)
+
     @torch.jit.export
     def simulate(
         self, past_u: Tensor, past_y: Tensor, past_mask: Tensor, u: Tensor
@@ -135,12 +158,26 @@ class TwinModel(nn.Module):
         x0 = self.initial_state(past_u, past_y, past_mask)
         inputs = self.model_inputs(u)
         # y[:, k] is measured at t_k, so the last input interval is not needed.
-        solution = self.solver(x0, inputs.narrow(1, 0, inputs.shape[1] - 1), self.dt_s)
+        intervals = inputs.narrow(1, 0, inputs.shape[1] - 1)
+        solution = self._solve(x0, intervals, u.narrow(1, 1, u.shape[1] - 1))
         states = solution.states
         # h(x) is defined on physical states only (a negative tablet weight makes the force
         # law's power NaN); a learned field can leave that domain, so the readout is projected.
-        y = self.observation(torch.maximum(states, self.state_floor))
+        y = self.read_out(torch.maximum(states, self.state_floor))
         return (y - self.y_mean) / self.y_std, states, inputs, solution.status
+
+    def read_out(self, states: Tensor) -> Tensor:
+        """y = h(x) (batch, T, n_y) in tag units, with the learned readout correction, if any,
+        on the tags of `readout_columns`."""
+        y = self.observation(states)
+        if self.readout_columns.shape[0] == 0:
+            return y
+        g = self.field.readout_correction(states.reshape(-1, states.shape[-1]))
+        factor = torch.exp(g * self.field.readout_log_bound).reshape(
+            states.shape[0], states.shape[1], -1
+        )
+        corrected = y.index_select(2, self.readout_columns) * factor
+        return y.index_copy(2, self.readout_columns, corrected)
 
     def forward(self, past_u: Tensor, past_y: Tensor, past_mask: Tensor, u: Tensor) -> Tensor:
         """Normalised predictions y_hat, (batch, T, n_y); arguments as in `simulate`."""
@@ -167,24 +204,29 @@ class TwinModel(nn.Module):
 
     @torch.jit.export
     def residual_size(self, states: Tensor, inputs: Tensor) -> Tensor:
-        """mean |g_nn(x, u)|^2 of the normalised network output along the trajectory; 0 if none.
+        """mean |g_nn(x, u)|^2 of the normalised network output along the trajectory, plus the
+        same of the readout correction's network where there is one; 0 if none.
 
         Args:
             states: (batch, T, n_states); inputs: (batch, T, n_inputs), physical units.
         """
         flat_x = states.reshape(-1, states.shape[-1])
         g = self.field.residual(flat_x, inputs.reshape(-1, inputs.shape[-1]))
-        if g.numel() == 0:
-            return torch.zeros((), dtype=states.dtype, device=states.device)
-        return g.pow(2).mean()
+        size = torch.zeros((), dtype=states.dtype, device=states.device)
+        if g.numel() > 0:
+            size = size + g.pow(2).mean()
+        if self.readout_columns.shape[0] > 0:
+            size = size + self.field.readout_correction(flat_x).pow(2).mean()
+        return size
 
 
-def _columns(tags: Sequence[str], wanted: Sequence[str], what: str, where: str) -> list[int]:
+def _columns(
+    tags: Sequence[str], wanted: Sequence[str], what: str, where: str, hint: str
+) -> list[int]:
     missing = [tag for tag in wanted if tag not in tags]
     if missing:
         raise ConfigError(
-            f"{what}: flowsheet tag {missing[0]!r} is not among the dataset's {where} "
-            f"{list(tags)}; the dataset and configs/flowsheet disagree"
+            f"{what}: tag {missing[0]!r} is not among the dataset's {where} {list(tags)}; {hint}"
         )
     return [list(tags).index(tag) for tag in wanted]
 
@@ -259,7 +301,13 @@ def build_twin_model(
                     f"dataset tag {tag!r}: the flowsheet maps no {where} tag of that name; "
                     f"known: {', '.join(sorted(known))}"
                 )
-    input_columns = _columns(input_tags, flowsheet.input_tags, "flowsheet.inputs", "u columns")
+    input_columns = _columns(
+        input_tags,
+        flowsheet.input_tags,
+        "flowsheet.inputs",
+        "u columns",
+        "the dataset and configs/flowsheet disagree",
+    )
     field = HybridVectorField(flowsheet, model_config, generator)
     observation = ObservationModel(flowsheet, tags=list(measurement_tags))
     solver = build_solver(field, dict(solver_config))
@@ -280,4 +328,14 @@ def build_twin_model(
         dt_s,
         _state_floor(flowsheet.state_specs),
         burn_in=initial_state == "burn_in",
+        readout_columns=torch.tensor(
+            _columns(
+                measurement_tags,
+                field.config.readout,
+                "model.readout",
+                "measurements",
+                "configs/model names a tag this dataset does not measure",
+            ),
+            dtype=torch.long,
+        ),
     )

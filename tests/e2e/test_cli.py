@@ -15,7 +15,13 @@ def test_help_lists_every_stage_with_one_line_each():
     result = run_twin("--help")
     assert result.returncode == 0, result.stderr
     stage_lines = [line.split() for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert [words[0] for words in stage_lines] == ["generate", "prepare", "train"]
+    assert [words[0] for words in stage_lines] == [
+        "generate",
+        "prepare",
+        "train",
+        "evaluate",
+        "export",
+    ]
     assert all(len(words) > 3 for words in stage_lines)
 
 

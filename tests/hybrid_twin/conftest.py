@@ -69,6 +69,20 @@ def cdc_flowsheet(float64):
 
 
 @pytest.fixture
+def cdc_fixed_label_claim_spec():
+    """The built-in line with the press's `label_claim: fixed` (API %LC against 40 mg)."""
+    spec = cdc_line_flowsheet_spec()
+    press = spec["units"]["press"]
+    for key in ("label_claim", "nominal_feed_sp_kg_h", "feed_sp_range_kg_h"):
+        press.pop(key)
+    spec["inputs"] = {
+        tag: target[0] if isinstance(target, list) else target
+        for tag, target in spec["inputs"].items()
+    }
+    return spec
+
+
+@pytest.fixture
 def make_inputs():
     """u (batch, steps, n_inputs): nominal inputs times (1 + rel * N(0, 1)), new draw every step."""
 

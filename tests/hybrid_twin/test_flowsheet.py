@@ -54,14 +54,21 @@ def test_the_cdc_line_has_the_documented_states_inputs_and_outputs(cdc_flowsheet
         "press.frame1.excipient_kg",
         "press.frame1.lubricant_kg",
         "press.tablet_weight_mg",
+        "press.recipe_dose_mg",
     ]
-    assert cdc_flowsheet.input_tags == [
-        "FEED_API.MASSFLOW_SP",
-        "FEED_EXC.MASSFLOW_SP",
-        "FEED_LUB.MASSFLOW_SP",
-        "BLEND.SPEED_SP",
-        "PRESS.WEIGHT_SP",
+    feeder_sp = ["FEED_API.MASSFLOW_SP", "FEED_EXC.MASSFLOW_SP", "FEED_LUB.MASSFLOW_SP"]
+    assert cdc_flowsheet.input_names[3:] == [
+        "blender.speed_sp_rpm",
+        "press.weight_sp_mg",
+        "press.api_sp_kg_h",
+        "press.excipient_sp_kg_h",
+        "press.lubricant_sp_kg_h",
     ]
+    # Each feeder setpoint tag feeds its feeder and the press's recipe (one column, two inputs).
+    assert cdc_flowsheet.input_tags == [*feeder_sp, "BLEND.SPEED_SP", "PRESS.WEIGHT_SP", *feeder_sp]
+    assert (cdc_flowsheet.n_states, cdc_flowsheet.n_inputs, cdc_flowsheet.n_outputs) == (27, 8, 16)
+    assert cdc_flowsheet.n_params == 22
+    assert sum(spec.learnable for spec in cdc_flowsheet.param_specs) == 14
     plant = yaml.safe_load((ROOT / "configs/plant/cdc_line.yaml").read_text())["tags"]
     spec = cdc_line_flowsheet_spec()
     assert {t for t, v in plant.items() if v["role"] == "input"} == set(spec["inputs"])
@@ -79,6 +86,97 @@ def test_steady_state_is_stationary_except_for_the_draining_hoppers(cdc_flowshee
     expected = torch.zeros_like(dx)
     expected[hoppers] = -u[0, :3] / 3600.0  # each hopper loses its feed rate
     torch.testing.assert_close(dx, expected, rtol=0.0, atol=tol("algebra"))
+
+
+def test_the_line_at_steady_state_reads_100_pct_of_any_recipe_dose(cdc_flowsheet, rng):
+    """Held setpoints: the frame blend has the recipe's API fraction and W = W_sp, so 100 %LC.
+
+    Feed factors are 1 and the nominal hoppers far from starving (tanh = 1 in float64), so the
+    feeders deliver exactly their setpoints.
+    """
+    line, batch = cdc_flowsheet, 8
+    columns = {  # one data column per tag, picked for each unit input as training does
+        "FEED_API.MASSFLOW_SP": 0.1 + 9.0 * torch.rand(batch, generator=rng),
+        "FEED_EXC.MASSFLOW_SP": 10.0 + 50.0 * torch.rand(batch, generator=rng),
+        "FEED_LUB.MASSFLOW_SP": torch.rand(batch, generator=rng),
+        "BLEND.SPEED_SP": torch.full((batch,), 400.0),
+        "PRESS.WEIGHT_SP": 200.0 + 600.0 * torch.rand(batch, generator=rng),
+    }
+    u = torch.stack([columns[tag] for tag in line.input_tags], dim=1)
+    theta = line.theta().detach()
+    y = line.outputs(line.steady_state(u, theta), theta)
+    api_lc = y[:, line.output_names.index("press.tablet_api_pct_lc")]
+    torch.testing.assert_close(
+        api_lc, torch.full_like(api_lc, 100.0), rtol=tol("algebra"), atol=0.0
+    )
+
+
+def test_a_fixed_label_claim_line_reads_against_40_mg(float64, cdc_fixed_label_claim_spec):
+    """The pre-recipe line: 26 states, 5 inputs, and a 5.5 % API recipe reads 55 %LC."""
+    line = build_flowsheet(cdc_fixed_label_claim_spec)
+    assert (line.n_states, line.n_inputs, line.n_params) == (26, 5, 21)
+    assert line.input_tags == list(cdc_fixed_label_claim_spec["inputs"])
+    u = torch.tensor([[1.65, 28.05, 0.3, 400.0, 400.0]])  # 5.5 % API, 400 mg
+    theta = line.theta().detach()
+    y = line.outputs(line.steady_state(u, theta), theta)
+    api_lc = y[0, line.output_names.index("press.tablet_api_pct_lc")]
+    torch.testing.assert_close(api_lc, torch.tensor(55.0), rtol=tol("algebra"), atol=0.0)
+
+
+@pytest.mark.parametrize("label_claim", ["fixed", "recipe"])
+def test_scripted_line_equals_eager_in_both_label_claim_modes(
+    float64, cdc_fixed_label_claim_spec, make_inputs, rng, label_claim
+):
+    spec = cdc_fixed_label_claim_spec if label_claim == "fixed" else cdc_line_flowsheet_spec()
+    line = build_flowsheet(spec)
+    scripted = torch.jit.script(line)
+    u = make_inputs(line, 3, 1, rng)[:, 0]
+    theta = line.theta().detach()
+    x = line.steady_state(u, theta).detach() * (
+        0.8 + 0.4 * torch.rand(3, line.n_states, generator=rng)
+    )
+    with torch.no_grad():
+        for got, want in (
+            (scripted.rhs(x, u, theta), line.rhs(x, u, theta)),
+            (scripted.outputs(x, theta), line.outputs(x, theta)),
+            (scripted.steady_state(u, theta), line.steady_state(u, theta)),
+        ):
+            torch.testing.assert_close(got, want, rtol=0.0, atol=tol("scripted_vs_eager"))
+
+
+def test_one_tag_may_feed_several_unit_inputs(float64):
+    spec = {
+        "components": ["api", "excipient"],
+        "units": {
+            "feeder": {"type": "liw_feeder", "component": "api", "nominal_flow_kg_h": 2.0},
+            "press": {
+                "type": "tablet_press",
+                "label_claim": "recipe",
+                "nominal_feed_sp_kg_h": {"api": 2.0, "excipient": 18.0},
+            },
+        },
+        "streams": [["feeder", "press"]],
+        "inputs": {
+            "API_SP": ["feeder.mass_flow_sp_kg_h", "press.api_sp_kg_h"],
+            "EXC_SP": ["press.excipient_sp_kg_h"],
+            "WEIGHT_SP": "press.weight_sp_mg",
+        },
+    }
+    line = build_flowsheet(spec)
+    assert line.input_names == [
+        "feeder.mass_flow_sp_kg_h",
+        "press.weight_sp_mg",
+        "press.api_sp_kg_h",
+        "press.excipient_sp_kg_h",
+    ]
+    assert line.input_tags == ["API_SP", "WEIGHT_SP", "API_SP", "EXC_SP"]
+    # What training does: one data column per tag, picked for each unit input by its tag.
+    columns = ["WEIGHT_SP", "EXC_SP", "API_SP"]
+    data = torch.tensor([[400.0, 18.0, 2.0]])
+    u = data[:, [columns.index(tag) for tag in line.input_tags]]
+    assert u.tolist() == [[2.0, 400.0, 2.0, 18.0]]
+    x = line.steady_state(u, line.theta().detach())
+    assert float(x[0, line.state_names.index("press.recipe_dose_mg")]) == pytest.approx(40.0)
 
 
 @PROPERTY_SETTINGS
@@ -170,6 +268,44 @@ def _broken(edit) -> dict:
             r"feeder_api \(LossInWeightFeeder\) takes no inflow",
         ),
         (lambda s: s["inputs"].pop("BLEND.SPEED_SP"), r"unmapped: \['blender.speed_sp_rpm'\]"),
+        (
+            lambda s: s["inputs"].update({"FEED_LUB.MASSFLOW_SP": "feeder_lub.mass_flow_sp_kg_h"}),
+            r"every unit input needs exactly one tag; unmapped: \['press.lubricant_sp_kg_h'\]",
+        ),
+        (
+            lambda s: s["inputs"].update({"PRESS.API_SP": "press.api_sp_kg_h"}),
+            r"flowsheet.inputs: unit input 'press.api_sp_kg_h' is mapped more than once "
+            r"\(by \['FEED_API.MASSFLOW_SP', 'PRESS.API_SP'\]\); every unit input needs "
+            "exactly one tag",
+        ),
+        (
+            lambda s: s["inputs"].update(
+                {"BLEND.SPEED_SP": ["blender.speed_sp_rpm", "blender.speed_sp_rpm"]}
+            ),
+            r"unit input 'blender.speed_sp_rpm' is mapped more than once "
+            r"\(by \['BLEND.SPEED_SP', 'BLEND.SPEED_SP'\]\)",
+        ),
+        (
+            lambda s: s["inputs"]["FEED_API.MASSFLOW_SP"].append("press.api_sp"),
+            "flowsheet.inputs.FEED_API.MASSFLOW_SP: unknown quantity 'press.api_sp'; valid: ",
+        ),
+        (
+            lambda s: s["inputs"].update({"BLEND.SPEED_SP": []}),
+            r"flowsheet.inputs.BLEND.SPEED_SP: expected 'unit.input' or a non-empty list of "
+            r"them, got \[\]",
+        ),
+        (
+            lambda s: s["units"]["press"]["nominal_feed_sp_kg_h"].update(api=2.0),
+            r"flowsheet.inputs.FEED_API.MASSFLOW_SP: one tag is one signal, but it feeds "
+            r"feeder_api.mass_flow_sp_kg_h \(nominal 3.0 kg/h\) and press.api_sp_kg_h "
+            r"\(nominal 2.0 kg/h\)",
+        ),
+        (
+            lambda s: s["inputs"].update(
+                {"PRESS.WEIGHT_SP": ["press.weight_sp_mg", "press.lubricant_sp_kg_h"]}
+            ),
+            r"unit input 'press.lubricant_sp_kg_h' is mapped more than once",
+        ),
         (
             lambda s: s["measurements"].update({"NIR.API_CONC": "blender.api_pct"}),
             "flowsheet.measurements.NIR.API_CONC: unknown quantity 'blender.api_pct'",

@@ -84,7 +84,7 @@ def test_model_config_errors_name_the_bad_key(cdc_flowsheet):
     ):
         ModelConfig.from_mapping({"kind": "grey_box"})
     with pytest.raises(
-        ConfigError, match="model: unknown key 'hiden'; valid: closure, kind, residual"
+        ConfigError, match="model: unknown key 'hiden'; valid: closure, kind, readout, residual"
     ):
         ModelConfig.from_mapping({"hiden": [64]})
     with pytest.raises(ConfigError, match="model.residual: unknown key 'width'"):
@@ -95,6 +95,26 @@ def test_model_config_errors_name_the_bad_key(cdc_flowsheet):
         ConfigError, match="unknown parameter 'blender.holdup'; valid: blender.drive_tau_s"
     ):
         HybridVectorField(cdc_flowsheet, {"closure": ["blender.holdup"]})
+    with pytest.raises(ConfigError, match="mechanistic kind has no network to correct a readout"):
+        ModelConfig.from_mapping({"kind": "mechanistic", "readout": ["PRESS.COMP_FORCE"]})
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "black_box"])
+def test_readout_correction_starts_at_zero_and_stays_inside_its_bound(cdc_flowsheet, rng, kind):
+    config = {"kind": kind, "readout": ["PRESS.COMP_FORCE", "NIR.API_CONC"],
+              "residual": {"hidden": [8], "readout_log_bound": 0.2}}
+    field = HybridVectorField(cdc_flowsheet, config, generator=rng)
+    x = cdc_flowsheet.steady_state(cdc_flowsheet.nominal_inputs(), cdc_flowsheet.theta())
+    x = x * (1.0 + 0.3 * torch.randn(64, x.shape[1], generator=rng))
+    assert torch.equal(field.readout_correction(x), torch.zeros(64, 2))  # zero-initialised
+    with torch.no_grad():
+        for parameter in field.readout_net.parameters():
+            parameter.uniform_(-3.0, 3.0, generator=rng)
+    g = field.readout_correction(x)
+    assert g.shape == (64, 2) and bool((g.abs() < 1.0).all()) and bool((g.abs() > 0).any())
+    assert field.readout_log_bound == 0.2
+    mechanistic = HybridVectorField(cdc_flowsheet, {"kind": "mechanistic"})
+    assert mechanistic.readout_correction(x).shape == (64, 0)
 
 
 def test_observation_model_reads_the_tags_at_the_nominal_point(cdc_flowsheet):

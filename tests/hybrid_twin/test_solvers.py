@@ -211,3 +211,22 @@ def test_shape_errors_say_what_was_expected_and_what_arrived(linear_problem):
         integrate_zoh(field, torch.zeros(2, 4), torch.zeros(2, 5, 3), 1.0)
     with pytest.raises(ConfigError, match="dt_s: expected > 0 s, got 0.0"):
         integrate_zoh(field, torch.zeros(2, 4), torch.zeros(2, 5, 2), 0.0)
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
+def test_pinned_states_take_their_values_and_unpinned_ones_see_them(linear_case, method, float64):
+    field, x0, u, dt_s, _ = linear_case
+    solver = build_solver(field, {"name": method, "n_substeps": 4})
+    with torch.no_grad():
+        free = solver(x0, u, dt_s).states
+        # Pinned to the free trajectory's own values, nothing changes (up to rounding).
+        index = torch.tensor([1, 3])
+        same = solver(x0, u, dt_s, index, free[:, 1:].index_select(2, index)).states
+        assert torch.allclose(same, free, rtol=0, atol=1e-12)
+        # Pinned elsewhere: those states read the values at every grid point after x0 ...
+        values = torch.arange(8, dtype=x0.dtype).reshape(1, 4, 2)
+        pinned = solver(x0, u, dt_s, index, values).states
+    assert torch.equal(pinned[:, 1:].index_select(2, index), values)
+    assert torch.equal(pinned[:, 0], x0)
+    # ... and the coupled states follow them (field.a couples every state to every other).
+    assert not torch.allclose(pinned[:, 2:, 0], free[:, 2:, 0])

@@ -17,21 +17,32 @@ PROPERTY_SETTINGS = settings(
 )
 
 COMPONENTS = ["api", "excipient", "lubricant"]
-UNIT_OPTIONS = {
-    "liw_feeder": {
-        "component": "excipient",
-        "nominal_flow_kg_h": 10.0,
-        "flow_range_kg_h": [0.0, 50.0],
-    },
-    "tanks_in_series_blender": {},
-    "tablet_press": {},
+RECIPE_OPTIONS = {
+    "label_claim": "recipe",
+    "nominal_feed_sp_kg_h": {"api": 3.0, "excipient": 26.7, "lubricant": 0.3},
+    "feed_sp_range_kg_h": [0.0, 80.0],
+}
+# Case id -> (UNITS key, options): every registered unit, plus the press's recipe mode.
+UNIT_CASES = {
+    "liw_feeder": (
+        "liw_feeder",
+        {"component": "excipient", "nominal_flow_kg_h": 10.0, "flow_range_kg_h": [0.0, 50.0]},
+    ),
+    "tanks_in_series_blender": ("tanks_in_series_blender", {}),
+    "tablet_press": ("tablet_press", {}),
+    "tablet_press[recipe]": ("tablet_press", RECIPE_OPTIONS),
 }
 
 
+def test_every_unit_has_a_property_test_case():
+    assert {kind for kind, _ in UNIT_CASES.values()} == set(UNITS)
+
+
 @st.composite
-def unit_cases(draw, kind: str):
+def unit_cases(draw, case: str):
     """A unit with parameters drawn inside their ParamSpec bounds, and a state, input and inflow."""
-    options = dict(UNIT_OPTIONS[kind])
+    kind, options = UNIT_CASES[case]
+    options = dict(options)
     if kind == "tanks_in_series_blender":
         options["n_tanks"] = draw(st.integers(1, 6))
     if kind == "tablet_press":
@@ -55,10 +66,10 @@ def unit_cases(draw, kind: str):
     return unit, x.unsqueeze(0), zero, u.unsqueeze(0), inflow.unsqueeze(0)
 
 
-@pytest.mark.parametrize("kind", sorted(UNITS))
-def test_each_unit_conserves_mass_of_every_component(float64, kind):
+@pytest.mark.parametrize("case_id", sorted(UNIT_CASES))
+def test_each_unit_conserves_mass_of_every_component(float64, case_id):
     @PROPERTY_SETTINGS
-    @given(case=unit_cases(kind))
+    @given(case=unit_cases(case_id))
     def check(case):
         unit, x, _, u, inflow = case
         dx, outflow = unit.derivative(x, u, inflow, unit.theta())
@@ -73,12 +84,12 @@ def test_each_unit_conserves_mass_of_every_component(float64, kind):
         check()
 
 
-@pytest.mark.parametrize("kind", sorted(UNITS))
-def test_no_nonnegative_state_can_leave_zero_downwards(float64, kind):
+@pytest.mark.parametrize("case_id", sorted(UNIT_CASES))
+def test_no_nonnegative_state_can_leave_zero_downwards(float64, case_id):
     """On the boundary x_i = 0 the flow points inward (dx_i/dt >= 0): exact solutions stay >= 0."""
 
     @PROPERTY_SETTINGS
-    @given(case=unit_cases(kind))
+    @given(case=unit_cases(case_id))
     def check(case):
         unit, x, zero, u, inflow = case
         x = torch.where(zero, torch.zeros_like(x), x)
@@ -235,3 +246,146 @@ def test_blender_rate_law_stays_finite_in_float32_when_flow_or_speed_vanish():
     rate.sum().backward()
     for tensor in (rate, flows.grad, speeds.grad):
         assert bool(torch.isfinite(tensor).all()), tensor
+
+
+def _press(**options):
+    return UNITS["tablet_press"]("press", COMPONENTS, **options)
+
+
+def test_fixed_label_claim_keeps_the_press_as_it_was(float64, rng):
+    press = _press(params={"label_claim_mg": 25.0})
+    assert [s.name for s in press.state_specs] == [
+        "frame1.api_kg",
+        "frame1.excipient_kg",
+        "frame1.lubricant_kg",
+        "tablet_weight_mg",
+    ]
+    assert [s.name for s in press.input_specs] == ["weight_sp_mg"]
+    assert press.params.names == [
+        "frame_residence_s",
+        "weight_tau_s",
+        "label_claim_mg",
+        "force_ref_kN",
+        "weight_ref_mg",
+        "force_weight_exp",
+    ]
+    frame_kg = 0.05 + torch.rand(4, 3, generator=rng)
+    weight = 300.0 + 200.0 * torch.rand(4, 1, generator=rng)
+    api_lc = press.outputs(torch.cat([frame_kg, weight], dim=1), press.theta())[:, 1:2]
+    expected = 100.0 * weight * frame_kg[:, :1] / frame_kg.sum(dim=1, keepdim=True) / 25.0
+    torch.testing.assert_close(api_lc, expected, rtol=tol("algebra"), atol=0.0)
+
+
+def test_recipe_label_claim_adds_the_dose_state_and_the_feeder_setpoint_inputs(float64):
+    press = _press(**RECIPE_OPTIONS)
+    assert [s.name for s in press.state_specs][-2:] == ["tablet_weight_mg", "recipe_dose_mg"]
+    dose = press.state_specs[-1]
+    assert (dose.unit, dose.scale, dose.nonnegative) == ("mg", 40.0, True)
+    assert [(s.name, s.unit, s.nominal) for s in press.input_specs] == [
+        ("weight_sp_mg", "mg", 400.0),
+        ("api_sp_kg_h", "kg/h", 3.0),
+        ("excipient_sp_kg_h", "kg/h", 26.7),
+        ("lubricant_sp_kg_h", "kg/h", 0.3),
+    ]
+    tau = press.params.specs[-1]
+    assert (tau.name, tau.default, tau.learnable) == ("recipe_tau_s", 5.0, False)
+
+
+def test_recipe_steady_state_reads_exactly_100_pct_of_the_recipe_dose(float64, rng):
+    """Frame blend at the recipe's API fraction and W = W_sp: the assay is 100 %LC, any recipe."""
+    press = _press(n_frame_tanks=2, **RECIPE_OPTIONS)
+    batch = 16
+    setpoints_kg_h = 0.1 + 20.0 * torch.rand(batch, 3, generator=rng)
+    weight_sp = 100.0 + 800.0 * torch.rand(batch, 1, generator=rng)
+    u = torch.cat([weight_sp, setpoints_kg_h], dim=1)
+    throughput = 0.2 + 3.0 * torch.rand(batch, 1, generator=rng)  # any rate, recipe composition
+    x, _ = press.steady_state(u, setpoints_kg_h * throughput, press.theta())
+    dose = weight_sp * setpoints_kg_h[:, :1] / setpoints_kg_h.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(x[:, -1:], dose, rtol=tol("algebra"), atol=0.0)
+    api_lc = press.outputs(x, press.theta())[:, 1]
+    torch.testing.assert_close(
+        api_lc, torch.full_like(api_lc, 100.0), rtol=tol("algebra"), atol=0.0
+    )
+    dx, _ = press.derivative(x, u, setpoints_kg_h * throughput, press.theta())
+    torch.testing.assert_close(dx, torch.zeros_like(dx), rtol=0.0, atol=tol("algebra"))
+
+
+@pytest.fixture
+def press_line(float64):
+    """The recipe-mode press alone (no inflow), recipe_tau_s = 8 s: the dose state's own law."""
+    spec = {
+        "components": COMPONENTS,
+        "units": {
+            "press": {"type": "tablet_press", **RECIPE_OPTIONS, "params": {"recipe_tau_s": 8.0}}
+        },
+        "streams": [],
+        "inputs": {
+            "PRESS.WEIGHT_SP": "press.weight_sp_mg",
+            "FEED_API.MASSFLOW_SP": ["press.api_sp_kg_h"],
+            "FEED_EXC.MASSFLOW_SP": "press.excipient_sp_kg_h",
+            "FEED_LUB.MASSFLOW_SP": ["press.lubricant_sp_kg_h"],
+        },
+    }
+    return build_flowsheet(spec)
+
+
+def test_recipe_dose_follows_a_recipe_step_as_a_first_order_lag(press_line):
+    line, dt_s, tau_s = press_line, 2.0, 8.0
+    recipe_a = torch.tensor([[400.0, 3.0, 26.7, 0.3]])  # 10 % API: 40 mg
+    recipe_b = torch.tensor([[350.0, 1.5, 28.2, 0.3]])  # 5 % API: 17.5 mg
+    u = torch.cat([recipe_a.expand(5, -1), recipe_b.expand(10, -1)]).unsqueeze(0)
+    x0 = line.steady_state(recipe_a, line.theta()).detach()
+    with torch.no_grad():
+        states = integrate_zoh(line, x0, u, dt_s, method="rk4", n_substeps=16).states[0]
+    dose = states[:, line.state_names.index("press.recipe_dose_mg")]
+    t = (torch.arange(16) - 5).clamp_min(0) * dt_s  # time since the step at t = 10 s
+    expected = 17.5 + (40.0 - 17.5) * torch.exp(-t / tau_s)
+    # RK4, h / tau = 1/64: (h / tau)^5 / 120 ~ 8e-12 relative per step, ~3e-9 mg after 160
+    # steps; 1e-8 mg leaves room.
+    torch.testing.assert_close(dose, expected, rtol=0.0, atol=1e-8)
+    weight = states[:, line.state_names.index("press.tablet_weight_mg")]
+    theta = [c.detach() for c in line.units[0].theta()]
+    torch.testing.assert_close(
+        weight, 350.0 + 50.0 * torch.exp(-t / float(theta[1])), rtol=0.0, atol=1e-8
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"label_claim": "batch"}, "press.label_claim: unknown mode 'batch'; valid: fixed, recipe"),
+        (
+            {"label_claim": "recipe"},
+            r"press.nominal_feed_sp_kg_h: label_claim: recipe needs one nominal setpoint per "
+            r"component \['api', 'excipient', 'lubricant'\], got \[\]",
+        ),
+        (
+            {**RECIPE_OPTIONS, "nominal_feed_sp_kg_h": {"api": 3.0, "excipient": 27.0}},
+            r"needs one nominal setpoint per component .*got \['api', 'excipient'\]",
+        ),
+        (
+            {
+                **RECIPE_OPTIONS,
+                "nominal_feed_sp_kg_h": {"api": 0.0, "excipient": 0.0, "lubricant": 0.0},
+            },
+            r"expected values inside feed_sp_range_kg_h \[0.0, 80.0\] kg/h .* positive sum",
+        ),
+        (
+            {**RECIPE_OPTIONS, "feed_sp_range_kg_h": [0.0, 20.0]},
+            r"inside feed_sp_range_kg_h \[0.0, 20.0\] kg/h .*'excipient': 26.7",
+        ),
+        (
+            {"nominal_feed_sp_kg_h": RECIPE_OPTIONS["nominal_feed_sp_kg_h"]},
+            "press.nominal_feed_sp_kg_h: only used with label_claim: recipe, "
+            "got label_claim: fixed",
+        ),
+        (
+            {**RECIPE_OPTIONS, "params": {"recipe_tau_s": 1.0}},
+            r"'recipe_tau_s': value 1.0 s is not inside bounds \[2.0, 600.0\] s",
+        ),
+        ({"params": {"recipe_tau_s": 5.0}}, "press: unknown parameter 'recipe_tau_s'"),
+    ],
+)
+def test_press_label_claim_errors_name_the_option_and_what_arrived(float64, options, message):
+    with pytest.raises(ConfigError, match=message):
+        _press(**options)

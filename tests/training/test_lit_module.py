@@ -1,6 +1,7 @@
 """TwinModel and TwinLitModule: loss, initial state, stages, tag mapping, a few real steps."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -128,6 +129,41 @@ def test_states_a_measurement_reads_start_at_its_last_sample(datamodule, batch):
     torch.testing.assert_close(x[:, state], expected.expand(x.shape[0]))
 
 
+def test_hopper_states_follow_their_load_cell_through_the_window(datamodule, batch):
+    # Refills are no model input: the hopper state must jump with its load cell (a
+    # measured disturbance in u) or a long forecast starves the feeder.
+    model = _model(datamodule, "mechanistic")
+    state, column = model.reset_from_u[0].tolist()  # FEED_API.HOPPER_MASS
+    u = batch.u.clone()
+    u[:, 5:, column] += 2.0  # a refill between rows 4 and 5 (normalised units)
+    with torch.no_grad():
+        states = model.simulate(batch.past_u, batch.past_y, batch.past_mask, u)[1]
+    measured = u[:, 1:, column] * model.u_std[column] + model.u_mean[column]
+    torch.testing.assert_close(states[:, 1:, state], measured)
+
+
+def test_readout_correction_scales_only_its_tag_within_the_bound(datamodule, batch):
+    hybrid = _model(datamodule, "hybrid")
+    mechanistic = _model(datamodule, "mechanistic")
+    column = datamodule.measurement_tags.index("PRESS.COMP_FORCE")
+    assert hybrid.readout_columns.tolist() == [column]
+    with torch.no_grad():
+        for parameter in hybrid.field.readout_net.parameters():
+            parameter.uniform_(-2.0, 2.0, generator=torch.Generator().manual_seed(1))
+        physical = [m.y_std * m(*batch[3:6], batch.u) + m.y_mean for m in (hybrid, mechanistic)]
+    ratio = physical[0] / physical[1]
+    others = [i for i in range(ratio.shape[-1]) if i != column]
+    torch.testing.assert_close(ratio[..., others], torch.ones_like(ratio[..., others]))
+    bound = math.exp(hybrid.field.readout_log_bound)
+    assert bool((ratio[..., column] < bound).all() and (ratio[..., column] > 1 / bound).all())
+    assert bool((ratio[..., column] - 1).abs().max() > 1e-3)
+
+
+def test_a_readout_tag_the_dataset_does_not_measure_is_named(datamodule):
+    with pytest.raises(ConfigError, match="model.readout: tag 'PRESS.HARDNESS' is not among"):
+        _model(datamodule, "hybrid", readout=["PRESS.HARDNESS"])
+
+
 def test_stage_one_trains_theta_only_and_stage_two_theta_and_phi(datamodule, batch):
     lit = _lit(
         _model(
@@ -146,7 +182,10 @@ def test_stage_one_trains_theta_only_and_stage_two_theta_and_phi(datamodule, bat
         assert theta_grads and any(g is not None and bool(g.abs().sum() > 0) for g in theta_grads)
         phi_grads = [p.grad for p in lit.phi_parameters()]
         if phi_learns:
-            assert all(g is not None and bool(g.abs().sum() > 0) for g in phi_grads)
+            assert all(g is not None for g in phi_grads)
+            # the readout network is zero-initialised: only its last layer has a gradient yet
+            for net in (lit.model.field.net, lit.model.field.readout_net):
+                assert any(bool(p.grad.abs().sum() > 0) for p in net.parameters())
         else:
             assert all(g is None for g in phi_grads)
 

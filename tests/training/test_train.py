@@ -16,13 +16,13 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.training.twin_cli import run_twin
 from training.config_dir import SHIPPED_CONFIG_DIR
 from training.datamodule import CDCDataModule
 from training.twin_model import build_twin_model
 
 # mlflow.pyfunc warns about its own type hints when it is first imported (mlflow 3.17).
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
-TWIN = Path(sys.executable).with_name("twin")
 TINY = [  # sizes for the tiny dataset: 2 epochs of 2 batches
     "datamodule.window_steps=12",
     "datamodule.past_steps=6",
@@ -38,25 +38,12 @@ def _config(group: str, name: str) -> dict:
     return yaml.safe_load((SHIPPED_CONFIG_DIR / group / f"{name}.yaml").read_text())
 
 
-def _twin_train(tmp_path: Path, uri: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    env.pop("TWIN_CONFIG_DIR", None)
-    return subprocess.run(
-        [str(TWIN), "train", *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_cdc_dataset, tmp_path_factory):
     """One `twin train` run of a tiny hybrid against a SQLite store in a fresh folder."""
     folder = tmp_path_factory.mktemp("train_cli")
     uri = f"sqlite:///{folder / 'store.db'}"
-    result = _twin_train(folder, uri, f"datamodule.path={tiny_cdc_dataset}", *TINY)
+    result = run_twin(folder, uri, "train", f"datamodule.path={tiny_cdc_dataset}", *TINY)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("cdc-line-twin")
@@ -187,7 +174,9 @@ def test_twin_train_with_ddp_runs_two_gloo_processes_on_cpu_and_records_one_run(
     tiny_cdc_dataset, tmp_path
 ):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    result = _twin_train(tmp_path, uri, f"datamodule.path={tiny_cdc_dataset}", *TINY, "trainer=ddp")
+    result = run_twin(
+        tmp_path, uri, "train", f"datamodule.path={tiny_cdc_dataset}", *TINY, "trainer=ddp"
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "distributed_backend=gloo" in output
@@ -253,8 +242,13 @@ def test_twin_train_against_a_real_mlflow_server_records_and_registers_the_run(
     )
     try:
         _wait_until_healthy(url, server)
-        result = _twin_train(
-            tmp_path, url, f"datamodule.path={tiny_cdc_dataset}", *TINY, "model=mechanistic"
+        result = run_twin(
+            tmp_path,
+            url,
+            "train",
+            f"datamodule.path={tiny_cdc_dataset}",
+            *TINY,
+            "model=mechanistic",
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         client, run = _single_run(url)
@@ -306,3 +300,13 @@ def test_seed_zero_fixes_the_network_weights_and_null_leaves_them_free(tiny_cdc_
 
     torch.testing.assert_close(weights("0"), weights("0"), rtol=0.0, atol=0.0)
     assert not torch.equal(weights("null"), weights("null"))
+
+
+def test_twin_train_logs_open_loop_plots_of_the_test_runs(trained, tiny_cdc_dataset):
+    from training.dataset import PreparedDataset
+
+    client, run, _, _ = trained
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    test_runs = PreparedDataset.open(tiny_cdc_dataset).run_ids("test")
+    expected = {f"plots/predicted_vs_measured_{r}.png" for r in test_runs}
+    assert expected | {"plots/parity.png", "plots/residual_size.png"} == names

@@ -1,0 +1,288 @@
+"""Online state estimation: an extended Kalman filter around any (solver, observation) pair.
+
+Place in the data flow: the exported twin calls `ExtendedKalmanFilter` once per grid step dt_s
+with the held inputs u_k and the measurements y_(k+1) that arrived (NaN or mask False where a
+tag was not sampled); its innovations r = y - y_hat_(k+1|k) and their variances feed
+`hybrid_twin.monitoring.InnovationMonitor`. The filter is generic: the one-interval map is
+whatever fixed-step solver module wraps the vector field (`hybrid_twin.build_solver`), the
+readout whatever observation module maps states (batch, n_states) to tags (batch, n_tags).
+Everything here compiles with `torch.jit.script` and is batched over lines (dim 0).
+
+Model, per grid step k -> k+1 (docs/monitoring.md has the derivation and the choices):
+
+    x_(k+1) = Phi(x_k, u_k) + w_k,  w_k ~ N(0, diag(q))      (Phi: one solver interval, ZOH u_k)
+    y_(k+1) = h(x_(k+1)) + v_k,     v_k ~ N(0, diag(r))
+
+F = dPhi/dx and H = dh/dx come from batched central finite differences (one solver call on
+2 n_states + 1 rows), not from autograd: they then work under `torch.no_grad` /
+`torch.inference_mode` (the service), in any scripted or exported program, for any solver.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hybrid_twin.errors import ConfigError, ShapeError
+
+# Central differences: truncation error ~ h^2 |Phi'''| / 6, rounding ~ eps |Phi| / h; the sum
+# is smallest at h ~ eps^(1/3) (relative), leaving ~ eps^(2/3) relative error in F and H:
+# ~ 5e-11 in float64 (eps 2.2e-16 -> h 6.1e-6) and ~ 2e-5 in float32 (eps 1.2e-7 -> h 4.9e-3).
+FD_REL_STEP_FLOAT64 = 6.1e-6
+FD_REL_STEP_FLOAT32 = 4.9e-3
+
+
+class FilterStep(NamedTuple):
+    """One predict + update of `ExtendedKalmanFilter.forward`.
+
+    x: (batch, n_states) filtered state; P: (batch, n_states, n_states) its covariance;
+    innovation: (batch, n_tags) y - y_pred on sampled tags, 0 elsewhere (tag units);
+    innovation_var: (batch, n_tags) diag(H P_pred H^T) + r for every tag (tag units^2);
+    y_pred: (batch, n_tags) one-step prediction h(x_pred); status: (batch,) int64 solver status.
+    """
+
+    x: Tensor
+    P: Tensor
+    innovation: Tensor
+    innovation_var: Tensor
+    y_pred: Tensor
+    status: Tensor
+
+
+class ExtendedKalmanFilter(nn.Module):
+    """Discrete-time EKF over one solver interval per step, batched over lines.
+
+    Args:
+        solver: fixed-step solver module, `solver(x0 (B, n), u (B, K, n_in), dt_s, pin_index,
+            pin_values) -> ZOHSolution` (hybrid_twin/solvers.py); holds the vector field.
+        observation: module mapping states (B, n) to measurements (B, n_tags), tag units.
+        dt_s: grid step, s.
+        q: (n_states,) process noise variance per state and step, state units^2 (>= 0).
+        r: (n_tags,) measurement noise variance per tag, tag units^2 (> 0).
+        state_scale: (n_states,) > 0, the scale on which the model varies with each state;
+            the finite-difference step of state j is rel_step max(|x_j|, scale_j). Use the
+            vector field's `state_normaliser.std` (what the residual network divides by):
+            the looser StateSpec scales (0.12 kg for a 1.2 g lubricant hold-up) cost the
+            float32 Jacobian of the cdc hybrid a factor 50 in accuracy. Default ones.
+        state_floor: (n_states,) the readout sees max(x, state_floor) (TwinModel's physical
+            domain projection); default none (-inf).
+        fd_rel_step: relative finite-difference step; default by dtype (FD_REL_STEP_FLOAT64,
+            FD_REL_STEP_FLOAT32: eps^(1/3), see the module constants).
+
+    Raises:
+        ShapeError: q, r, state_scale or state_floor are not 1-D of matching sizes.
+        ConfigError: dt_s <= 0, a negative or non-finite q, a non-positive or non-finite r,
+            a non-positive state_scale or fd_rel_step.
+    """
+
+    def __init__(
+        self,
+        solver: nn.Module,
+        observation: nn.Module,
+        dt_s: float,
+        q: Tensor,
+        r: Tensor,
+        state_scale: Tensor | None = None,
+        state_floor: Tensor | None = None,
+        fd_rel_step: float | None = None,
+    ) -> None:
+        super().__init__()
+        q, r = torch.as_tensor(q), torch.as_tensor(r)
+        if q.dim() != 1 or r.dim() != 1 or q.numel() == 0 or r.numel() == 0:
+            raise ShapeError(
+                f"ExtendedKalmanFilter: expected q (n_states,) and r (n_tags,), got "
+                f"{tuple(q.shape)} and {tuple(r.shape)}"
+            )
+        n = q.shape[0]
+        if not dt_s > 0:
+            raise ConfigError(f"ExtendedKalmanFilter: dt_s: expected > 0 s, got {dt_s}")
+        if not bool(torch.all(torch.isfinite(q) & (q >= 0))):
+            raise ConfigError(f"ExtendedKalmanFilter: q: expected finite >= 0, got {q.tolist()}")
+        if not bool(torch.all(torch.isfinite(r) & (r > 0))):
+            raise ConfigError(f"ExtendedKalmanFilter: r: expected finite > 0, got {r.tolist()}")
+        scale = torch.ones(n) if state_scale is None else torch.as_tensor(state_scale)
+        floor = (
+            torch.full((n,), float("-inf")) if state_floor is None else torch.as_tensor(state_floor)
+        )
+        for name, value in (("state_scale", scale), ("state_floor", floor)):
+            if value.shape != (n,):
+                raise ShapeError(
+                    f"ExtendedKalmanFilter: {name}: expected ({n},) like q, "
+                    f"got {tuple(value.shape)}"
+                )
+        if not bool(torch.all(torch.isfinite(scale) & (scale > 0))):
+            raise ConfigError(
+                f"ExtendedKalmanFilter: state_scale: expected finite > 0, got {scale.tolist()}"
+            )
+        if fd_rel_step is not None and not 0.0 < fd_rel_step < 1.0:
+            raise ConfigError(
+                f"ExtendedKalmanFilter: fd_rel_step: expected in (0, 1), got {fd_rel_step}"
+            )
+        self.fd_rel_step = -1.0 if fd_rel_step is None else float(fd_rel_step)
+        # Instance copies: scripted code cannot read module-level floats.
+        self.fd_rel_step_float64 = FD_REL_STEP_FLOAT64
+        self.fd_rel_step_float32 = FD_REL_STEP_FLOAT32
+        self.solver = solver
+        self.observation = observation
+        self.dt_s = float(dt_s)
+        self.n_states, self.n_tags = n, r.shape[0]
+        dtype = torch.get_default_dtype()
+        self.register_buffer("q", q.detach().to(dtype).clone())
+        self.register_buffer("r", r.detach().to(dtype).clone())
+        self.register_buffer("state_scale", scale.detach().to(dtype).clone())
+        self.register_buffer("state_floor", floor.detach().to(dtype).clone())
+
+    def _fd_steps(self, x: Tensor) -> Tensor:
+        """Per-state central-difference steps, (batch, n_states)."""
+        rel = self.fd_rel_step
+        if rel <= 0.0:
+            rel = self.fd_rel_step_float64 if x.dtype == torch.float64 else self.fd_rel_step_float32
+        return rel * torch.maximum(x.abs(), self.state_scale)
+
+    def _perturbed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows [x, x + h_j e_j (j < n), x - h_j e_j (j < n)]: (batch, 2n + 1, n); and h."""
+        h = self._fd_steps(x)
+        shifts = torch.diag_embed(h)  # (batch, n, n), row j = h_j e_j
+        rows = torch.cat([x.unsqueeze(1), x.unsqueeze(1) + shifts, x.unsqueeze(1) - shifts], 1)
+        return rows, h
+
+    @torch.jit.export
+    def transition_jacobian(
+        self,
+        x: Tensor,
+        u: Tensor,
+        pin_index: Tensor | None = None,
+        pin_values: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One solver interval and its Jacobian by central differences.
+
+        Args:
+            x: (batch, n_states) state at t_k.
+            u: (batch, n_inputs) input held on [t_k, t_(k+1)).
+            pin_index: (k,) int64 states pinned to measured values at t_(k+1) (optional).
+            pin_values: (batch, k) their values at t_(k+1), state units.
+
+        Returns:
+            x_next: (batch, n_states) Phi(x, u); F: (batch, n_states, n_states) dPhi/dx (rows
+            of pinned states are 0); status: (batch,) int64 worst solver status of the line's
+            2 n_states + 1 rows.
+        """
+        batch, n = x.shape[0], x.shape[1]
+        rows, h = self._perturbed(x)
+        width = rows.shape[1]
+        flat_u = u.unsqueeze(1).expand(batch, width, u.shape[1]).reshape(batch * width, 1, -1)
+        flat_pins: Tensor | None = None
+        if pin_index is not None and pin_values is not None:
+            flat_pins = pin_values.unsqueeze(1).expand(batch, width, pin_values.shape[1])
+            flat_pins = flat_pins.reshape(batch * width, 1, -1)
+        solution = self.solver(
+            rows.reshape(batch * width, n), flat_u, self.dt_s, pin_index, flat_pins
+        )
+        ends = solution.states[:, -1].reshape(batch, width, n)
+        # F[:, i, j] = (Phi_i(x + h_j e_j) - Phi_i(x - h_j e_j)) / (2 h_j)
+        jac = (ends[:, 1 : n + 1] - ends[:, n + 1 :]).transpose(1, 2) / (2.0 * h.unsqueeze(1))
+        status = solution.status.reshape(batch, width).max(dim=1).values
+        return ends[:, 0], jac, status
+
+    @torch.jit.export
+    def observation_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Readout and its Jacobian by central differences.
+
+        Args:
+            x: (batch, n_states).
+
+        Returns:
+            y: (batch, n_tags) h(max(x, state_floor)); H: (batch, n_tags, n_states).
+        """
+        batch, n = x.shape[0], x.shape[1]
+        rows, h = self._perturbed(x)
+        width = rows.shape[1]
+        floored = torch.maximum(rows, self.state_floor).reshape(batch * width, n)
+        y = self.observation(floored).reshape(batch, width, -1)
+        jac = (y[:, 1 : n + 1] - y[:, n + 1 :]).transpose(1, 2) / (2.0 * h.unsqueeze(1))
+        return y[:, 0], jac
+
+    @torch.jit.export
+    def predict(
+        self,
+        x: Tensor,
+        P: Tensor,
+        u: Tensor,
+        pin_index: Tensor | None = None,
+        pin_values: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Time update over one interval: x_pred = Phi(x, u), P_pred = F P F^T + diag(q).
+
+        Pinned states (measured disturbances: the hopper masses on their load cells) are set
+        to pin_values and their rows and columns of P_pred are zeroed: they are known, so the
+        update cannot move them and their uncertainty does not leak into the other states.
+
+        Args:
+            x: (batch, n_states); P: (batch, n_states, n_states) symmetric, PSD.
+            u: (batch, n_inputs) held on the interval.
+            pin_index: (k,) int64 pinned states (optional); pin_values: (batch, k), state units.
+
+        Returns:
+            x_pred (batch, n_states), P_pred (batch, n_states, n_states) symmetric,
+            status (batch,) int64 `SolverStatus` code (0: success).
+        """
+        x_pred, jac, status = self.transition_jacobian(x, u, pin_index, pin_values)
+        P_pred = jac @ P @ jac.transpose(1, 2) + torch.diag_embed(self.q.expand_as(x))
+        if pin_index is not None and pin_values is not None:
+            keep = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+            keep = keep.index_fill(0, pin_index, 0.0)
+            P_pred = P_pred * (keep.unsqueeze(0) * keep.unsqueeze(1))
+        return x_pred, 0.5 * (P_pred + P_pred.transpose(1, 2)), status
+
+    @torch.jit.export
+    def update(
+        self, x_pred: Tensor, P_pred: Tensor, y: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Measurement update on the sampled tags (Joseph form).
+
+        A tag is used where mask is True and y is finite; every other tag gets zero gain
+        (its row of H is zeroed and its innovation set to 0), which equals, in exact
+        arithmetic and in practice to the last bits, the update with only the used rows.
+
+        Args:
+            x_pred: (batch, n_states); P_pred: (batch, n_states, n_states).
+            y: (batch, n_tags) measurements, tag units (NaN allowed where not sampled).
+            mask: (batch, n_tags) bool, True where sampled.
+
+        Returns:
+            x (batch, n_states); P (batch, n_states, n_states) symmetric;
+            innovation (batch, n_tags): y - y_pred where used, 0 elsewhere;
+            innovation_var (batch, n_tags): diag(H P_pred H^T) + r for every tag;
+            y_pred (batch, n_tags) = h(x_pred).
+        """
+        y_pred, jac = self.observation_jacobian(x_pred)
+        used = mask & torch.isfinite(y)
+        innovation = torch.where(used, y - y_pred, torch.zeros_like(y_pred))
+        jac_used = jac * used.unsqueeze(2).to(jac.dtype)
+        PHt = P_pred @ jac_used.transpose(1, 2)  # (batch, n, n_tags)
+        # Unused tags: zero rows/columns in H P H^T, so S is block diagonal with r_i there.
+        S = jac_used @ PHt + torch.diag_embed(self.r.expand_as(y_pred))
+        L, _ = torch.linalg.cholesky_ex(S)
+        gain = torch.cholesky_solve(PHt.transpose(1, 2), L).transpose(1, 2)  # (batch, n, n_tags)
+        x = x_pred + (gain @ innovation.unsqueeze(2)).squeeze(2)
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        A = eye - gain @ jac_used
+        P = A @ P_pred @ A.transpose(1, 2) + (gain * self.r) @ gain.transpose(1, 2)
+        P = 0.5 * (P + P.transpose(1, 2))
+        innovation_var = (jac @ P_pred * jac).sum(dim=2) + self.r
+        return x, P, innovation, innovation_var, y_pred
+
+    def forward(
+        self,
+        x: Tensor,
+        P: Tensor,
+        u: Tensor,
+        y: Tensor,
+        mask: Tensor,
+        pin_index: Tensor | None = None,
+        pin_values: Tensor | None = None,
+    ) -> FilterStep:
+        """predict over [t_k, t_(k+1)) under u, then update with y at t_(k+1); see both."""
+        x_pred, P_pred, status = self.predict(x, P, u, pin_index, pin_values)
+        x_new, P_new, innovation, innovation_var, y_pred = self.update(x_pred, P_pred, y, mask)
+        return FilterStep(x_new, P_new, innovation, innovation_var, y_pred, status)

@@ -1,0 +1,480 @@
+"""Fault detection on the twin's innovations: Hotelling T^2, EWMA, thresholds, contributions.
+
+Place in the data flow: `ExtendedKalmanFilter` (hybrid_twin/estimation.py) gives, per grid
+step and line, innovations e = y - y_hat_(k|k-1), their variances s and the mask of sampled
+tags. `fit_monitor` learns from those arrays on normal runs how they really behave (mean and
+spread per tag, correlation between tags, thresholds for a chosen false-alarm rate) and
+returns an `InnovationMonitor`: a scriptable module that holds the result as buffers and whose
+`step` turns one step of innovations into T^2, EWMA statistics, an alarm and per-tag
+contributions. docs/monitoring.md has the equations, the rate definition and the choices.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hybrid_twin.errors import ConfigError, ShapeError, TwinError
+
+
+class MonitorDataError(TwinError, ValueError):
+    """Normal-operation data given to `fit_monitor` cannot be used (empty, NaN, too sparse)."""
+
+
+class MonitorState(NamedTuple):
+    """Per-line memory of the monitor. ewma: (batch, n_tags) EWMA of the standardised
+    innovations; run_length: (batch,) int64 consecutive monitored steps over a threshold."""
+
+    ewma: Tensor
+    run_length: Tensor
+
+
+class MonitorStep(NamedTuple):
+    """Result of `InnovationMonitor.step`.
+
+    state: the new MonitorState; t2: (batch,) Hotelling T^2 over the sampled tags (0 if none);
+    ewma_stat: (batch, n_tags) |EWMA| in units of its normal-operation RMS;
+    alarm: (batch,) bool; contributions: (batch, n_tags) reconstruction-based contribution of
+    each tag to T^2 (0 for unsampled tags).
+    """
+
+    state: MonitorState
+    t2: Tensor
+    ewma_stat: Tensor
+    alarm: Tensor
+    contributions: Tensor
+
+
+def standardise(
+    innovation: Tensor, innovation_var: Tensor, mask: Tensor, mean: Tensor, std: Tensor
+) -> tuple[Tensor, Tensor]:
+    """z = (e / sqrt(s) - mean) / std on the usable tags, 0 elsewhere.
+
+    Args:
+        innovation, innovation_var: (..., n_tags), tag units and tag units^2.
+        mask: (..., n_tags) bool, True where sampled.
+        mean, std: (n_tags,) normal-operation statistics of e / sqrt(s).
+
+    Returns:
+        z (..., n_tags); used (..., n_tags) bool: mask and e finite and s finite and > 0.
+    """
+    used = mask & torch.isfinite(innovation) & torch.isfinite(innovation_var) & (innovation_var > 0)
+    safe_var = torch.where(used, innovation_var, torch.ones_like(innovation_var))
+    safe_e = torch.where(used, innovation, torch.zeros_like(innovation))
+    z = (safe_e / safe_var.sqrt() - mean) / std
+    return torch.where(used, z, torch.zeros_like(z)), used
+
+
+def masked_hotelling(z: Tensor, used: Tensor, corr: Tensor) -> tuple[Tensor, Tensor]:
+    """T^2 on the used tags with the sub-matrix of corr, and reconstruction-based contributions.
+
+    Unused tags get identity rows/columns and z = 0, so T^2 = z_S^T C_SS^-1 z_S exactly, with
+    S the used set. Contribution of tag i: RBC_i = (C^-1 z)_i^2 / (C^-1)_ii, the drop in T^2
+    when tag i alone is reconstructed from the others (Alcala & Qin 2009); >= 0, 0 if unused.
+
+    Args:
+        z: (batch, n_tags) standardised, 0 where unused; used: (batch, n_tags) bool;
+        corr: (n_tags, n_tags) symmetric positive definite.
+
+    Returns:
+        t2 (batch,); contributions (batch, n_tags).
+    """
+    n = z.shape[1]
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    both = used.unsqueeze(2) & used.unsqueeze(1)
+    sub = torch.where(both, corr, eye)
+    L, _ = torch.linalg.cholesky_ex(sub)
+    w = torch.cholesky_solve(z.unsqueeze(2), L).squeeze(2)
+    inverse_diag = torch.diagonal(torch.cholesky_solve(eye.expand_as(sub), L), dim1=1, dim2=2)
+    t2 = (z * w).sum(dim=1)
+    contributions = torch.where(used, w.pow(2) / inverse_diag, torch.zeros_like(w))
+    return t2, contributions
+
+
+def ewma_update(ewma: Tensor, z: Tensor, used: Tensor, lam: float) -> Tensor:
+    """E <- lam z + (1 - lam) E on used tags; an unsampled tag's EWMA holds its value."""
+    return torch.where(used, ewma + lam * (z - ewma), ewma)
+
+
+class InnovationMonitor(nn.Module):
+    """Fitted detector: buffers from `fit_monitor`, per-step statistics and alarm.
+
+    Args:
+        mean, std: (n_tags,) of e / sqrt(s) on normal data (std > 0).
+        corr: (n_tags, n_tags) shrunk correlation of the standardised innovations (SPD).
+        t2_limits: (n_tags + 1,) T^2 threshold by number of sampled tags (index 0 unused).
+        ewma_rms: (n_tags,) > 0 normal-operation RMS of each tag's EWMA.
+        ewma_limit: threshold on max over tags of ewma_stat.
+        ewma_lambda: EWMA weight in (0, 1].
+        persistence: alarm after this many consecutive monitored steps over a threshold (>= 1).
+        t2_limit_empirical: (n_tags + 1,) bool, which limits are empirical quantiles (the rest
+            chi-square); a record only, default all False.
+
+    Attributes:
+        fit_level, fit_exceed_rate: set by `fit_monitor` (NaN otherwise): the per-statistic
+            level a and the exceedance rate reached on the fitting data.
+
+    Raises:
+        ShapeError: buffers of inconsistent shapes. ConfigError: values out of range.
+    """
+
+    def __init__(
+        self,
+        mean: Tensor,
+        std: Tensor,
+        corr: Tensor,
+        t2_limits: Tensor,
+        ewma_rms: Tensor,
+        ewma_limit: float,
+        ewma_lambda: float,
+        persistence: int = 1,
+        t2_limit_empirical: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        n = mean.shape[0] if mean.dim() == 1 else -1
+        shapes = {
+            "mean": (mean, (n,)),
+            "std": (std, (n,)),
+            "corr": (corr, (n, n)),
+            "t2_limits": (t2_limits, (n + 1,)),
+            "ewma_rms": (ewma_rms, (n,)),
+        }
+        for name, (value, shape) in shapes.items():
+            if n < 1 or tuple(value.shape) != shape:
+                raise ShapeError(
+                    f"InnovationMonitor: {name}: expected {shape} for {n} tags, "
+                    f"got {tuple(value.shape)}"
+                )
+        _check_options(ewma_lambda, persistence, where="InnovationMonitor")
+        if not (bool(torch.all(std > 0)) and bool(torch.all(ewma_rms > 0)) and ewma_limit > 0):
+            raise ConfigError("InnovationMonitor: std, ewma_rms and ewma_limit must be > 0")
+        dtype = torch.get_default_dtype()
+        for name, (value, _) in shapes.items():
+            self.register_buffer(name, value.detach().to(dtype).clone())
+        self.register_buffer("ewma_limit", torch.tensor(float(ewma_limit), dtype=dtype))
+        if t2_limit_empirical is None:
+            t2_limit_empirical = torch.zeros(n + 1, dtype=torch.bool)
+        self.register_buffer("t2_limit_empirical", t2_limit_empirical.to(torch.bool).clone())
+        self.fit_level = float("nan")
+        self.fit_exceed_rate = float("nan")
+        self.ewma_lambda = float(ewma_lambda)
+        self.persistence = int(persistence)
+        self.n_tags = n
+
+    @torch.jit.export
+    def initial_state(self, batch: int) -> MonitorState:
+        """Zero EWMA and run length for `batch` lines (start of a run or after a reset)."""
+        ewma = torch.zeros(batch, self.n_tags, dtype=self.mean.dtype, device=self.mean.device)
+        run = torch.zeros(batch, dtype=torch.long, device=self.mean.device)
+        return MonitorState(ewma, run)
+
+    @torch.jit.export
+    def t2_limit(self, mask: Tensor) -> Tensor:
+        """T^2 threshold per line for its number of sampled tags, (batch,); inf if none."""
+        return self.t2_limits.index_select(0, mask.sum(dim=1))
+
+    @torch.jit.export
+    def step(
+        self, state: MonitorState, innovation: Tensor, innovation_var: Tensor, mask: Tensor
+    ) -> MonitorStep:
+        """Statistics and alarm for one grid step.
+
+        Args:
+            state: MonitorState of the previous step (`initial_state` at the start).
+            innovation: (batch, n_tags) y - y_hat, tag units; innovation_var: (batch, n_tags)
+                its predicted variance, tag units^2 (`ExtendedKalmanFilter.update`).
+            mask: (batch, n_tags) bool, True where sampled; NaN innovations count as unsampled.
+
+        Returns:
+            MonitorStep(state, t2, ewma_stat, alarm, contributions). A step with no usable tag
+            leaves EWMA, run length and alarm as they were.
+        """
+        z, used = standardise(innovation, innovation_var, mask, self.mean, self.std)
+        t2, contributions = masked_hotelling(z, used, self.corr)
+        ewma = ewma_update(state.ewma, z, used, self.ewma_lambda)
+        ewma_stat = ewma.abs() / self.ewma_rms
+        exceed = (t2 > self.t2_limit(used)) | (ewma_stat > self.ewma_limit).any(dim=1)
+        monitored = used.any(dim=1)
+        run = torch.where(exceed, state.run_length + 1, torch.zeros_like(state.run_length))
+        run = torch.where(monitored, run, state.run_length)
+        alarm = run >= self.persistence
+        return MonitorStep(MonitorState(ewma, run), t2, ewma_stat, alarm, contributions)
+
+    def forward(
+        self, state: MonitorState, innovation: Tensor, innovation_var: Tensor, mask: Tensor
+    ) -> MonitorStep:
+        """Same as `step`."""
+        return self.step(state, innovation, innovation_var, mask)
+
+
+def _check_options(ewma_lambda: float, persistence: int, where: str) -> None:
+    if not 0.0 < ewma_lambda <= 1.0:
+        raise ConfigError(f"{where}: ewma_lambda: expected in (0, 1], got {ewma_lambda}")
+    if isinstance(persistence, bool) or not isinstance(persistence, int) or persistence < 1:
+        raise ConfigError(f"{where}: persistence: expected an integer >= 1, got {persistence!r}")
+
+
+def _as_runs(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ShapeError(
+            f"fit_monitor: {name}: expected a torch.Tensor, got {type(value).__name__}"
+        )
+    if value.dim() == 2:
+        value = value.unsqueeze(0)
+    if value.dim() != 3:
+        raise ShapeError(
+            f"fit_monitor: {name}: expected (time, n_tags) or (runs, time, n_tags), "
+            f"got {tuple(value.shape)}"
+        )
+    return value
+
+
+def _check_fit_data(
+    innovation: Tensor, innovation_var: Tensor, mask: Tensor, tags: Sequence[str], min_samples: int
+) -> None:
+    if innovation.numel() == 0:
+        raise MonitorDataError(f"fit_monitor: innovation: empty, shape {tuple(innovation.shape)}")
+    for name, value in (("innovation_var", innovation_var), ("mask", mask)):
+        if value.shape != innovation.shape:
+            raise ShapeError(
+                f"fit_monitor: {name}: expected the shape of innovation "
+                f"{tuple(innovation.shape)}, got {tuple(value.shape)}"
+            )
+    if mask.dtype != torch.bool:
+        raise ShapeError(f"fit_monitor: mask: expected dtype torch.bool, got {mask.dtype}")
+    for name, value, bad in (
+        ("innovation", innovation, ~torch.isfinite(innovation)),
+        (
+            "innovation_var",
+            innovation_var,
+            ~(torch.isfinite(innovation_var) & (innovation_var > 0)),
+        ),
+    ):
+        where = torch.nonzero(bad & mask)
+        if where.shape[0] > 0:
+            run, step, tag = where[0].tolist()
+            raise MonitorDataError(
+                f"fit_monitor: {name}: {where.shape[0]} sampled entries are not "
+                f"{'finite' if name == 'innovation' else 'finite and > 0'}; first at run {run}, "
+                f"step {step}, tag {tags[tag]!r}: {value[run, step, tag].item()}"
+            )
+    counts = mask.sum(dim=(0, 1))
+    for i, count in enumerate(counts.tolist()):
+        if count < min_samples:
+            raise MonitorDataError(
+                f"fit_monitor: mask: tag {tags[i]!r} is sampled {count} times; at least "
+                f"{min_samples} are needed to estimate its statistics"
+            )
+
+
+def _correlation(z: Tensor, used: Tensor, shrinkage: float, min_eigenvalue: float) -> Tensor:
+    """Pairwise correlation over co-sampled steps, shrunk towards I until SPD."""
+    flat_z = z.reshape(-1, z.shape[-1])
+    flat_u = used.reshape(-1, used.shape[-1]).to(z.dtype)
+    pairs = flat_u.T @ flat_u
+    corr = (flat_z.T @ flat_z) / pairs.clamp_min(1.0)
+    corr = torch.where(pairs > 0, corr, torch.zeros_like(corr))  # never co-sampled: 0
+    corr = 0.5 * (corr + corr.T)
+    corr.fill_diagonal_(1.0)
+    lowest = float(torch.linalg.eigvalsh(corr).min())
+    # (1 - a) C + a I has eigenvalues (1 - a) e + a: pick a so the lowest is >= min_eigenvalue.
+    needed = (min_eigenvalue - lowest) / (1.0 - lowest) if lowest < min_eigenvalue else 0.0
+    amount = max(shrinkage, needed)
+    eye = torch.eye(corr.shape[0], dtype=corr.dtype)
+    return (1.0 - amount) * corr + amount * eye
+
+
+def chi2_quantile(p: float, dof: int) -> float:
+    """Quantile of the chi-square distribution with dof degrees of freedom (bisection on the
+    regularised lower incomplete gamma function; relative accuracy ~1e-12)."""
+    dof_t = torch.tensor(dof / 2.0, dtype=torch.float64)
+    lo, hi = 0.0, max(1.0, float(dof))
+    while float(torch.special.gammainc(dof_t, torch.tensor(hi / 2.0, dtype=torch.float64))) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        cdf = float(torch.special.gammainc(dof_t, torch.tensor(mid / 2.0, dtype=torch.float64)))
+        lo, hi = (mid, hi) if cdf < p else (lo, mid)
+        if hi - lo <= 1e-13 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+class _NormalSeries(NamedTuple):
+    t2: Tensor  # (N,) over monitored steps
+    count: Tensor  # (N,) sampled tags per monitored step
+    ewma_max: Tensor  # (N,) max over tags of ewma_stat
+
+
+def _sorted_quantile(values: Tensor, p: float) -> float:
+    """torch.quantile(values, p) ("linear") of an ascending 1-D tensor, without re-sorting."""
+    position = p * (values.numel() - 1)
+    below = min(int(math.floor(position)), values.numel() - 1)
+    above = min(below + 1, values.numel() - 1)
+    low, high = float(values[below]), float(values[above])
+    return low + (position - below) * (high - low)
+
+
+class _Calibration:
+    """Thresholds at a per-statistic exceedance level a on the normal series (eager only)."""
+
+    def __init__(self, series: _NormalSeries, n_tags: int, min_count: int) -> None:
+        self.series, self.n_tags = series, n_tags
+        self.sorted_t2 = [series.t2[series.count == m].sort().values for m in range(n_tags + 1)]
+        self.empirical = torch.tensor(
+            [m > 0 and self.sorted_t2[m].numel() >= min_count for m in range(n_tags + 1)]
+        )
+        self.sorted_ewma = series.ewma_max.sort().values
+
+    def limits(self, a: float) -> tuple[Tensor, float]:
+        """T^2 limit per count (empirical quantile where enough steps, else chi-square), and
+        the EWMA limit, each exceeded by a fraction a of the normal steps."""
+        limits = torch.full((self.n_tags + 1,), float("inf"), dtype=torch.float64)
+        for m in range(1, self.n_tags + 1):
+            limits[m] = (
+                _sorted_quantile(self.sorted_t2[m], 1.0 - a)
+                if bool(self.empirical[m])
+                else chi2_quantile(1.0 - a, m)
+            )
+        return limits, _sorted_quantile(self.sorted_ewma, 1.0 - a)
+
+    def rate(self, a: float) -> float:
+        """Fraction of normal monitored steps where T^2 or the EWMA exceeds its limit."""
+        limits, ewma_limit = self.limits(a)
+        series = self.series
+        exceed = (series.t2 > limits[series.count]) | (series.ewma_max > ewma_limit)
+        return float(exceed.double().mean())
+
+    def level_for(self, target: float) -> float:
+        """Largest a in [0, target] with rate(a) <= target, by bisection (rate rises with a
+        from 0 at a = 0 to about a..2a: the union of two statistics each exceeded at a)."""
+        lo, hi = 0.0, target
+        if self.rate(hi) <= target:
+            return hi
+        while hi - lo > 1e-4 * target:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self.rate(mid) <= target else (lo, mid)
+        return lo
+
+
+def fit_monitor(
+    innovation: Tensor,
+    innovation_var: Tensor,
+    mask: Tensor,
+    false_alarm_rate: float = 0.01,
+    ewma_lambda: float = 0.1,
+    persistence: int = 1,
+    shrinkage: float = 0.01,
+    min_eigenvalue: float = 1e-3,
+    min_count: int | None = None,
+    tags: Sequence[str] | None = None,
+) -> InnovationMonitor:
+    """Fit statistics and thresholds on innovations of normal operation.
+
+    Args:
+        innovation, innovation_var, mask: (runs, time, n_tags) or (time, n_tags): the
+            `ExtendedKalmanFilter.update` outputs over normal runs, in time order (the EWMA
+            runs along time; pad short runs with mask False).
+        false_alarm_rate: target fraction of monitored steps (steps with >= 1 sampled tag)
+            whose statistics exceed a threshold on normal data, in (0, 0.5).
+        ewma_lambda: EWMA weight per sample, (0, 1]; ~2 / lambda samples of memory.
+        persistence: alarm after k consecutive exceedances (thresholds are per step: k > 1
+            lowers the alarm rate below false_alarm_rate and delays detection by k - 1 steps).
+        shrinkage: minimum weight a of I in (1 - a) C + a I, [0, 1).
+        min_eigenvalue: smallest eigenvalue the shrunk correlation may have, (0, 1).
+        min_count: monitored steps with m sampled tags needed for an empirical T^2 quantile
+            for count m (else the chi-square quantile); default ceil(10 / false_alarm_rate).
+        tags: names for error messages; default "tag0", "tag1", ...
+
+    Returns:
+        An InnovationMonitor; its attributes `fit_exceed_rate` (the rate reached on these
+        data), `fit_level` (per-statistic level a) and buffer `t2_limit_empirical` record how.
+
+    Raises:
+        ShapeError: wrong types, ranks, shapes, mask not bool.
+        MonitorDataError: empty data, non-finite sampled innovations, non-positive variances,
+            a tag sampled fewer than 30 times, a tag without spread, nothing monitored.
+        ConfigError: an option out of range.
+    """
+    innovation = _as_runs("innovation", innovation).detach().to(torch.float64)
+    innovation_var = _as_runs("innovation_var", innovation_var).detach().to(torch.float64)
+    mask = _as_runs("mask", mask)
+    n_tags = innovation.shape[-1]
+    tags = list(tags) if tags is not None else [f"tag{i}" for i in range(n_tags)]
+    if len(tags) != n_tags:
+        raise ShapeError(f"fit_monitor: tags: expected {n_tags} names, got {len(tags)}")
+    _check_options(ewma_lambda, persistence, where="fit_monitor")
+    if not 0.0 < false_alarm_rate < 0.5:
+        raise ConfigError(
+            f"fit_monitor: false_alarm_rate: expected in (0, 0.5), got {false_alarm_rate}"
+        )
+    if not 0.0 <= shrinkage < 1.0 or not 0.0 < min_eigenvalue < 1.0:
+        raise ConfigError(
+            f"fit_monitor: expected shrinkage in [0, 1) and min_eigenvalue in (0, 1), got "
+            f"{shrinkage} and {min_eigenvalue}"
+        )
+    _check_fit_data(innovation, innovation_var, mask, tags, min_samples=30)
+    min_count = math.ceil(10.0 / false_alarm_rate) if min_count is None else int(min_count)
+
+    ratio = torch.where(mask, innovation / innovation_var.clamp_min(1e-300).sqrt(), 0.0)
+    counts = mask.sum(dim=(0, 1)).to(torch.float64)
+    mean = ratio.sum(dim=(0, 1)) / counts
+    std = (torch.where(mask, ratio - mean, 0.0).pow(2).sum(dim=(0, 1)) / counts).sqrt()
+    if bool(torch.any(std <= 1e-12)):
+        i = int(torch.nonzero(std <= 1e-12)[0])
+        raise MonitorDataError(f"fit_monitor: innovation: tag {tags[i]!r} has no spread (std 0)")
+    z, used = standardise(innovation, innovation_var, mask, mean, std)
+    corr = _correlation(z, used, shrinkage, min_eigenvalue)
+
+    series, ewma_rms = _normal_series(z, used, corr, ewma_lambda)
+    if series.t2.numel() == 0:
+        raise MonitorDataError("fit_monitor: mask: no step has a sampled tag")
+    calibration = _Calibration(series, n_tags, min_count)
+    level = calibration.level_for(false_alarm_rate)
+    limits, ewma_limit = calibration.limits(level)
+
+    dtype = torch.get_default_dtype()
+    monitor = InnovationMonitor(
+        mean.to(dtype),
+        std.to(dtype),
+        corr.to(dtype),
+        limits.to(dtype),
+        ewma_rms.to(dtype),
+        ewma_limit,
+        ewma_lambda,
+        persistence,
+        calibration.empirical,
+    )
+    monitor.fit_level = level
+    monitor.fit_exceed_rate = calibration.rate(level)
+    return monitor
+
+
+def _normal_series(
+    z: Tensor, used: Tensor, corr: Tensor, ewma_lambda: float
+) -> tuple[_NormalSeries, Tensor]:
+    """T^2, count and max EWMA statistic over the monitored steps; per-tag EWMA RMS."""
+    runs, steps, n_tags = z.shape
+    t2, _ = masked_hotelling(z.reshape(-1, n_tags), used.reshape(-1, n_tags), corr)
+    t2 = t2.reshape(runs, steps)
+    ewma = torch.zeros(runs, n_tags, dtype=z.dtype)
+    seen = torch.zeros(runs, n_tags, dtype=torch.bool)
+    history, seen_history = [], []
+    for k in range(steps):
+        ewma = ewma_update(ewma, z[:, k], used[:, k], ewma_lambda)
+        seen = seen | used[:, k]
+        history.append(ewma)
+        seen_history.append(seen)
+    ewma_all = torch.stack(history, dim=1)
+    seen_all = torch.stack(seen_history, dim=1)
+    # RMS about 0 over the steps after each tag's first sample (before it the EWMA is 0 by
+    # construction and says nothing about its spread).
+    square = torch.where(seen_all, ewma_all.pow(2), torch.zeros_like(ewma_all))
+    ewma_rms = (square.sum(dim=(0, 1)) / seen_all.sum(dim=(0, 1)).clamp_min(1)).sqrt()
+    ewma_rms = ewma_rms.clamp_min(1e-12)
+    monitored = used.any(dim=2)
+    ewma_max = (ewma_all.abs() / ewma_rms).amax(dim=2)
+    series = _NormalSeries(t2[monitored], used.sum(dim=2)[monitored], ewma_max[monitored])
+    return series, ewma_rms

@@ -1,0 +1,236 @@
+"""`twin export` end to end: a tiny mechanistic twin trained with the CLI into a SQLite store,
+exported, then the file checked as a plant system would use it (plain torch) and against the
+eager OnlineTwin rebuilt from the same run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.training.twin_cli import run_twin
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
+TINY = [
+    "model=mechanistic",
+    "datamodule.window_steps=12",
+    "datamodule.past_steps=6",
+    "datamodule.eval_window_steps=24",
+    "datamodule.batch_size=4",
+    "datamodule.windows_per_epoch=8",
+    "trainer.max_epochs=1",
+    "num_threads=1",
+]
+PAST_STEPS = 6
+# fit_monitor needs every tag sampled >= 30 times on the fit runs: the at-line assays (60 s,
+# 300 s) are sampled every 30 s here so that one 30-min val run is enough.
+AT_LINE_PERIOD_S = 30
+EXPORT = [
+    "verify.update_steps=30",
+    "verify.forecast_steps=24",
+    "verify.max_runs=1",
+    "num_threads=1",
+]
+SCRIPTED_VS_EAGER = 1e-6  # float64, same ops: tests/tolerances.py's scripted-vs-eager value
+
+
+@pytest.fixture(scope="module")
+def export_dataset(tmp_path_factory) -> Path:
+    """4 normal runs of 30 min (train 2, val 1, test 1), at-line tags every 30 s."""
+    import yaml
+
+    from data_pipelines import prepare_dataset
+    from data_pipelines.plant_sim import write_historian_export
+    from training.config_dir import SHIPPED_CONFIG_DIR
+
+    def load(relative: str) -> dict:
+        return yaml.safe_load((SHIPPED_CONFIG_DIR / relative).read_text())
+
+    root = tmp_path_factory.mktemp("export_cdc")
+    tags = load("plant/cdc_line.yaml")["tags"]
+    for tag in ("PRESS.TABLET_WEIGHT", "PRESS.TABLET_API"):
+        tags[tag] = {**tags[tag], "sample_period_s": AT_LINE_PERIOD_S}
+    sim = {
+        **load("sim/cdc_default.yaml"),
+        "n_normal_runs": 4,
+        "n_extrapolation_runs": 0,
+        "n_fault_runs_per_kind": 0,
+        "run_hours": 0.5,
+        "n_setpoint_changes": 1,
+    }
+    write_historian_export(root / "raw", tags=tags, sim=sim, seed=0)
+    data = {**load("data/cdc_default.yaml"), "raw_dir": str(root / "raw")}
+    data["out_dir"] = str(root / "prepared")
+    prepare_dataset(root / "raw", root / "prepared", tags=tags, data=data, plant_name="cdc_line")
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def exported(export_dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export_cli")
+    uri = f"sqlite:///{folder / 'store.db'}"
+    result = run_twin(folder, uri, "train", f"datamodule.path={export_dataset}", *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = folder / "twin.pt"
+    result = run_twin(
+        folder, uri, "export", f"data_path={export_dataset}", f"out={out}", *EXPORT
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder, uri, out, result.stdout
+
+
+@pytest.fixture(scope="module")
+def eager(exported, export_dataset):
+    """The eager OnlineTwin export fits, rebuilt from the file's own q, r, p0 and monitor."""
+    import mlflow
+
+    from training.dataset import PreparedDataset
+    from training.export import load_eager_twin, load_twin_file
+    from training.online_twin import OnlineTwin, placeholder_monitor
+
+    _, uri, out, _ = exported
+    scripted, metadata = load_twin_file(out)
+    mlflow.set_tracking_uri(uri)
+    dataset = PreparedDataset.open(export_dataset)
+    twin = load_eager_twin(metadata["training_run_id"], dataset)
+    detector = metadata["detector"]
+    n_y = len(metadata["measurement_tags"])
+    online = OnlineTwin(
+        twin,
+        torch.tensor(detector["q"]),
+        torch.tensor(detector["r"]),
+        torch.tensor(detector["p0_std"]),
+        placeholder_monitor(n_y),
+    ).to(torch.float64)
+    # The fitted monitor's buffers come from the file (same module structure).
+    monitor_state = {
+        k.removeprefix("monitor."): v
+        for k, v in scripted.state_dict().items()
+        if k.startswith("monitor.")
+    }
+    online.monitor.load_state_dict(monitor_state)
+    online.monitor.persistence = int(detector["persistence"])
+    online.monitor.ewma_lambda = float(detector["ewma_lambda"])
+    return online.eval(), scripted, metadata, dataset
+
+
+def _test_rows(dataset, steps: int):
+    from training.export import engineering_runs
+
+    u, y, _ = engineering_runs(dataset, dataset.load_split("test"), torch.float64)
+    return u[:, : PAST_STEPS + steps], y[:, : PAST_STEPS + steps]
+
+
+def test_export_writes_one_file_and_reports_the_achieved_difference(exported):
+    _, _, out, stdout = exported
+    assert out.is_file()
+    assert "scripted vs eager max diff" in stdout
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_twin_file_loads_and_forecasts_in_a_process_that_imports_only_torch(exported, eager):
+    online, _, _, dataset = eager
+    _, _, out, _ = exported
+    u, y = _test_rows(dataset, 24)
+    inputs = out.parent / "forecast_inputs.pt"
+    torch.save({"past_u": u[:, :PAST_STEPS], "past_y": y[:, :PAST_STEPS], "u": u[:, PAST_STEPS:]},
+               inputs)  # fmt: skip
+    result_file = out.parent / "forecast_result.pt"
+    code = (
+        "import sys, torch\n"
+        f"m = torch.jit.load({str(out)!r})\n"
+        f"a = torch.load({str(inputs)!r})\n"
+        "y = m.forecast(a['past_u'], a['past_y'], a['u'])\n"
+        f"torch.save(y, {str(result_file)!r})\n"
+        "bad = [n for n in ('training', 'hybrid_twin', 'mlflow', 'data_pipelines') "
+        "if n in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = online.forecast(u[:, :PAST_STEPS], y[:, :PAST_STEPS], u[:, PAST_STEPS:])
+    torch.testing.assert_close(torch.load(result_file), expected, rtol=0, atol=SCRIPTED_VS_EAGER)
+
+
+def test_metadata_round_trips_through_the_file_and_mlflow(exported, export_dataset):
+    from training.dataset import PreparedDataset
+
+    _, uri, out, _ = exported
+    extra = {"metadata.json": ""}
+    torch.jit.load(str(out), _extra_files=extra)
+    metadata = json.loads(extra["metadata.json"])
+    dataset = PreparedDataset.open(export_dataset)
+    assert metadata["measurement_tags"] == dataset.measurement_tags
+    assert metadata["input_tags"] == dataset.input_tags
+    assert metadata["units"]["NIR.API_CONC"] == "%w/w"
+    assert metadata["dt_s"] == 5.0
+    assert metadata["model_kind"] == "mechanistic"
+    assert metadata["data_manifest_sha256"] == dataset.manifest_sha256
+    assert metadata["past_steps"] == PAST_STEPS
+    assert metadata["detector"]["false_alarm_rate"] == 0.01
+    assert metadata["verification"]["max_diff"] <= metadata["verification"]["tolerance"]
+    client = MlflowClient(tracking_uri=uri)
+    (version,) = client.search_model_versions("name='cdc-line-twin'")
+    assert metadata["registered_version"] == str(version.version)
+    assert metadata["training_run_id"] == version.run_id
+    assert version.tags["twin_export.file"] == "twin_export/twin.pt"
+    logged = {a.path for a in client.list_artifacts(version.run_id, "twin_export")}
+    assert logged == {"twin_export/twin.pt"}
+
+
+def test_a_missing_measurement_leaves_the_state_as_predict_alone(eager):
+    _, scripted, _, dataset = eager
+    u, y = _test_rows(dataset, 3)
+    with torch.no_grad():
+        x, P, u_held, ewma, run = scripted.initial_state(u[:, :PAST_STEPS], y[:, :PAST_STEPS])
+        x_pred, P_pred, _ = scripted.predict(x, P, u_held, u[:, PAST_STEPS])
+        nothing = torch.zeros_like(y[:, PAST_STEPS], dtype=torch.bool)
+        out = scripted.update(x, P, u_held, ewma, run, u[:, PAST_STEPS], y[:, PAST_STEPS], nothing)
+    assert torch.equal(out[0], x_pred)
+    assert torch.equal(out[1], P_pred)
+    assert torch.equal(out[3], ewma) and torch.equal(out[4], run)  # the monitor holds
+    assert torch.equal(out[6], torch.zeros_like(out[6]))  # no residual
+    # NaN measurements with mask True count as missing too
+    nan = torch.full_like(y[:, PAST_STEPS], float("nan"))
+    with torch.no_grad():
+        out_nan = scripted.update(x, P, u_held, ewma, run, u[:, PAST_STEPS], nan, ~nothing)
+    assert torch.equal(out_nan[0], x_pred)
+
+
+def test_scripted_update_sequence_equals_eager(eager):
+    from training.export import run_filter
+
+    online, scripted, _, dataset = eager
+    u, y = _test_rows(dataset, 20)
+    a = run_filter(online, u, y, PAST_STEPS)
+    b = run_filter(scripted, u, y, PAST_STEPS)
+    assert len(a) == len(b) == 21
+    for step_a, step_b in zip(a, b, strict=True):
+        for value_a, value_b in zip(step_a, step_b, strict=True):
+            torch.testing.assert_close(value_b, value_a, rtol=0, atol=SCRIPTED_VS_EAGER)
+    alarms = torch.stack([s[11] for s in b[1:]])
+    assert alarms.dtype == torch.bool
+    assert torch.isfinite(torch.stack([s[8] for s in b[1:]])).all()
+
+
+def test_a_truncated_twin_file_names_the_path_and_the_cause(exported, tmp_path):
+    from training.export import TwinFileError, load_twin_file
+
+    _, _, out, _ = exported
+    data = out.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TwinFileError, match=r"truncated\.pt.*not a readable TorchScript"):
+        load_twin_file(truncated)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a twin")
+    with pytest.raises(TwinFileError, match="garbage.pt"):
+        load_twin_file(garbage)
+    with pytest.raises(TwinFileError, match="no such file"):
+        load_twin_file(tmp_path / "absent.pt")

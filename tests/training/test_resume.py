@@ -1,0 +1,215 @@
+"""`twin train resume_from=<last.ckpt>`: training goes on in the same MLflow run.
+
+One module-scoped pair of `twin train` runs (2 epochs, then resumed to 4) against a SQLite store
+in a fresh folder serves the run-content tests; the error cases fail before anything trains.
+"""
+
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from hybrid_twin import ConfigError
+from tests.training.twin_cli import run_twin
+from training.train import RUN_ID_KEY, read_checkpoint
+
+# mlflow.pyfunc warns about its own type hints when it is first imported (mlflow 3.17).
+pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
+TINY = [  # sizes for the tiny dataset (as in test_train.py): epochs of 2 batches
+    "datamodule.window_steps=12",
+    "datamodule.past_steps=6",
+    "datamodule.eval_window_steps=24",
+    "datamodule.batch_size=4",
+    "datamodule.windows_per_epoch=8",
+    "num_threads=1",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def _runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("cdc-line-twin")
+    return client.search_runs([experiment.experiment_id])
+
+
+class Resumed(NamedTuple):
+    client: MlflowClient
+    run_id: str  # of the first `twin train`
+    first_checkpoint: Path  # the run's `checkpoint` tag after the first `twin train`
+    folder: Path
+    uri: str
+    dataset: Path
+
+
+@pytest.fixture(scope="module")
+def resumed(tiny_cdc_dataset, tmp_path_factory) -> Resumed:
+    """`twin train trainer.max_epochs=2`, then `resume_from=<its last.ckpt>` up to 4 epochs."""
+    folder = tmp_path_factory.mktemp("resume")
+    uri = f"sqlite:///{folder / 'store.db'}"
+    data = f"datamodule.path={tiny_cdc_dataset}"
+    first = run_twin(
+        folder,
+        uri,
+        "train",
+        data,
+        *TINY,
+        "trainer.max_epochs=2",
+        f"hydra.run.dir={folder / 'first'}",
+    )
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = _runs(client)
+    checkpoint = Path(run.data.tags["checkpoint"])
+    second = run_twin(
+        folder,
+        uri,
+        "train",
+        data,
+        *TINY,
+        "trainer.max_epochs=4",
+        f"resume_from={checkpoint}",
+        f"hydra.run.dir={folder / 'second'}",
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return Resumed(client, run.info.run_id, checkpoint, folder, uri, tiny_cdc_dataset)
+
+
+def test_resumed_training_continues_the_same_mlflow_run_with_the_epoch_steps(resumed):
+    (run,) = _runs(resumed.client)
+    assert run.info.run_id == resumed.run_id
+    assert run.info.status == "FINISHED"
+    for name in ("train/loss", "val/loss", "val/rmse/NIR.API_CONC"):
+        history = resumed.client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [0, 1, 2, 3], name
+
+
+def test_resumed_run_registers_a_second_version_from_the_same_run(resumed):
+    versions = resumed.client.search_model_versions("name='cdc-line-twin'")
+    assert sorted((int(v.version), v.run_id) for v in versions) == [
+        (1, resumed.run_id),
+        (2, resumed.run_id),
+    ]
+
+
+def test_checkpoints_hold_the_run_id_and_the_run_records_the_resume(resumed):
+    first = torch.load(resumed.first_checkpoint, map_location="cpu", weights_only=True)
+    assert resumed.first_checkpoint == resumed.folder / "first" / "checkpoints" / "last.ckpt"
+    assert (first[RUN_ID_KEY], first["epoch"]) == (resumed.run_id, 1)
+    run = resumed.client.get_run(resumed.run_id)
+    newest = Path(run.data.tags["checkpoint"])
+    assert newest == resumed.folder / "second" / "checkpoints" / "last.ckpt"
+    second = torch.load(newest, map_location="cpu", weights_only=True)
+    assert (second[RUN_ID_KEY], second["epoch"]) == (resumed.run_id, 3)
+    # Params stay as the run started (MLflow cannot change one); tags say what the resume changed.
+    assert run.data.params["trainer.max_epochs"] == "2"
+    assert run.data.params["resume_from"] == "null"
+    tags = run.data.tags
+    assert tags["resume.count"] == "1"
+    assert tags["resume.1.checkpoint"] == str(resumed.first_checkpoint)
+    assert tags["resume.1.epoch"] == "2"
+    assert tags["resume.1.trainer.max_epochs"] == "4"
+    assert "resume.1.resume_from" not in tags
+    names = {a.path for a in resumed.client.list_artifacts(resumed.run_id, "resume/1")}
+    assert names == {"resume/1/config.yaml"}
+
+
+def test_resume_refuses_a_changed_training_setting_and_names_it(resumed):
+    run = resumed.client.get_run(resumed.run_id)
+    result = run_twin(
+        resumed.folder,
+        resumed.uri,
+        "train",
+        f"datamodule.path={resumed.dataset}",
+        *TINY,
+        "trainer.max_epochs=6",
+        "lit.residual_penalty=0.5",
+        f"resume_from={run.data.tags['checkpoint']}",
+        f"hydra.run.dir={resumed.folder / 'refused'}",
+    )
+    assert result.returncode != 0
+    assert "lit.residual_penalty: 0.001 -> 0.5" in result.stderr, result.stderr[-3000:]
+    assert resumed.run_id in result.stderr
+    after = resumed.client.get_run(resumed.run_id)
+    assert after.data.tags == run.data.tags  # nothing recorded, nothing trained
+    history = resumed.client.get_metric_history(resumed.run_id, "train/loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+
+
+def test_resume_from_a_run_that_is_not_in_the_tracking_store_names_the_run_id(resumed, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    result = run_twin(
+        tmp_path,
+        uri,
+        "train",
+        f"datamodule.path={resumed.dataset}",
+        *TINY,
+        "trainer.max_epochs=4",
+        f"resume_from={resumed.first_checkpoint}",
+    )
+    assert result.returncode != 0
+    assert f"MLflow run {resumed.run_id!r}, which is not in the tracking store" in result.stderr, (
+        result.stderr[-3000:]
+    )
+    assert str(resumed.first_checkpoint) in result.stderr
+    assert not list(tmp_path.glob("outputs/train/*/checkpoints/*.ckpt"))  # nothing trained
+
+
+@pytest.mark.slow
+def test_resume_with_ddp_continues_the_run_and_only_rank_zero_records(tiny_cdc_dataset, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    data = f"datamodule.path={tiny_cdc_dataset}"
+    first = run_twin(tmp_path, uri, "train", data, *TINY, "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = _runs(client)
+    result = run_twin(
+        tmp_path,
+        uri,
+        "train",
+        data,
+        *TINY,
+        "trainer=ddp",
+        "trainer.max_epochs=2",
+        f"resume_from={run.data.tags['checkpoint']}",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Starting with 2 processes" in output
+    (after,) = _runs(client)
+    assert after.info.run_id == run.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [0, 1]
+    assert after.data.tags["resume.1.trainer.devices"] == "2"
+    assert client.get_model_version("cdc-line-twin", "2").run_id == run.info.run_id
+    newest = torch.load(after.data.tags["checkpoint"], map_location="cpu", weights_only=True)
+    assert (newest[RUN_ID_KEY], newest["epoch"]) == (run.info.run_id, 1)
+
+
+def test_read_checkpoint_names_a_missing_file(tmp_path):
+    missing = tmp_path / "nowhere" / "last.ckpt"
+    with pytest.raises(FileNotFoundError, match="no checkpoint file .*nowhere/last.ckpt"):
+        read_checkpoint(missing, 4)
+
+
+def test_read_checkpoint_refuses_a_checkpoint_without_a_run_id(resumed, tmp_path):
+    checkpoint = torch.load(resumed.first_checkpoint, map_location="cpu", weights_only=True)
+    del checkpoint[RUN_ID_KEY]
+    path = tmp_path / "foreign.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ConfigError, match=f"checkpoint '{path}' holds no MLflow run id"):
+        read_checkpoint(path, 4)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04 broken zip"])
+def test_read_checkpoint_refuses_a_file_that_is_no_checkpoint(tmp_path, content):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match="is not a Lightning checkpoint"):
+        read_checkpoint(path, 4)
+
+
+def test_read_checkpoint_wants_max_epochs_past_the_epochs_done(resumed):
+    with pytest.raises(ConfigError, match="has trained 2 epochs; set trainer.max_epochs above 2"):
+        read_checkpoint(resumed.first_checkpoint, 2)
+    resume = read_checkpoint(resumed.first_checkpoint, 3)
+    assert (resume.run_id, resume.epochs_done) == (resumed.run_id, 2)

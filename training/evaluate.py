@@ -1,0 +1,240 @@
+"""`twin evaluate`: the trained kinds side by side on held-out runs, logged and written to disk.
+
+For each model kind (hybrid, mechanistic, black_box) it takes a training run from MLflow (the
+latest finished one trained on this dataset, or the run id configured), loads its registered
+scripted twin, forecasts the split's runs open loop (training/evaluation.py) and tabulates the
+RMSE per regime (interpolation / extrapolation), PAT tag and horizon. The table goes to
+`evaluation.csv` and `evaluation.md` in the Hydra output folder, to stdout, to a new MLflow
+run of the same experiment (metrics + both files), and, per kind, into its training run as
+`test/rmse/<regime>/<tag>/<h>min` metrics.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf
+
+from hybrid_twin import ConfigError
+from training.dataset import PreparedDataset
+from training.evaluation import forecast, forecast_origins, horizon_errors
+from training.tracking import git_commit, tracking_uri
+
+BASELINES = ("mechanistic", "black_box")
+
+
+def run_evaluate(cfg: DictConfig) -> pd.DataFrame:
+    """`twin evaluate`: returns the long table (one row per kind, regime, tag and horizon).
+
+    Raises:
+        ConfigError: a bad setting, no training run for a kind, or a run trained on other data.
+        DatasetError: the dataset fails verification or no run is long enough to forecast.
+    """
+    if cfg.num_threads is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    dataset = PreparedDataset.open(cfg.data_path)
+    mlflow.set_tracking_uri(tracking_uri())
+    runs = {kind: _training_run(cfg, kind, dataset.manifest_sha256) for kind in cfg.kinds}
+    table = evaluate_runs(
+        runs,
+        dataset,
+        split=str(cfg.split),
+        horizons_min=list(cfg.horizons_min),
+        stride_min=float(cfg.stride_min),
+        batch_size=int(cfg.batch_size),
+    )
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    markdown = comparison_markdown(table, headline_tag=str(cfg.headline_tag))
+    table.to_csv(output_dir / "evaluation.csv", index=False)
+    (output_dir / "evaluation.md").write_text(markdown)
+    _log(cfg, table, runs, dataset.manifest_sha256, output_dir)
+    print(markdown)
+    print(f"evaluate: wrote {output_dir / 'evaluation.csv'} and evaluation.md")
+    return table
+
+
+def evaluate_runs(
+    runs: Mapping[str, Run],
+    dataset: PreparedDataset,
+    split: str,
+    horizons_min: Sequence[float],
+    stride_min: float,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Forecast `split` with each run's twin; the long RMSE table.
+
+    Returns:
+        Columns kind, run_id, regime, tag, unit, horizon_min, rmse, n (sampled points pooled).
+    """
+    dt_s = dataset.dt_s
+    horizon_steps = [_steps(h * 60.0, dt_s, f"horizons_min {h}") for h in horizons_min]
+    stride_steps = _steps(stride_min * 60.0, dt_s, f"stride_min {stride_min}")
+    segments = dataset.load_split(split)
+    regimes = sorted({_regime(dataset, s.run_id) for s in segments})
+    normalisation = dataset.normalisation()
+    rows = []
+    for kind, run in runs.items():
+        past_steps = int(run.data.params["datamodule.past_steps"])
+        origins = forecast_origins(segments, past_steps, max(horizon_steps), stride_steps)
+        group = torch.tensor([regimes.index(_regime(dataset, r)) for r in origins.run_ids])
+        twin = load_twin(run.info.run_id)
+        predicted = forecast(twin, origins.windows, batch_size)
+        errors = horizon_errors(
+            predicted, origins.windows, normalisation, horizon_steps, group, len(regimes)
+        )
+        rmse = errors.rmse()
+        for g, regime in enumerate(regimes):
+            for i, tag in enumerate(dataset.measurement_tags):
+                for j, horizon in enumerate(horizons_min):
+                    rows.append(
+                        {
+                            "kind": kind,
+                            "run_id": run.info.run_id,
+                            "regime": regime,
+                            "tag": tag,
+                            "unit": dataset.manifest["tags"][tag]["unit"],
+                            "horizon_min": horizon,
+                            "rmse": float(rmse[g, i, j]),
+                            "n": int(errors.count[g, i, j]),
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(table: pd.DataFrame, headline_tag: str) -> str:
+    """One table per regime: rows tag x horizon, one RMSE column per kind, and the hybrid's
+    RMSE over the better baseline's where both are there (below 1: the hybrid is better)."""
+    kinds = list(dict.fromkeys(table["kind"]))
+    baselines = [k for k in kinds if k in BASELINES]
+    parts = []
+    for regime, block in table.groupby("regime", sort=False):
+        wide = block.pivot_table(
+            index=["tag", "unit", "horizon_min"], columns="kind", values="rmse", sort=False
+        ).reindex(columns=kinds)
+        header = ["tag", "unit", "horizon"] + kinds
+        with_ratio = "hybrid" in kinds and baselines
+        if with_ratio:
+            header.append("hybrid / best baseline")
+        lines = [
+            f"### {regime} runs: open-loop RMSE",
+            "",
+            _md_row(header),
+            _md_row(["---"] * len(header)),
+        ]
+        for (tag, unit, horizon), values in wide.iterrows():
+            cells = [f"**{tag}**" if tag == headline_tag else tag, unit, f"{horizon:g} min"]
+            cells += [_fmt(values[k]) for k in kinds]
+            if with_ratio:
+                best = min(values[b] for b in baselines)
+                cells.append(_fmt(values["hybrid"] / best) if best > 0 else "n/a")
+            lines.append(_md_row(cells))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def load_twin(run_id: str) -> torch.jit.ScriptModule:
+    """The scripted TwinModel a training run logged (its pyfunc model's artifact)."""
+    # mlflow.pyfunc warns on import (its own type hints): load it only when needed.
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model().twin
+
+
+def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:
+    """The configured run of `kind`, or its latest finished one on this dataset."""
+    experiment = str(cfg.tracking.experiment_name)
+    run_id = OmegaConf.select(cfg, f"runs.{kind}")
+    if run_id:
+        run = mlflow.get_run(str(run_id))
+        if run.data.tags.get("model.kind") != kind:
+            raise ConfigError(
+                f"runs.{kind}: run {run_id} trained kind {run.data.tags.get('model.kind')!r}"
+            )
+    else:
+        found = mlflow.search_runs(
+            experiment_names=[experiment],
+            filter_string=(
+                f"tags.`model.kind` = '{kind}' and attributes.status = 'FINISHED' "
+                f"and tags.`data.manifest_sha256` = '{manifest_sha256}'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
+        if not found:
+            raise ConfigError(
+                f"no finished `twin train model={kind}` run on this dataset (manifest "
+                f"{manifest_sha256[:12]}) in experiment {experiment!r} at {tracking_uri()}; "
+                f"train one, or name one with runs.{kind}=<run id>"
+            )
+        run = found[0]
+    trained_on = run.data.tags.get("data.manifest_sha256")
+    if trained_on != manifest_sha256:
+        raise ConfigError(
+            f"run {run.info.run_id} ({kind}) was trained on manifest {trained_on}, "
+            f"data_path {cfg.data_path} has {manifest_sha256}: its normalisation would not match"
+        )
+    return run
+
+
+def _log(
+    cfg: DictConfig,
+    table: pd.DataFrame,
+    runs: Mapping[str, Run],
+    manifest_sha256: str,
+    output_dir: Path,
+) -> None:
+    def key(row) -> str:
+        return f"test/rmse/{row.regime}/{row.tag}/{row.horizon_min:g}min"
+
+    finite = table[table["rmse"].notna()]
+    client = mlflow.MlflowClient()
+    for kind, run in runs.items():
+        metrics = {key(r): r.rmse for r in finite[finite["kind"] == kind].itertuples()}
+        for name, value in metrics.items():
+            client.log_metric(run.info.run_id, name, value)
+    mlflow.set_experiment(str(cfg.tracking.experiment_name))
+    with mlflow.start_run(run_name=f"evaluate-{output_dir.name}"):
+        mlflow.set_tags(
+            {
+                "twin.stage": "evaluate",
+                "data.manifest_sha256": manifest_sha256,
+                "git.commit": git_commit(),
+                **{f"evaluated.{kind}": run.info.run_id for kind, run in runs.items()},
+            }
+        )
+        mlflow.log_params(
+            {
+                "split": cfg.split,
+                "horizons_min": list(cfg.horizons_min),
+                "stride_min": cfg.stride_min,
+                "data_path": cfg.data_path,
+            }
+        )
+        mlflow.log_metrics({f"{key(r)}/{r.kind}": r.rmse for r in finite.itertuples()})
+        mlflow.log_artifact(str(output_dir / "evaluation.csv"))
+        mlflow.log_artifact(str(output_dir / "evaluation.md"))
+
+
+def _regime(dataset: PreparedDataset, run_id: str) -> str:
+    return str(dataset.manifest["runs"][run_id].get("regime") or "all")
+
+
+def _steps(seconds: float, dt_s: float, what: str) -> int:
+    steps = seconds / dt_s
+    if steps < 1 or not math.isclose(steps, round(steps), rel_tol=0, abs_tol=1e-6):
+        raise ConfigError(f"{what}: {seconds:g} s is not a whole number >= 1 of dt {dt_s:g} s")
+    return int(round(steps))
+
+
+def _fmt(value: float) -> str:
+    return "-" if value != value else f"{value:.4g}"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"

@@ -1,0 +1,404 @@
+"""`twin export`: a registered twin -> one verified TorchScript file a plant system runs with torch.
+
+Data flow: MLflow model version (or run) -> its `config.yaml` + scripted weights -> the eager
+`TwinModel` -> `OnlineTwin` (EKF + placeholder monitor) run over the normal runs of the fit
+split -> `fit_monitor` on their innovations -> `torch.jit.script` -> reloaded from bytes and
+checked against the eager module on held-out runs (refused beyond the tolerance) -> one file
+with `metadata.json` in its `_extra_files` -> logged to the training run (`twin_export/`), the
+model version tagged. `load_twin_file` reads it back with a clear error for a damaged file.
+"""
+
+import datetime
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from hybrid_twin import ConfigError, TwinError, fit_monitor
+from training.dataset import PreparedDataset, RunTensors
+from training.online_twin import UPDATE_OUTPUTS, OnlineTwin, placeholder_monitor
+from training.tracking import tracking_uri
+from training.twin_model import TwinModel, build_twin_model
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+ARTIFACT_DIR = "twin_export"
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class ExportMismatchError(TwinError, ValueError):
+    """The scripted twin differs from the eager one beyond the tolerance (belongs in
+    hybrid_twin/errors.py, which this issue may not edit)."""
+
+
+class TwinFileError(TwinError, ValueError):
+    """A twin file cannot be read: missing, truncated, corrupted or without metadata."""
+
+
+def run_export(cfg: DictConfig) -> dict:
+    """`twin export`: write and log the twin file; returns its metadata.
+
+    Raises:
+        ConfigError: a bad setting, no such model/run, or a run trained on other data.
+        ExportMismatchError: scripted and eager differ beyond `verify.tolerance`.
+    """
+    if cfg.num_threads is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    if str(cfg.dtype) not in DTYPES:
+        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    mlflow.set_tracking_uri(tracking_uri())
+    started = time.perf_counter()
+    run_id, version = resolve_model(cfg)
+    dataset = PreparedDataset.open(cfg.data_path)
+    run = mlflow.get_run(run_id)
+    trained_on = run.data.tags.get("data.manifest_sha256")
+    if trained_on != dataset.manifest_sha256:
+        raise ConfigError(
+            f"run {run_id} was trained on manifest {trained_on}, data_path {cfg.data_path} has "
+            f"{dataset.manifest_sha256}: its normalisation would not match"
+        )
+    dtype = DTYPES[str(cfg.dtype)]
+    past_steps = int(run.data.params["datamodule.past_steps"])
+    twin = load_eager_twin(run_id, dataset)
+    online, fit_record = build_online_twin(twin, dataset, cfg, past_steps, dtype)
+    scripted = script_and_reload(online)
+    verification = verify_twin(online, scripted, dataset, cfg.verify, past_steps, dtype)
+    metadata = twin_metadata(
+        dataset, run, version, str(cfg.registered_model_name), cfg, past_steps, fit_record,
+        verification, online,
+    )  # fmt: skip
+    out = Path(str(cfg.out))
+    write_twin_file(scripted, metadata, out)
+    metadata["export_seconds"] = time.perf_counter() - started
+    _log(run_id, version, str(cfg.registered_model_name), out, metadata)
+    print(
+        f"export: wrote {out} ({out.stat().st_size / 1e6:.2f} MB) from run {run_id} "
+        f"(version {version}); scripted vs eager max diff {verification['max_diff']:.3g} "
+        f"<= {verification['tolerance']:g}; {metadata['export_seconds']:.1f} s"
+    )
+    return metadata
+
+
+def resolve_model(cfg: DictConfig) -> tuple[str, str | None]:
+    """(training run id, registered version or None) from `model`, `run_id` or the latest."""
+    client = mlflow.MlflowClient()
+    name = str(cfg.registered_model_name)
+    versions = client.search_model_versions(f"name='{name}'")
+    if cfg.run_id:
+        run_id = str(cfg.run_id)
+        mine = [v for v in versions if v.run_id == run_id]
+        return run_id, (str(max(mine, key=lambda v: int(v.version)).version) if mine else None)
+    if cfg.model_uri:
+        prefix = f"models:/{name}/"
+        ref = str(cfg.model_uri)
+        if not ref.startswith(prefix) or not ref[len(prefix) :].isdigit():
+            raise ConfigError(f"model_uri: expected {prefix}<version number>, got {ref!r}")
+        wanted = ref[len(prefix) :]
+        found = [v for v in versions if str(v.version) == wanted]
+        if not found:
+            known = sorted(int(v.version) for v in versions)
+            raise ConfigError(f"model_uri: {ref} not in the registry at {tracking_uri()}; "
+                              f"versions: {known}")
+        return found[0].run_id, wanted
+    if not versions:
+        raise ConfigError(
+            f"no registered version of {name!r} at {tracking_uri()}: run `twin train`, or "
+            "give model_uri=models:/<name>/<version> or run_id=<run id>"
+        )
+    latest = max(versions, key=lambda v: int(v.version))
+    return latest.run_id, str(latest.version)
+
+
+def load_eager_twin(run_id: str, dataset: PreparedDataset) -> TwinModel:
+    """The run's TwinModel as an eager module: rebuilt from its `config.yaml`, weights from
+    its scripted twin (state_dict keys are the same)."""
+    import mlflow.pyfunc
+
+    config = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="config.yaml")).read_text())
+    twin = build_twin_model(
+        config["flowsheet"],
+        config["model"],
+        config["solver"],
+        dataset.input_tags,
+        dataset.measurement_tags,
+        dataset.normalisation(),
+        dataset.dt_s,
+        config["initial_state"],
+    )
+    scripted = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model().twin
+    # Buffers the code builds from the config (e.g. `readout_columns`, added after some runs
+    # were logged) may be absent from older files: they keep their rebuilt value. A missing
+    # parameter or an unknown key means the code and the run disagree.
+    result = twin.load_state_dict(scripted.state_dict(), strict=False)
+    parameters = dict(twin.named_parameters())
+    missing = [k for k in result.missing_keys if k in parameters]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"run {run_id}: its weights do not fit the model its config.yaml builds now: "
+            f"missing parameters {missing}, unexpected keys {result.unexpected_keys}"
+        )
+    return twin.eval()
+
+
+def noise_settings(twin: TwinModel, dataset: PreparedDataset, filter_cfg) -> dict[str, Tensor]:
+    """q, r, p0_std (docs/export.md): fractions of the field's state scales and the train std."""
+    state_std = twin.field.state_normaliser.std.detach().to(torch.float64)
+    y_std = dataset.normalisation(torch.float64)[3]
+    return {
+        "q": (float(filter_cfg.q_std_fraction) * state_std) ** 2,
+        "r": (float(filter_cfg.r_std_fraction) * y_std) ** 2,
+        "p0_std": float(filter_cfg.p0_std_fraction) * state_std,
+    }
+
+
+def engineering_runs(
+    dataset: PreparedDataset, runs: list[RunTensors], dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs stacked in tag units, (R, T, n_u) u and (R, T, n_y) y (NaN = not sampled), and the
+    (R, T) bool mask of real rows; shorter runs are padded (last u held, y NaN)."""
+    u_mean, u_std, y_mean, y_std = dataset.normalisation(dtype)
+    steps = max(r.u.shape[0] for r in runs)
+    us, ys, real = [], [], []
+    for r in runs:
+        u = r.u.to(dtype) * u_std + u_mean
+        y = torch.where(r.mask, r.y.to(dtype) * y_std + y_mean, float("nan"))
+        pad = steps - u.shape[0]
+        us.append(torch.cat([u, u[-1:].expand(pad, -1)]))
+        ys.append(torch.cat([y, torch.full((pad, y.shape[1]), float("nan"), dtype=dtype)]))
+        real.append(torch.arange(steps) < u.shape[0])
+    return torch.stack(us), torch.stack(ys), torch.stack(real)
+
+
+def run_filter(online, u: Tensor, y: Tensor, past_steps: int, steps: int | None = None) -> list:
+    """initial_state on the first past_steps rows, then `update` row by row.
+
+    Returns:
+        One tuple of `update` outputs (UPDATE_OUTPUTS order) per step, first the initial state.
+    """
+    with torch.no_grad():
+        state = tuple(online.initial_state(u[:, :past_steps], y[:, :past_steps]))
+        last = u.shape[1] if steps is None else min(u.shape[1], past_steps + steps)
+        outputs = [state]
+        for k in range(past_steps, last):
+            step = online.update(*state, u[:, k], y[:, k], torch.isfinite(y[:, k]))
+            state = tuple(step[:5])
+            outputs.append(tuple(step))
+    return outputs
+
+
+def build_online_twin(
+    twin: TwinModel, dataset: PreparedDataset, cfg: DictConfig, past_steps: int,
+    dtype: torch.dtype,
+) -> tuple[OnlineTwin, dict]:  # fmt: skip
+    """The eager OnlineTwin with its monitor fitted on the fit split's normal runs."""
+    noise = noise_settings(twin, dataset, cfg.filter)
+    n_y = len(dataset.measurement_tags)
+    online = OnlineTwin(twin, noise["q"], noise["r"], noise["p0_std"], placeholder_monitor(n_y))
+    online = online.to(dtype).eval()
+    split = str(cfg.monitor.fit_split)
+    runs = [r for r in dataset.load_split(split)
+            if dataset.manifest["runs"][r.run_id].get("kind", "normal") == "normal"]
+    runs = [r for r in runs if r.u.shape[0] > past_steps + 1]
+    if not runs:
+        raise ConfigError(f"monitor.fit_split: no normal run of split {split!r} is longer than "
+                          f"{past_steps + 1} rows (past_steps + 1)")
+    u, y, real = engineering_runs(dataset, runs, dtype)
+    # The filter is the same before and after fitting: script it once for speed.
+    steps = run_filter(torch.jit.script(online), u, y, past_steps)[1:]
+    innovation = torch.stack([s[6] for s in steps], dim=1)
+    innovation_var = torch.stack([s[7] for s in steps], dim=1)
+    mask = torch.isfinite(y[:, past_steps:]) & real[:, past_steps:, None]
+    monitor = fit_monitor(
+        innovation, innovation_var, mask,
+        false_alarm_rate=float(cfg.monitor.false_alarm_rate),
+        ewma_lambda=float(cfg.monitor.ewma_lambda),
+        persistence=int(cfg.monitor.persistence),
+        tags=dataset.measurement_tags,
+    )  # fmt: skip
+    online.monitor = monitor.to(dtype)
+    record = {
+        "fit_split": split,
+        "fit_runs": [r.run_id for r in runs],
+        "fit_steps": int(real[:, past_steps:].sum()),
+        "fit_level": monitor.fit_level,
+        "fit_exceed_rate": monitor.fit_exceed_rate,
+        "ratio_std": monitor.std.tolist(),
+        "q": noise["q"].tolist(),
+        "r": noise["r"].tolist(),
+        "p0_std": noise["p0_std"].tolist(),
+    }
+    return online, record
+
+
+def script_and_reload(online: OnlineTwin) -> torch.jit.ScriptModule:
+    """torch.jit.script, saved to bytes and loaded back: what verification checks is exactly
+    what the file will hold."""
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(online), buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+def _max_scaled(a: Tensor, b: Tensor, scale: Tensor) -> float:
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
+    diff = torch.where(both_inf, 0.0, (a - b).abs() / scale)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def verify_twin(
+    eager: OnlineTwin, scripted, dataset: PreparedDataset, verify_cfg, past_steps: int,
+    dtype: torch.dtype,
+) -> dict:  # fmt: skip
+    """forecast and `update_steps` update steps, scripted vs eager, on held-out runs.
+
+    Differences are scaled per quantity: states by state_normaliser.std, tag values by the
+    train std, T^2 and contributions by 1 + |eager value|; alarms must agree exactly.
+
+    Raises:
+        ExportMismatchError: a scaled difference above `tolerance` or an alarm that differs.
+    """
+    split = str(verify_cfg.split)
+    runs = [r for r in dataset.load_split(split) if r.u.shape[0] > past_steps + 1]
+    runs = runs[: int(verify_cfg.max_runs)]
+    if not runs:
+        raise ConfigError(f"verify.split: no run of split {split!r} longer than {past_steps + 1}")
+    u, y, _ = engineering_runs(dataset, runs, dtype)
+    y_std = dataset.normalisation(torch.float64)[3]
+    x_std = eager.twin.field.state_normaliser.std.detach().to(torch.float64)
+    horizon = min(int(verify_cfg.forecast_steps), u.shape[1] - past_steps)
+    args = (u[:, :past_steps], y[:, :past_steps], u[:, past_steps : past_steps + horizon])
+    with torch.no_grad():
+        diffs = {"forecast": _max_scaled(eager.forecast(*args), scripted.forecast(*args), y_std)}
+    steps = int(verify_cfg.update_steps)
+    a, b = run_filter(eager, u, y, past_steps, steps), run_filter(scripted, u, y, past_steps, steps)
+    x_a, x_b = torch.stack([s[0] for s in a]), torch.stack([s[0] for s in b])
+    diffs["x"] = _max_scaled(x_a, x_b, x_std)
+    for i, name in ((5, "prediction"), (6, "residual")):
+        diffs[name] = _max_scaled(torch.stack([s[i] for s in a[1:]]),
+                                  torch.stack([s[i] for s in b[1:]]), y_std)
+    for i, name in ((8, "t2"), (12, "contributions")):
+        ref = torch.stack([s[i] for s in a[1:]])
+        diffs[name] = _max_scaled(ref, torch.stack([s[i] for s in b[1:]]), 1.0 + ref.abs())
+    alarms = int(sum(int((sa[11] != sb[11]).sum()) for sa, sb in zip(a[1:], b[1:], strict=True)))
+    result = {
+        "split": split,
+        "runs": [r.run_id for r in runs],
+        "update_steps": len(a) - 1,
+        "forecast_steps": horizon,
+        "tolerance": float(verify_cfg.tolerance),
+        "max_diff": max(diffs.values()),
+        "diffs": diffs,
+        "alarm_mismatches": alarms,
+    }
+    if result["max_diff"] > result["tolerance"] or alarms:
+        worst = max(diffs, key=diffs.get)
+        raise ExportMismatchError(
+            f"export refused: scripted twin differs from eager on {split} runs {result['runs']}: "
+            f"max scaled difference {result['max_diff']:.3g} ({worst}) > tolerance "
+            f"{result['tolerance']:g} by {result['max_diff'] - result['tolerance']:.3g}; "
+            f"{alarms} alarm mismatches; per quantity: {diffs}"
+        )
+    return result
+
+
+def twin_metadata(
+    dataset: PreparedDataset, run, version: str | None, name: str, cfg: DictConfig,
+    past_steps: int, fit_record: dict, verification: dict, online: OnlineTwin,
+) -> dict:  # fmt: skip
+    """The JSON stored as `metadata.json` in the file (docs/export.md lists the fields)."""
+    tags = dataset.manifest["tags"]
+    monitor = online.monitor
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_kind": run.data.tags.get("model.kind"),
+        "registered_model": name,
+        "registered_version": version,
+        "training_run_id": run.info.run_id,
+        "data_manifest_sha256": dataset.manifest_sha256,
+        "dt_s": dataset.dt_s,
+        "past_steps": past_steps,
+        "dtype": str(cfg.dtype),
+        "input_tags": list(dataset.input_tags),
+        "measurement_tags": list(dataset.measurement_tags),
+        "units": {t: tags[t]["unit"] for t in [*dataset.input_tags, *dataset.measurement_tags]},
+        "state_names": list(online.twin.field.flowsheet.state_names),
+        "state_fields": list(UPDATE_OUTPUTS[:5]),
+        "update_outputs": list(UPDATE_OUTPUTS),
+        "filter": {k: OmegaConf.to_container(cfg.filter)[k] for k in cfg.filter},
+        "detector": {
+            **OmegaConf.to_container(cfg.monitor),
+            **fit_record,
+            "t2_limits": monitor.t2_limits.tolist(),
+            "ewma_limit": float(monitor.ewma_limit),
+        },
+        "verification": verification,
+        "torch_version": torch.__version__,
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_twin_file(scripted, metadata: dict, out: Path) -> None:
+    """Save atomically (a temporary file, then rename) with metadata.json in _extra_files."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    torch.jit.save(scripted, str(partial), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    os.replace(partial, out)
+
+
+def load_twin_file(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
+    """The scripted OnlineTwin and its metadata from a twin file (CPU).
+
+    Raises:
+        TwinFileError: missing file, not a TorchScript archive (truncated, corrupted), or no
+            readable metadata.json; the message names the path and the cause.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TwinFileError(f"twin file {path}: no such file")
+    extra = {METADATA_FILE: ""}
+    try:
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except (RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TwinFileError(
+            f"twin file {path} ({path.stat().st_size} bytes) is not a readable TorchScript "
+            f"archive (truncated or corrupted? re-run `twin export`): {first}"
+        ) from error
+    try:
+        metadata = json.loads(extra[METADATA_FILE])
+    except json.JSONDecodeError as error:
+        raise TwinFileError(
+            f"twin file {path}: {METADATA_FILE} missing or not JSON: {error}"
+        ) from error
+    if metadata.get("format_version") != FORMAT_VERSION:
+        found = metadata.get("format_version")
+        raise TwinFileError(
+            f"twin file {path}: format_version {found!r}, this code reads {FORMAT_VERSION}"
+        )
+    return module, metadata
+
+
+def _log(run_id: str, version: str | None, name: str, out: Path, metadata: dict) -> None:
+    client = mlflow.MlflowClient()
+    client.log_artifact(run_id, str(out), ARTIFACT_DIR)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    tags = {
+        "twin_export.file": f"{ARTIFACT_DIR}/{out.name}",
+        "twin_export.sha256": digest,
+        "twin_export.max_diff": f"{metadata['verification']['max_diff']:.3g}",
+    }
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+        if version is not None:
+            client.set_model_version_tag(name, version, key, value)
+    metadata["sha256"] = digest
