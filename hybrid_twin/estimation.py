@@ -30,6 +30,12 @@ from hybrid_twin.errors import ConfigError, ShapeError
 # ~ 5e-11 in float64 (eps 2.2e-16 -> h 6.1e-6) and ~ 2e-5 in float32 (eps 1.2e-7 -> h 4.9e-3).
 FD_REL_STEP_FLOAT64 = 6.1e-6
 FD_REL_STEP_FLOAT32 = 4.9e-3
+# Forward differences (fd_scheme="forward", transition Jacobian only): truncation ~ h |Phi''| / 2,
+# rounding ~ 2 eps |Phi| / h; best at h ~ sqrt(eps), leaving ~ sqrt(eps) relative error in F:
+# ~ 1.5e-8 in float64 (h 1.5e-8), ~ 3.5e-4 in float32 (h 3.5e-4). n + 1 solver rows, not 2n + 1.
+FD_FORWARD_REL_STEP_FLOAT64 = 1.5e-8
+FD_FORWARD_REL_STEP_FLOAT32 = 3.5e-4
+FD_SCHEMES = ("central", "forward")
 
 
 class FilterStep(NamedTuple):
@@ -66,13 +72,18 @@ class ExtendedKalmanFilter(nn.Module):
             float32 Jacobian of the cdc hybrid a factor 50 in accuracy. Default ones.
         state_floor: (n_states,) the readout sees max(x, state_floor) (TwinModel's physical
             domain projection); default none (-inf).
-        fd_rel_step: relative finite-difference step; default by dtype (FD_REL_STEP_FLOAT64,
-            FD_REL_STEP_FLOAT32: eps^(1/3), see the module constants).
+        fd_rel_step: relative finite-difference step; default by dtype and scheme
+            (central: FD_REL_STEP_FLOAT64/32, eps^(1/3); forward: FD_FORWARD_REL_STEP_*,
+            sqrt(eps); see the module constants).
+        fd_scheme: "central" (default, the reference: 2 n + 1 solver rows, F to ~eps^(2/3))
+            or "forward" (n + 1 rows, F to ~sqrt(eps): ~1e-8 relative in float64; not
+            advised in float32) for the transition Jacobian. H is always central (the
+            readout is cheap next to the solver).
 
     Raises:
         ShapeError: q, r, state_scale or state_floor are not 1-D of matching sizes.
         ConfigError: dt_s <= 0, a negative or non-finite q, a non-positive or non-finite r,
-            a non-positive state_scale or fd_rel_step.
+            a non-positive state_scale or fd_rel_step, an unknown fd_scheme.
     """
 
     def __init__(
@@ -85,6 +96,7 @@ class ExtendedKalmanFilter(nn.Module):
         state_scale: Tensor | None = None,
         state_floor: Tensor | None = None,
         fd_rel_step: float | None = None,
+        fd_scheme: str = "central",
     ) -> None:
         super().__init__()
         q, r = torch.as_tensor(q), torch.as_tensor(r)
@@ -118,10 +130,17 @@ class ExtendedKalmanFilter(nn.Module):
             raise ConfigError(
                 f"ExtendedKalmanFilter: fd_rel_step: expected in (0, 1), got {fd_rel_step}"
             )
+        if fd_scheme not in FD_SCHEMES:
+            raise ConfigError(
+                f"ExtendedKalmanFilter: fd_scheme: expected one of {FD_SCHEMES}, got {fd_scheme!r}"
+            )
+        self.fd_scheme = str(fd_scheme)
         self.fd_rel_step = -1.0 if fd_rel_step is None else float(fd_rel_step)
         # Instance copies: scripted code cannot read module-level floats.
         self.fd_rel_step_float64 = FD_REL_STEP_FLOAT64
         self.fd_rel_step_float32 = FD_REL_STEP_FLOAT32
+        self.fd_forward_rel_step_float64 = FD_FORWARD_REL_STEP_FLOAT64
+        self.fd_forward_rel_step_float32 = FD_FORWARD_REL_STEP_FLOAT32
         self.solver = solver
         self.observation = observation
         self.dt_s = float(dt_s)
@@ -132,17 +151,31 @@ class ExtendedKalmanFilter(nn.Module):
         self.register_buffer("state_scale", scale.detach().to(dtype).clone())
         self.register_buffer("state_floor", floor.detach().to(dtype).clone())
 
-    def _fd_steps(self, x: Tensor) -> Tensor:
-        """Per-state central-difference steps, (batch, n_states)."""
+    def _fd_steps(self, x: Tensor, forward: bool = False) -> Tensor:
+        """Per-state finite-difference steps, (batch, n_states)."""
         rel = self.fd_rel_step
         if rel <= 0.0:
-            rel = self.fd_rel_step_float64 if x.dtype == torch.float64 else self.fd_rel_step_float32
+            if forward:
+                rel = (
+                    self.fd_forward_rel_step_float64
+                    if x.dtype == torch.float64
+                    else self.fd_forward_rel_step_float32
+                )
+            else:
+                rel = (
+                    self.fd_rel_step_float64
+                    if x.dtype == torch.float64
+                    else self.fd_rel_step_float32
+                )
         return rel * torch.maximum(x.abs(), self.state_scale)
 
-    def _perturbed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows [x, x + h_j e_j (j < n), x - h_j e_j (j < n)]: (batch, 2n + 1, n); and h."""
-        h = self._fd_steps(x)
+    def _perturbed(self, x: Tensor, forward: bool = False) -> tuple[Tensor, Tensor]:
+        """Rows [x, x + h_j e_j (j < n), x - h_j e_j (j < n)]: (batch, 2n + 1, n), or without
+        the last n (forward); and h."""
+        h = self._fd_steps(x, forward)
         shifts = torch.diag_embed(h)  # (batch, n, n), row j = h_j e_j
+        if forward:
+            return torch.cat([x.unsqueeze(1), x.unsqueeze(1) + shifts], 1), h
         rows = torch.cat([x.unsqueeze(1), x.unsqueeze(1) + shifts, x.unsqueeze(1) - shifts], 1)
         return rows, h
 
@@ -154,7 +187,7 @@ class ExtendedKalmanFilter(nn.Module):
         pin_index: Tensor | None = None,
         pin_values: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One solver interval and its Jacobian by central differences.
+        """One solver interval and its Jacobian by central (or forward, `fd_scheme`) differences.
 
         Args:
             x: (batch, n_states) state at t_k.
@@ -165,10 +198,11 @@ class ExtendedKalmanFilter(nn.Module):
         Returns:
             x_next: (batch, n_states) Phi(x, u); F: (batch, n_states, n_states) dPhi/dx (rows
             of pinned states are 0); status: (batch,) int64 worst solver status of the line's
-            2 n_states + 1 rows.
+            2 n_states + 1 (forward: n_states + 1) rows.
         """
         batch, n = x.shape[0], x.shape[1]
-        rows, h = self._perturbed(x)
+        forward = self.fd_scheme == "forward"
+        rows, h = self._perturbed(x, forward)
         width = rows.shape[1]
         flat_u = u.unsqueeze(1).expand(batch, width, u.shape[1]).reshape(batch * width, 1, -1)
         flat_pins: Tensor | None = None
@@ -179,8 +213,12 @@ class ExtendedKalmanFilter(nn.Module):
             rows.reshape(batch * width, n), flat_u, self.dt_s, pin_index, flat_pins
         )
         ends = solution.states[:, -1].reshape(batch, width, n)
-        # F[:, i, j] = (Phi_i(x + h_j e_j) - Phi_i(x - h_j e_j)) / (2 h_j)
-        jac = (ends[:, 1 : n + 1] - ends[:, n + 1 :]).transpose(1, 2) / (2.0 * h.unsqueeze(1))
+        if forward:
+            # F[:, i, j] = (Phi_i(x + h_j e_j) - Phi_i(x)) / h_j
+            jac = (ends[:, 1:] - ends[:, :1]).transpose(1, 2) / h.unsqueeze(1)
+        else:
+            # F[:, i, j] = (Phi_i(x + h_j e_j) - Phi_i(x - h_j e_j)) / (2 h_j)
+            jac = (ends[:, 1 : n + 1] - ends[:, n + 1 :]).transpose(1, 2) / (2.0 * h.unsqueeze(1))
         status = solution.status.reshape(batch, width).max(dim=1).values
         return ends[:, 0], jac, status
 
@@ -227,12 +265,17 @@ class ExtendedKalmanFilter(nn.Module):
             status (batch,) int64 `SolverStatus` code (0: success).
         """
         x_pred, jac, status = self.transition_jacobian(x, u, pin_index, pin_values)
-        P_pred = jac @ P @ jac.transpose(1, 2) + torch.diag_embed(self.q.expand_as(x))
-        if pin_index is not None and pin_values is not None:
-            keep = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        pins = pin_index if pin_values is not None else None
+        return x_pred, self._propagate(jac, P, pins), status
+
+    def _propagate(self, jac: Tensor, P: Tensor, pin_index: Tensor | None) -> Tensor:
+        """P_pred = F P F^T + diag(q), pinned rows/columns zeroed, symmetrised."""
+        P_pred = jac @ P @ jac.transpose(1, 2) + torch.diag_embed(self.q.expand(P.shape[0], -1))
+        if pin_index is not None:
+            keep = torch.ones(P.shape[1], dtype=P.dtype, device=P.device)
             keep = keep.index_fill(0, pin_index, 0.0)
             P_pred = P_pred * (keep.unsqueeze(0) * keep.unsqueeze(1))
-        return x_pred, 0.5 * (P_pred + P_pred.transpose(1, 2)), status
+        return 0.5 * (P_pred + P_pred.transpose(1, 2))
 
     @torch.jit.export
     def update(
@@ -256,6 +299,13 @@ class ExtendedKalmanFilter(nn.Module):
             y_pred (batch, n_tags) = h(x_pred).
         """
         y_pred, jac = self.observation_jacobian(x_pred)
+        x, P, innovation, innovation_var = self._correct(x_pred, P_pred, y_pred, jac, y, mask)
+        return x, P, innovation, innovation_var, y_pred
+
+    def _correct(
+        self, x_pred: Tensor, P_pred: Tensor, y_pred: Tensor, jac: Tensor, y: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gain and Joseph-form update given h(x_pred) and H; see `update`."""
         used = mask & torch.isfinite(y)
         innovation = torch.where(used, y - y_pred, torch.zeros_like(y_pred))
         jac_used = jac * used.unsqueeze(2).to(jac.dtype)
@@ -270,7 +320,7 @@ class ExtendedKalmanFilter(nn.Module):
         P = A @ P_pred @ A.transpose(1, 2) + (gain * self.r) @ gain.transpose(1, 2)
         P = 0.5 * (P + P.transpose(1, 2))
         innovation_var = (jac @ P_pred * jac).sum(dim=2) + self.r
-        return x, P, innovation, innovation_var, y_pred
+        return x, P, innovation, innovation_var
 
     def forward(
         self,

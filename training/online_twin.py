@@ -62,13 +62,21 @@ class OnlineTwin(nn.Module):
         r: (n_y,) measurement noise variance per tag, tag units^2.
         p0_std: (n_states,) prior standard deviation of the initial state, state units.
         monitor: the fitted detector over the n_y measurement tags (`hybrid_twin.fit_monitor`).
+        fd_scheme: the EKF's transition Jacobian, "central" (default, the reference) or
+            "forward" (half the solver rows; ExtendedKalmanFilter, benchmarks/online_latency.md).
 
     Raises:
         ShapeError, ConfigError: from ExtendedKalmanFilter for bad q, r (sizes, signs).
     """
 
     def __init__(
-        self, twin: TwinModel, q: Tensor, r: Tensor, p0_std: Tensor, monitor: InnovationMonitor
+        self,
+        twin: TwinModel,
+        q: Tensor,
+        r: Tensor,
+        p0_std: Tensor,
+        monitor: InnovationMonitor,
+        fd_scheme: str = "central",
     ) -> None:
         super().__init__()
         self.twin = twin
@@ -80,6 +88,7 @@ class OnlineTwin(nn.Module):
             r,
             state_scale=twin.field.state_normaliser.std.detach().clone(),
             state_floor=twin.state_floor.detach().clone(),
+            fd_scheme=fd_scheme,
         )
         self.monitor = monitor
         p0_var = p0_std.detach().to(twin.state_floor.dtype) ** 2

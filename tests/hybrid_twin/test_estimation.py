@@ -198,6 +198,47 @@ def test_jacobians_on_the_cdc_line_match_autograd(cdc_flowsheet, random_hybrid, 
         )
 
 
+def test_forward_difference_jacobian_on_the_cdc_line_matches_autograd_and_central(
+    cdc_flowsheet, random_hybrid, make_inputs, rng
+):
+    """fd_scheme="forward" (n + 1 solver rows, for latency): F within 1e-6 of autograd in
+    float64 (scaled as above; sqrt(eps) theory ~1.5e-8), and one filter step within 1e-6
+    of the central-difference reference (states in state_scale, P in scale_i scale_j)."""
+    field = random_hybrid(cdc_flowsheet)
+    solver = build_solver(field, "rk4")
+    observation = ObservationModel(cdc_flowsheet)
+    scale = field.state_normaliser.std.clone()
+    n, n_tags = scale.shape[0], observation.n_tags
+    q, r = (1e-3 * scale) ** 2, torch.full((n_tags,), 1e-2)
+    central = ExtendedKalmanFilter(solver, observation, 5.0, q, r, scale)
+    forward = ExtendedKalmanFilter(solver, observation, 5.0, q, r, scale, fd_scheme="forward")
+    u = make_inputs(cdc_flowsheet, 2, 1, rng)[:, 0]
+    x = cdc_flowsheet.steady_state(u, cdc_flowsheet.theta()).detach()
+    x = x * (1.0 + 0.05 * torch.randn(x.shape, generator=rng))
+    with torch.no_grad():
+        x_c, F_c, _ = central.transition_jacobian(x, u)
+        x_f, F_f, status = forward.transition_jacobian(x, u)
+    assert status.tolist() == [0, 0]
+    # The unperturbed row: the same solver on another batch size (last bits may differ).
+    torch.testing.assert_close(x_f, x_c, rtol=1e-12, atol=0.0)
+    ratio = scale / scale.unsqueeze(1)
+    for row in range(2):
+        exact_f = torch.autograd.functional.jacobian(
+            lambda v, row=row: solver(v.unsqueeze(0), u[row : row + 1, None], 5.0).states[0, -1],
+            x[row],
+        )
+        torch.testing.assert_close(F_f[row] * ratio, exact_f * ratio, rtol=1e-6, atol=1e-6)
+    P = torch.diag_embed((0.1 * scale).expand(2, n)) ** 2
+    with torch.no_grad():
+        y = observation(torch.maximum(x_c, central.state_floor)) * 1.01
+        mask = torch.ones(2, n_tags, dtype=torch.bool)
+        ref = central(x, P, u, y, mask)
+        got = forward(x, P, u, y, mask)
+    torch.testing.assert_close(got.x / scale, ref.x / scale, rtol=0.0, atol=1e-6)
+    pscale = scale.unsqueeze(1) * scale
+    torch.testing.assert_close(got.P / pscale, ref.P / pscale, rtol=0.0, atol=1e-6)
+
+
 def test_filter_on_linear_gaussian_system_equals_exact_kalman_filter(linear_setup, rng):
     ekf, s = linear_setup["ekf"], linear_setup
     batch, steps = 2, 40
@@ -394,6 +435,7 @@ def test_scripted_linear_filter_matches_eager(linear_setup, rng):
         ({"state_scale": torch.ones(3)}, ShapeError, "state_scale: expected \\(4,\\)"),
         ({"state_scale": torch.zeros(4)}, ConfigError, "state_scale: expected finite > 0"),
         ({"fd_rel_step": 2.0}, ConfigError, "fd_rel_step"),
+        ({"fd_scheme": "backward"}, ConfigError, "fd_scheme"),
     ],
 )
 def test_constructor_refuses_bad_arguments(linear_setup, kwargs, error, match):
