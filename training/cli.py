@@ -37,6 +37,8 @@ def _stages() -> dict[str, Stage]:
                           _run_evaluate),
         "export": Stage("one TorchScript twin file (forecast, EKF, fault detector), verified",
                         _run_export),
+        "evaluate-faults": Stage("fault table per fault kind: the twin's detector vs PCA T^2/SPE",
+                                 _run_evaluate_faults),
     }
 
 
@@ -58,6 +60,12 @@ def _run_export(cfg: DictConfig) -> object:
     from training.export import run_export
 
     return run_export(cfg)
+
+
+def _run_evaluate_faults(cfg: DictConfig) -> object:
+    from training.fault_evaluation import run_evaluate_faults
+
+    return run_evaluate_faults(cfg)
 
 
 def _usage(stages: dict[str, Stage]) -> str:
@@ -89,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Hydra reads its overrides from sys.argv, so the stage name is taken off first.
     sys.argv = [f"twin {name}", *overrides]
-    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=name)
+    # configs/<stage>.yaml, "-" as "_" (evaluate-faults -> evaluate_faults.yaml).
+    config_name = name.replace("-", "_")
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
     app(stages[name].run)()
     return 0
 

@@ -21,6 +21,7 @@ def test_help_lists_every_stage_with_one_line_each():
         "train",
         "evaluate",
         "export",
+        "evaluate-faults",
     ]
     assert all(len(words) > 3 for words in stage_lines)
 

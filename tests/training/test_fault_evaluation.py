@@ -1,0 +1,141 @@
+"""The fault table's metrics on hand-made alarms and labels, and the PCA baseline's calibration."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from training.dataset import RunTensors
+from training.fault_evaluation import (
+    PCAMonitor,
+    Scores,
+    detection,
+    false_alarm_counts,
+    fault_table,
+    held_matrix,
+    isolation,
+    label_rows,
+    tag_unit,
+)
+
+START = "2025-03-01T08:30:00.000+00:00"
+TIME = np.arange(20) * 5.0  # 20 rows, dt 5 s
+TAGS = ["FEED_API.MASSFLOW", "NIR.API_CONC", "PRESS.COMP_FORCE"]
+
+
+def test_label_times_map_to_rows():
+    # onset 25 s after the start -> row 5; end 60 s -> rows up to and including 12
+    i0, i1, onset_s = label_rows(TIME, START, "2025-03-01T08:30:25.000+00:00",
+                                 "2025-03-01T08:31:00.000+00:00")
+    assert (i0, i1, onset_s) == (5, 13, 25.0)
+    # an onset between grid rows -> the next row; a segment whose rows start later (time_s > 0)
+    i0, _, onset_s = label_rows(TIME[3:], START, "2025-03-01T08:30:27Z", "2025-03-01T08:31:00Z")
+    assert onset_s == 27.0 and TIME[3:][i0] == 30.0
+
+
+def test_tag_unit_is_the_prefix():
+    assert tag_unit("FEED_API.MASSFLOW") == "FEED_API"
+    assert tag_unit("NIR.API_CONC") == "NIR"
+
+
+def test_detection_and_delay():
+    alarm = np.zeros(20, bool)
+    alarm[2] = True  # before onset: a false alarm, not a detection
+    alarm[8] = alarm[9] = True
+    assert detection(alarm, TIME, 5, 13, 25.0) == (True, 15.0)  # row 8 at 40 s - 25 s
+    alarm_late = np.zeros(20, bool)
+    alarm_late[15] = True  # after the end: not detected
+    detected, delay = detection(alarm_late, TIME, 5, 13, 25.0)
+    assert not detected and math.isnan(delay)
+
+
+def test_false_alarm_counts_only_monitored_steps():
+    alarm = np.array([1, 1, 0, 0, 1, 0, 1, 1], bool)
+    monitored = np.array([0, 1, 1, 1, 1, 1, 0, 1], bool)
+    assert false_alarm_counts(alarm, monitored) == (3, 6)
+    assert false_alarm_counts(alarm, monitored, stop_row=4) == (1, 3)
+
+
+def test_isolation_uses_the_first_alarmed_steps_after_onset():
+    contributions = np.zeros((20, 3))
+    contributions[:, 2] = 1.0  # PRESS dominates everywhere ...
+    contributions[8:11, 1] = 10.0  # ... except the first alarmed rows after onset: NIR
+    alarm = np.zeros(20, bool)
+    alarm[[1, 8, 9, 10, 15]] = True
+    top, tag_ok, unit_ok = isolation(contributions, alarm, 5, 13, TAGS, "NIR.API_CONC", "NIR", 3)
+    assert (top, tag_ok, unit_ok) == ("NIR.API_CONC", True, True)
+    # right unit, wrong tag
+    top, tag_ok, unit_ok = isolation(contributions, alarm, 5, 13, TAGS, "NIR.OTHER", "NIR", 3)
+    assert (top, tag_ok, unit_ok) == ("NIR.API_CONC", False, True)
+    # more alarms averaged: rows 8, 9, 10, 15 is outside the window -> still NIR
+    assert isolation(contributions, alarm, 5, 13, TAGS, "x", "y", 10)[0] == "NIR.API_CONC"
+    # no alarm in the window
+    assert isolation(contributions, np.zeros(20, bool), 5, 13, TAGS, "NIR.API_CONC", "NIR",
+                     3) == (None, False, False)
+
+
+def _run(run_id: str) -> RunTensors:
+    n = len(TIME)
+    return RunTensors(run_id, f"runs/{run_id}.parquet", 0, torch.tensor(TIME),
+                      torch.zeros(n, 1), torch.zeros(n, 3), torch.ones(n, 3, dtype=torch.bool))
+
+
+def test_fault_table_per_kind():
+    def scores(alarm_rows, top_col):
+        alarm = np.zeros(20, bool)
+        alarm[alarm_rows] = True
+        c = np.zeros((20, 3))
+        c[:, top_col] = 1.0
+        return Scores(alarm, np.ones(20, bool), c, TAGS)
+
+    labels = pd.DataFrame({
+        "run_id": ["f1", "f2", "f3"],
+        "fault_kind": ["nir_fouling", "nir_fouling", "api_feeder_blockage"],
+        "onset": ["2025-03-01T08:30:25Z"] * 3,
+        "end": ["2025-03-01T08:31:00Z"] * 3,
+        "affected_unit": ["NIR", "NIR", "FEED_API"],
+        "affected_tag": ["NIR.API_CONC", "NIR.API_CONC", "FEED_API.MASSFLOW"],
+    })
+    by_method = {"twin": {"f1": scores([0, 7], 1), "f2": scores([], 1),
+                          "f3": scores([16], 0), "n1": scores([3, 4], 0)}}
+    runs = {r: _run(r) for r in ("f1", "f2", "f3", "n1")}
+    table, per_run = fault_table(by_method, runs, labels, {r: START for r in runs}, ["n1"], 3)
+    t = table.set_index("fault_kind")
+    nir = t.loc["nir_fouling"]
+    assert nir.detection_rate == 0.5 and nir.mean_delay_s == 10.0  # row 7 = 35 s - 25 s
+    assert nir.far_before_onset == pytest.approx(1 / 10)  # one alarm in 2 x 5 rows before onset
+    assert nir.isolation_tag_rate == 0.5 and nir.isolation_unit_rate == 0.5
+    api = t.loc["api_feeder_blockage"]  # never detected (alarm after the end)
+    assert api.detection_rate == 0.0 and math.isnan(api.mean_delay_s)
+    assert api.isolation_tag_rate == 0.0
+    assert t.loc["normal (test)"].far_normal == pytest.approx(2 / 20)
+    assert len(per_run) == 3
+
+
+def test_held_matrix_holds_last_sample_and_skips_rows_before_every_tag():
+    y = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 7.0], [4.0, 0.0]])
+    mask = torch.tensor([[True, False], [False, False], [True, True], [True, False]])
+    run = RunTensors("r", "f", 0, torch.arange(4.0, dtype=torch.float64), torch.zeros(4, 1),
+                     y, mask)
+    x, ready = held_matrix(run)
+    assert ready.tolist() == [False, False, True, True]
+    assert x[1, 1] == 1.0 and x[3, 2] == 7.0 and x[3, 1] == 4.0
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.05])
+def test_pca_false_alarm_rate_on_its_fit_data(alpha):
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((20000, 3))
+    x = latent @ rng.standard_normal((3, 8)) + 0.1 * rng.standard_normal((20000, 8))
+    monitor = PCAMonitor(x, alpha, 0.95)
+    rate = float(np.mean(monitor.exceed(x)))
+    assert rate == pytest.approx(alpha, rel=0.05)
+    assert monitor.fit_exceed_rate == rate
+    assert 1 <= monitor.pca.n_components_ <= 4
+    # a fault along one variable, off the normal subspace, is flagged and isolated by SPE
+    fault = x[:200].copy()
+    fault[:, 5] += 3.0
+    assert np.mean(monitor.exceed(fault)) > 0.9
+    assert np.argmax(np.mean(monitor.residual(fault) ** 2, axis=0)) == 5

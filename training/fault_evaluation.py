@@ -1,0 +1,395 @@
+"""`twin evaluate-faults`: the twin's fault detector on labelled fault runs, side by side with a
+PCA T^2/SPE baseline fitted on the same normal runs (docs/evaluation.md, "Fault detection").
+
+Data flow: registered version / run (as `twin export` resolves it) -> eager `OnlineTwin` with
+its monitor fitted on the normal runs of `monitor.fit_split` (training.export.build_online_twin)
+-> scripted once, `run_filter` over every `fault` run and the normal `test` runs in one batch ->
+alarm and contributions per step. PCA on the same fit runs' measurements + inputs -> alarm and
+SPE contributions per step. `data/<prepared>/fault_labels.csv` -> onset/end rows -> per fault
+kind: detection rate, mean delay, false-alarm rates, isolation -> faults.csv / faults.md, printed,
+and an MLflow run `evaluate-faults-<time>`.
+"""
+
+import datetime
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from hybrid_twin import ConfigError
+from training.dataset import PreparedDataset, RunTensors
+from training.export import (
+    DTYPES,
+    build_online_twin,
+    engineering_runs,
+    load_eager_twin,
+    resolve_model,
+    run_filter,
+)
+from training.tracking import git_commit, tracking_uri
+
+LABELS_FILE = "fault_labels.csv"
+METHODS = ("twin", "pca")
+
+
+# --------------------------------------------------------------------------- labels -> rows
+
+
+def tag_unit(tag: str) -> str:
+    """A tag's unit: its prefix before the first dot (FEED_API.MASSFLOW -> FEED_API)."""
+    return tag.split(".", 1)[0]
+
+
+def _utc(stamp: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+
+
+def label_rows(time_s: np.ndarray, run_start: str, onset: str, end: str) -> tuple[int, int, float]:
+    """Rows of a run inside its fault window.
+
+    Args:
+        time_s: (T,) seconds since the run segment's start (RunTensors.time_s).
+        run_start, onset, end: ISO timestamps (manifest runs[id]["start"], the label's times).
+
+    Returns:
+        (onset_row, end_row, onset_s): the window is rows onset_row <= k < end_row, i.e. rows with
+        onset_s <= time_s[k] <= end_s; onset_s is the onset in seconds since the run start.
+    """
+    start = _utc(run_start)
+    onset_s = (_utc(onset) - start).total_seconds()
+    end_s = (_utc(end) - start).total_seconds()
+    time_s = np.asarray(time_s, dtype=np.float64)
+    return (int(np.searchsorted(time_s, onset_s, side="left")),
+            int(np.searchsorted(time_s, end_s, side="right")), float(onset_s))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def detection(alarm: np.ndarray, time_s: np.ndarray, onset_row: int, end_row: int,
+              onset_s: float) -> tuple[bool, float]:
+    """(detected, delay_s): detected if any alarm in rows [onset_row, end_row); delay = time of the
+    first such alarm minus the onset (s); NaN when not detected."""
+    hits = np.flatnonzero(np.asarray(alarm[onset_row:end_row], dtype=bool))
+    if hits.size == 0:
+        return False, math.nan
+    return True, float(time_s[onset_row + hits[0]] - onset_s)
+
+
+def false_alarm_counts(alarm: np.ndarray, monitored: np.ndarray, stop_row: int | None = None
+                       ) -> tuple[int, int]:
+    """(alarmed monitored steps, monitored steps) over rows [0, stop_row) (all when None)."""
+    alarm = np.asarray(alarm, dtype=bool)[:stop_row]
+    monitored = np.asarray(monitored, dtype=bool)[:stop_row]
+    return int((alarm & monitored).sum()), int(monitored.sum())
+
+
+def isolation(contributions: np.ndarray, alarm: np.ndarray, onset_row: int, end_row: int,
+              tags: list[str], affected_tag: str, affected_unit: str, first_alarms: int
+              ) -> tuple[str | None, bool, bool]:
+    """(top tag, top == affected_tag, unit of top == affected_unit).
+
+    The top tag has the largest mean contribution over the first `first_alarms` alarmed rows in
+    [onset_row, end_row). No alarm in the window: (None, False, False).
+    """
+    hits = np.flatnonzero(np.asarray(alarm[onset_row:end_row], dtype=bool))[:first_alarms]
+    if hits.size == 0:
+        return None, False, False
+    mean = np.nanmean(np.asarray(contributions)[onset_row + hits], axis=0)
+    top = tags[int(np.nanargmax(mean))]
+    return top, top == affected_tag, tag_unit(top) == affected_unit
+
+
+@dataclass
+class Scores:
+    """One method's per-row output for one run: alarm (T,), monitored (T,), contributions (T, n)."""
+
+    alarm: np.ndarray
+    monitored: np.ndarray
+    contributions: np.ndarray
+    tags: list[str]
+
+
+def fault_table(scores: dict[str, dict[str, Scores]], runs: dict[str, RunTensors],
+                labels: pd.DataFrame, starts: dict[str, str], normal_runs: list[str],
+                first_alarms: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per method and fault kind: the metrics (docs/evaluation.md); and per method and fault run.
+
+    Returns:
+        (table, per_run): table has method, fault_kind, n_runs, detection_rate, mean_delay_s,
+        far_before_onset, isolation_tag_rate, isolation_unit_rate, top_tags, plus a row with
+        fault_kind "normal (test)" holding far_normal; per_run one row per method and fault run.
+    """
+    rows, per_run = [], []
+    for method, by_run in scores.items():
+        for label in labels.itertuples():
+            s = by_run[label.run_id]
+            t = runs[label.run_id].time_s.numpy()
+            i0, i1, onset_s = label_rows(t, starts[label.run_id], label.onset, label.end)
+            detected, delay = detection(s.alarm, t, i0, i1, onset_s)
+            alarmed, monitored = false_alarm_counts(s.alarm, s.monitored, i0)
+            top, tag_ok, unit_ok = isolation(s.contributions, s.alarm, i0, i1, s.tags,
+                                             label.affected_tag, label.affected_unit, first_alarms)
+            per_run.append({"method": method, "run_id": label.run_id,
+                            "fault_kind": label.fault_kind, "detected": detected,
+                            "delay_s": delay, "pre_alarmed": alarmed, "pre_monitored": monitored,
+                            "top_tag": top, "tag_ok": tag_ok, "unit_ok": unit_ok})
+        normal = [false_alarm_counts(by_run[r].alarm, by_run[r].monitored) for r in normal_runs]
+        alarmed_n = sum(a for a, _ in normal)
+        monitored_n = sum(m for _, m in normal)
+        rows.append({"method": method, "fault_kind": "normal (test)", "n_runs": len(normal_runs),
+                     "far_normal": alarmed_n / monitored_n if monitored_n else math.nan})
+    per_run_df = pd.DataFrame(per_run)
+    for (method, kind), g in per_run_df.groupby(["method", "fault_kind"], sort=True):
+        delays = g.delay_s[g.detected]
+        pre = g.pre_monitored.sum()
+        rows.append({
+            "method": method, "fault_kind": kind, "n_runs": len(g),
+            "detection_rate": float(g.detected.mean()),
+            "mean_delay_s": float(delays.mean()) if len(delays) else math.nan,
+            "far_before_onset": float(g.pre_alarmed.sum() / pre) if pre else math.nan,
+            "isolation_tag_rate": float(g.tag_ok.mean()),
+            "isolation_unit_rate": float(g.unit_ok.mean()),
+            "top_tags": ";".join(x if isinstance(x, str) else "-" for x in g.top_tag),
+        })
+    table = pd.DataFrame(rows)
+    table["method"] = pd.Categorical(table["method"], list(scores))
+    return table.sort_values(["fault_kind", "method"]).reset_index(drop=True), per_run_df
+
+
+# --------------------------------------------------------------------------- PCA baseline
+
+
+def held_matrix(run: RunTensors) -> tuple[np.ndarray, np.ndarray]:
+    """(T, n_u + n_y) normalised inputs + measurements, each measurement held (zero-order) from
+    its last sample within the run; (T,) bool: True from the first row where every tag has had a
+    sample (earlier rows are not monitored)."""
+    y = run.y.to(torch.float64).numpy().copy()
+    mask = run.mask.numpy()
+    y[~mask] = np.nan
+    held = pd.DataFrame(y).ffill().to_numpy()
+    x = np.concatenate([run.u.to(torch.float64).numpy(), held], axis=1)
+    return x, np.isfinite(held).all(axis=1)
+
+
+class PCAMonitor:
+    """PCA T^2 / SPE on normal data; alarm = T^2 > t2_limit or SPE > spe_limit.
+
+    Components explain `variance` of the fit data's variance. The limits are empirical quantiles
+    at a common level a, found by bisection so that the union is exceeded on a fraction
+    `false_alarm_rate` of the fit rows (the twin's monitor calibrates its T^2 and EWMA the same
+    way, docs/monitoring.md).
+    """
+
+    def __init__(self, x: np.ndarray, false_alarm_rate: float, variance: float = 0.95) -> None:
+        from sklearn.decomposition import PCA
+
+        if not 0.0 < false_alarm_rate < 0.5:
+            raise ConfigError(f"false_alarm_rate: expected in (0, 0.5), got {false_alarm_rate}")
+        self.pca = PCA(n_components=variance, svd_solver="full").fit(x)
+        t2, spe = self._stats(x)
+        lo, hi = false_alarm_rate / 2.0, false_alarm_rate
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            rate = np.mean((t2 > np.quantile(t2, 1 - mid)) | (spe > np.quantile(spe, 1 - mid)))
+            lo, hi = (mid, hi) if rate <= false_alarm_rate else (lo, mid)
+        self.level = lo
+        self.t2_limit = float(np.quantile(t2, 1 - lo))
+        self.spe_limit = float(np.quantile(spe, 1 - lo))
+        self.fit_exceed_rate = float(np.mean(self.exceed(x)))
+
+    def _stats(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.pca.transform(x)
+        t2 = np.sum(scores**2 / self.pca.explained_variance_, axis=1)
+        return t2, np.sum(self.residual(x) ** 2, axis=1)
+
+    def residual(self, x: np.ndarray) -> np.ndarray:
+        return x - self.pca.inverse_transform(self.pca.transform(x))
+
+    def exceed(self, x: np.ndarray) -> np.ndarray:
+        t2, spe = self._stats(x)
+        return (t2 > self.t2_limit) | (spe > self.spe_limit)
+
+
+def pca_scores(monitor: PCAMonitor, run: RunTensors, tags: list[str], first_row: int) -> Scores:
+    """Alarm, monitored rows (from `first_row` and every tag sampled once) and SPE contributions
+    (squared per-variable residuals) of one run."""
+    x, ready = held_matrix(run)
+    monitored = ready & (np.arange(len(x)) >= first_row)
+    alarm = np.zeros(len(x), dtype=bool)
+    contributions = np.zeros_like(x)
+    if monitored.any():
+        alarm[monitored] = monitor.exceed(x[monitored])
+        contributions[monitored] = monitor.residual(x[monitored]) ** 2
+    return Scores(alarm, monitored, contributions, tags)
+
+
+# --------------------------------------------------------------------------- twin
+
+
+def twin_scores(online, dataset: PreparedDataset, runs: list[RunTensors], past_steps: int,
+                dtype: torch.dtype) -> dict[str, Scores]:
+    """The scripted filter over the runs in one batch (padded); rows before past_steps and
+    padding are not monitored, a row is monitored when at least one measurement is sampled."""
+    u, y, real = engineering_runs(dataset, runs, dtype)
+    steps = run_filter(torch.jit.script(online), u, y, past_steps)[1:]
+    alarm = torch.stack([s[11] for s in steps], dim=1).numpy()
+    contributions = torch.stack([s[12] for s in steps], dim=1).to(torch.float64).numpy()
+    sampled = torch.isfinite(y[:, past_steps:]).any(dim=2) & real[:, past_steps:]
+    out = {}
+    for i, r in enumerate(runs):
+        n = r.u.shape[0]
+        pad = np.zeros(past_steps, dtype=bool)
+        out[r.run_id] = Scores(
+            np.concatenate([pad, alarm[i].astype(bool)])[:n],
+            np.concatenate([pad, sampled[i].numpy()])[:n],
+            np.concatenate([np.zeros((past_steps, contributions.shape[2])),
+                            contributions[i]])[:n],
+            list(dataset.measurement_tags),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def load_labels(dataset: PreparedDataset, runs: list[str]) -> pd.DataFrame:
+    path = Path(dataset.root) / LABELS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no fault labels in the prepared dataset")
+    labels = pd.read_csv(path)
+    missing = sorted(set(runs) - set(labels.run_id))
+    if missing:
+        raise ConfigError(f"{path}: no label for fault runs {missing}")
+    return labels[labels.run_id.isin(runs)].reset_index(drop=True)
+
+
+def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
+    """`twin evaluate-faults`: the fault table, written, printed and logged; returns it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.num_threads is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    if str(cfg.dtype) not in DTYPES:
+        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    dtype = DTYPES[str(cfg.dtype)]
+    mlflow.set_tracking_uri(tracking_uri())
+    started = time.perf_counter()
+    run_id, version = resolve_model(cfg)
+    dataset = PreparedDataset.open(cfg.data_path)
+    run = mlflow.get_run(run_id)
+    if run.data.tags.get("data.manifest_sha256") != dataset.manifest_sha256:
+        raise ConfigError(f"run {run_id} was trained on manifest "
+                          f"{run.data.tags.get('data.manifest_sha256')}, data_path "
+                          f"{cfg.data_path} has {dataset.manifest_sha256}")
+    past_steps = int(run.data.params["datamodule.past_steps"])
+    twin = load_eager_twin(run_id, dataset)
+    online, fit_record = build_online_twin(twin, dataset, cfg, past_steps, dtype)
+
+    manifest_runs = dataset.manifest["runs"]
+    fault_runs = dataset.load_split(str(cfg.fault_split))
+    normal_runs = [r for r in dataset.load_split(str(cfg.normal_split))
+                   if manifest_runs[r.run_id].get("kind", "normal") == "normal"]
+    runs = [r for r in [*fault_runs, *normal_runs] if r.u.shape[0] > past_steps + 1]
+    labels = load_labels(dataset, [r.run_id for r in fault_runs])
+    by_id = {r.run_id: r for r in runs}
+    labels = labels[labels.run_id.isin(by_id)]
+
+    scores = {"twin": twin_scores(online, dataset, runs, past_steps, dtype)}
+    fit_ids = set(fit_record["fit_runs"])
+    fit_x = []
+    for r in dataset.load_split(str(cfg.monitor.fit_split)):
+        if r.run_id in fit_ids:
+            x, ready = held_matrix(r)
+            fit_x.append(x[ready & (np.arange(len(x)) >= past_steps)])
+    pca = PCAMonitor(np.concatenate(fit_x), float(cfg.monitor.false_alarm_rate),
+                     float(cfg.pca.variance))
+    pca_tags = [*dataset.input_tags, *dataset.measurement_tags]
+    scores["pca"] = {r.run_id: pca_scores(pca, r, pca_tags, past_steps) for r in runs}
+
+    starts = {r: manifest_runs[r]["start"] for r in by_id}
+    table, per_run = fault_table(scores, by_id, labels, starts,
+                                 [r.run_id for r in normal_runs if r.run_id in by_id],
+                                 int(cfg.isolation_first_alarms))
+    markdown = table_markdown(table)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output_dir / "faults.csv", index=False)
+    per_run.to_csv(output_dir / "faults_per_run.csv", index=False)
+    (output_dir / "faults.md").write_text(markdown)
+    seconds = time.perf_counter() - started
+    print(markdown)
+    print(f"evaluate-faults: model run {run_id} (version {version}, "
+          f"{run.data.tags.get('model.kind')}); PCA {pca.pca.n_components_} components, "
+          f"fit exceed rate {pca.fit_exceed_rate:.4f}; wrote {output_dir / 'faults.csv'} and "
+          f"faults.md; {seconds:.1f} s")
+    _log(cfg, table, output_dir, run, version, dataset.manifest_sha256, pca, fit_record, seconds)
+    return table
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else \
+        format(value, spec)
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    """Twin and PCA side by side, one row per fault kind, the normal-run false-alarm rate last."""
+    header = ("| fault kind | runs | detection twin | detection PCA | delay twin (s) | "
+              "delay PCA (s) | FAR before onset twin | FAR before onset PCA | "
+              "isolated tag / unit twin | isolated tag / unit PCA | top tag twin | top tag PCA |")
+    lines = [header, "|" + "---|" * 12]
+    t = table.set_index(["fault_kind", "method"])
+    kinds = [k for k in dict.fromkeys(table.fault_kind) if k != "normal (test)"]
+    for kind in kinds:
+        a, b = t.loc[(kind, "twin")], t.loc[(kind, "pca")]
+        lines.append(
+            f"| {kind} | {int(a.n_runs)} | {_fmt(a.detection_rate, '.2f')} | "
+            f"{_fmt(b.detection_rate, '.2f')} | {_fmt(a.mean_delay_s, '.0f')} | "
+            f"{_fmt(b.mean_delay_s, '.0f')} | {_fmt(a.far_before_onset, '.4f')} | "
+            f"{_fmt(b.far_before_onset, '.4f')} | {a.isolation_tag_rate:.2f} / "
+            f"{a.isolation_unit_rate:.2f} | {b.isolation_tag_rate:.2f} / "
+            f"{b.isolation_unit_rate:.2f} | {a.top_tags} | {b.top_tags} |"
+        )
+    a, b = t.loc[("normal (test)", "twin")], t.loc[("normal (test)", "pca")]
+    lines.append(f"\nFalse-alarm rate on normal test runs ({int(a.n_runs)} runs, alarmed / "
+                 f"monitored steps): twin {_fmt(a.far_normal, '.4f')}, PCA "
+                 f"{_fmt(b.far_normal, '.4f')}.")
+    return "\n".join(lines) + "\n"
+
+
+def _log(cfg, table, output_dir, run, version, manifest_sha256, pca, fit_record, seconds):
+    mlflow.set_experiment(str(cfg.tracking.experiment_name))
+    with mlflow.start_run(run_name=f"evaluate-faults-{output_dir.name}"):
+        mlflow.set_tags({
+            "twin.stage": "evaluate-faults",
+            "evaluated.run_id": run.info.run_id,
+            "evaluated.version": str(version),
+            "evaluated.model_kind": str(run.data.tags.get("model.kind")),
+            "data.manifest_sha256": manifest_sha256,
+            "git.commit": git_commit(),
+        })
+        mlflow.log_params({
+            "false_alarm_rate": float(cfg.monitor.false_alarm_rate),
+            "fit_split": str(cfg.monitor.fit_split),
+            "fit_runs": ",".join(fit_record["fit_runs"]),
+            "pca.variance": float(cfg.pca.variance),
+            "pca.components": int(pca.pca.n_components_),
+            "isolation_first_alarms": int(cfg.isolation_first_alarms),
+        })
+        metrics = {"seconds": seconds}
+        for r in table.itertuples():
+            kind = str(r.fault_kind).replace(" ", "_").replace("(", "").replace(")", "")
+            for name in ("detection_rate", "mean_delay_s", "far_before_onset",
+                         "isolation_tag_rate", "isolation_unit_rate", "far_normal"):
+                value = getattr(r, name, math.nan)
+                if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                    metrics[f"faults/{kind}/{name}/{r.method}"] = float(value)
+        mlflow.log_metrics(metrics)
+        for name in ("faults.csv", "faults.md", "faults_per_run.csv"):
+            mlflow.log_artifact(str(output_dir / name))
