@@ -119,45 +119,8 @@ class AbstractZOHSolver(nn.Module):
         raise NotImplementedError
 
 
-class Euler(AbstractZOHSolver):
-    """Explicit Euler, n_substeps equal steps per input interval (order 1; for tests/debug).
-
-    Args:
-        vector_field: module with theta() and rhs(x, u, theta).
-        n_substeps: steps per input interval.
-    """
-
-    def __init__(self, vector_field: nn.Module, n_substeps: int = 1) -> None:
-        super().__init__(vector_field)
-        self.n_substeps = _positive_int(n_substeps, "n_substeps")
-
-    def forward(
-        self,
-        x0: Tensor,
-        u: Tensor,
-        dt_s: float,
-        pin_index: Tensor | None = None,
-        pin_values: Tensor | None = None,
-    ) -> ZOHSolution:
-        theta = self.vector_field.theta()
-        h = dt_s / self.n_substeps
-        x = x0
-        states = [x0]
-        for k, uk in enumerate(u.unbind(1)):
-            for _ in range(self.n_substeps):
-                x = x.add(self.vector_field.rhs(x, uk, theta), alpha=h)
-            x = _pin(x, k, pin_index, pin_values)
-            states.append(x)
-        steps = torch.full(
-            (x0.shape[0],), u.shape[1] * self.n_substeps, dtype=torch.long, device=x0.device
-        )
-        return _finish(states, torch.zeros_like(steps), steps)
-
-
-class RK4(AbstractZOHSolver):
-    """Classic fourth-order Runge-Kutta, n_substeps equal steps per input interval.
-
-    Stable for the linear lags of the unit models while h = dt_s / n_substeps < 2.78 tau_min.
+class AbstractFixedStepSolver(AbstractZOHSolver):
+    """Base of the fixed-step solvers: n_substeps equal steps of `_step` per input interval.
 
     Args:
         vector_field: module with theta() and rhs(x, u, theta).
@@ -189,6 +152,24 @@ class RK4(AbstractZOHSolver):
             (x0.shape[0],), u.shape[1] * self.n_substeps, dtype=torch.long, device=x0.device
         )
         return _finish(states, torch.zeros_like(steps), steps)
+
+    def _step(self, x: Tensor, u: Tensor, theta: Tensor, h: float) -> Tensor:
+        """x after one step of size h under the held input u."""
+        raise NotImplementedError
+
+
+class Euler(AbstractFixedStepSolver):
+    """Explicit Euler, n_substeps equal steps per input interval (order 1; for tests/debug)."""
+
+    def _step(self, x: Tensor, u: Tensor, theta: Tensor, h: float) -> Tensor:
+        return x.add(self.vector_field.rhs(x, u, theta), alpha=h)
+
+
+class RK4(AbstractFixedStepSolver):
+    """Classic fourth-order Runge-Kutta, n_substeps equal steps per input interval.
+
+    Stable for the linear lags of the unit models while h = dt_s / n_substeps < 2.78 tau_min.
+    """
 
     def _step(self, x: Tensor, u: Tensor, theta: Tensor, h: float) -> Tensor:
         f = self.vector_field

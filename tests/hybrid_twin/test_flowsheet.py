@@ -208,9 +208,9 @@ def test_every_unit_and_solver_class_is_registered():
     solvers = {
         c
         for _, c in inspect.getmembers(hybrid_twin.solvers, inspect.isclass)
-        if issubclass(c, AbstractZOHSolver)
+        if issubclass(c, AbstractZOHSolver) and not c.__name__.startswith("Abstract")
     }
-    assert solvers - {AbstractZOHSolver} == set(SOLVERS.values())
+    assert solvers == set(SOLVERS.values())  # every concrete solver
 
 
 def test_every_registry_key_has_its_config_file_and_it_builds(cdc_flowsheet):

@@ -7,19 +7,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.training.twin_cli import run_twin
+from tests.training.twin_cli import TINY_SIZES, run_twin
 from training.dataset import PreparedDataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
-TINY = [
-    "datamodule.window_steps=12",
-    "datamodule.past_steps=6",
-    "datamodule.eval_window_steps=24",
-    "datamodule.batch_size=4",
-    "datamodule.windows_per_epoch=8",
-    "trainer.max_epochs=1",
-    "num_threads=1",
-]
+TINY = [*TINY_SIZES, "trainer.max_epochs=1"]
 # forecasts of 1 min (12 rows of 5 s) every 30 s, after P = 6 past rows
 EVALUATE = ["horizons_min=[0.5,1]", "stride_min=0.5", "num_threads=1"]
 

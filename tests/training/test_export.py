@@ -11,19 +11,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.training.twin_cli import run_twin
+from tests.training.twin_cli import TINY_SIZES, run_twin
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
-TINY = [
-    "model=mechanistic",
-    "datamodule.window_steps=12",
-    "datamodule.past_steps=6",
-    "datamodule.eval_window_steps=24",
-    "datamodule.batch_size=4",
-    "datamodule.windows_per_epoch=8",
-    "trainer.max_epochs=1",
-    "num_threads=1",
-]
+TINY = ["model=mechanistic", *TINY_SIZES, "trainer.max_epochs=1"]
 PAST_STEPS = 6
 # fit_monitor needs every tag sampled >= 30 times on the fit runs: the at-line assays (60 s,
 # 300 s) are sampled every 30 s here so that one 30-min val run is enough.

@@ -12,20 +12,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from hybrid_twin import ConfigError
-from tests.training.twin_cli import run_twin
+from tests.training.twin_cli import TINY_SIZES, run_twin
 from training.train import RUN_ID_KEY, read_checkpoint
 
 # mlflow.pyfunc warns about its own type hints when it is first imported (mlflow 3.17).
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
-TINY = [  # sizes for the tiny dataset (as in test_train.py): epochs of 2 batches
-    "datamodule.window_steps=12",
-    "datamodule.past_steps=6",
-    "datamodule.eval_window_steps=24",
-    "datamodule.batch_size=4",
-    "datamodule.windows_per_epoch=8",
-    "num_threads=1",
-    "trainer.enable_progress_bar=false",
-]
+TINY = [*TINY_SIZES, "trainer.enable_progress_bar=false"]
 
 
 def _runs(client: MlflowClient) -> list:

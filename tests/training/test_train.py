@@ -16,22 +16,14 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.training.twin_cli import run_twin
+from tests.training.twin_cli import TINY_SIZES, run_twin
 from training.config_dir import SHIPPED_CONFIG_DIR
 from training.datamodule import CDCDataModule
 from training.twin_model import build_twin_model
 
 # mlflow.pyfunc warns about its own type hints when it is first imported (mlflow 3.17).
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
-TINY = [  # sizes for the tiny dataset: 2 epochs of 2 batches
-    "datamodule.window_steps=12",
-    "datamodule.past_steps=6",
-    "datamodule.eval_window_steps=24",
-    "datamodule.batch_size=4",
-    "datamodule.windows_per_epoch=8",
-    "trainer.max_epochs=2",
-    "num_threads=1",
-]
+TINY = [*TINY_SIZES, "trainer.max_epochs=2"]  # 2 epochs of 2 batches
 
 
 def _config(group: str, name: str) -> dict:
