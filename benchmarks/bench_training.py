@@ -4,7 +4,7 @@ Results: benchmarks/training_throughput.md.
 
     .venv/bin/python benchmarks/bench_training.py [--kinds hybrid mechanistic black_box]
         [--batches 16 256] [--threads 1 2] [--repeats 5] [--warmup 2] [--seed 0]
-        [--dataset data/prepared] [--no-cuda] [--json results.json]
+        [--dataset data/prepared] [--no-cuda | --cuda-only] [--json results.json]
 
 One step is what `TwinLitModule.training_step` and Lightning's automatic optimisation do per
 batch: `TwinLitModule.losses` (TwinModel.simulate: steady state, burn-in through the P past
@@ -13,7 +13,7 @@ norm clipping at `trainer.gradient_clip_val` -> AdamW step -> zero grad. Lightni
 per-batch bookkeeping (hooks, metric logging) and data loading are not timed.
 
 Model and data: configs/train.yaml composed with Hydra's compose API (experiment=cdc_default:
-T = 60, P = 12, AdamW lr 2e-3) and built by training.train.build_training, on real training
+T = 60, P = 12, AdamW lr 2e-3) and built by training.build.build_training, on real training
 windows of the prepared default dataset (`make pipeline`'s generate + prepare). Every timed
 step gets its own batch, drawn with --seed from the train windows before timing starts, the
 same batches for every kind. float32 (the training dtype).
@@ -22,8 +22,10 @@ Timing: per (device, threads, batch) the kinds are built once, run --warmup unti
 then --repeats timed steps interleaved across kinds (the shared machine's load drifts over
 minutes; interleaving spreads the drift over all kinds alike). Reported: the median step time
 as windows/s = batch / median, and the spread as the windows/s of the slowest and fastest
-step. CPU rows run with torch.set_num_threads(threads); the CUDA row (when
-torch.cuda.is_available() and not --no-cuda) synchronises before and after each step.
+step. CPU rows run with torch.set_num_threads(threads); the CUDA rows (when
+torch.cuda.is_available() and not --no-cuda) synchronise before and after each step, once
+through CUDA graphs (`lit.cuda_graphs`, what `twin train trainer=gpu` does; the capture is in
+the warm-up steps) and once eagerly.
 """
 
 import argparse
@@ -38,9 +40,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
+from training.build import build_training
 from training.config_dir import SHIPPED_CONFIG_DIR
 from training.lit_module import TwinLitModule
-from training.train import build_training
 from training.windows import Window
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +119,9 @@ def measure(
     return seconds
 
 
-def run_block(args, device: torch.device, threads: int | None, batch: int) -> list[dict]:
+def run_block(
+    args, device: torch.device, threads: int | None, batch: int, cuda_graphs: bool = False
+) -> list[dict]:
     if threads is not None:
         torch.set_num_threads(threads)
     steps, batches = {}, None
@@ -126,6 +130,7 @@ def run_block(args, device: torch.device, threads: int | None, batch: int) -> li
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         torch.manual_seed(args.seed)
         datamodule, _, lit = build_training(cfg, config)
+        lit.cuda_graphs = cuda_graphs
         if batches is None:  # the same windows for every kind
             drawn = draw_batches(datamodule, batch, args.warmup + args.repeats, args.seed)
             batches = [to_device(b, device) for b in drawn]
@@ -134,6 +139,8 @@ def run_block(args, device: torch.device, threads: int | None, batch: int) -> li
     seconds = measure(steps, batches, args.warmup, device)
     rows = []
     name = device_name(device, threads)
+    if device.type == "cuda":
+        name += ", CUDA graphs" if cuda_graphs else ", eager"
     for kind, times in seconds.items():
         median = statistics.median(times)
         row = {
@@ -191,6 +198,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", type=Path, default=REPO / "data" / "prepared")
     parser.add_argument("--no-cuda", action="store_true", help="CPU rows only")
+    parser.add_argument("--cuda-only", action="store_true", help="CUDA rows only")
     parser.add_argument("--json", help="write the results here as well")
     args = parser.parse_args()
     if not (args.dataset / "manifest.json").is_file():
@@ -199,12 +207,13 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, float32, {cpu}, dataset {args.dataset}")
     results = []
-    for threads in args.threads:
+    for threads in [] if args.cuda_only else args.threads:
         for batch in args.batches:
             results += run_block(args, torch.device("cpu"), threads, batch)
     if torch.cuda.is_available() and not args.no_cuda:
         for batch in args.batches:
-            results += run_block(args, torch.device("cuda"), None, batch)
+            for cuda_graphs in (True, False):
+                results += run_block(args, torch.device("cuda"), None, batch, cuda_graphs)
     print("\nwindows/s: median (slowest step - fastest step)")
     print_table(results, args.kinds)
     if args.json:

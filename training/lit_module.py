@@ -8,6 +8,10 @@ no files and knows no config format: train.py builds it from plain values.
 Two-stage schedule (hybrid only): for the first `theta_only_epochs` epochs the network
 parameters phi are frozen and only the physical parameters theta (unit parameters and the
 NIR calibration) learn; then theta and phi learn together.
+
+On a CUDA device (one process) training steps run through CUDA graphs (`cuda_graphs`,
+training/cuda_graphs.py): the same `loss_terms`, captured once per batch shape and replayed;
+validation, CPU and DDP steps run eagerly.
 """
 
 from collections.abc import Callable, Iterable, Sequence
@@ -17,6 +21,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from hybrid_twin import ConfigError, ZOHSolution, check_status
+from training.cuda_graphs import CapturedLoss, cuda_graphs_usable
 from training.twin_model import TwinModel
 from training.windows import Window
 
@@ -37,6 +42,40 @@ def masked_mse(y_hat: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     return error.pow(2).sum() / count
 
 
+def loss_terms(
+    model: TwinModel,
+    residual_penalty: float,
+    past_u: Tensor,
+    past_y: Tensor,
+    past_mask: Tensor,
+    u: Tensor,
+    y: Tensor,
+    mask: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The loss of one batch of windows, with no host synchronisation (CUDA-graph safe).
+
+    Returns:
+        (total loss, masked MSE, residual size) scalars, y_hat (batch, T, n_y) normalised and
+        the solver status (batch,) as floats (0 = success).
+    """
+    y_hat, states, inputs, status = model.simulate(past_u, past_y, past_mask, u)
+    fit = masked_mse(y_hat, y, mask)
+    size = model.residual_size(states, inputs)
+    return fit + residual_penalty * size, fit, size, y_hat, status.to(y_hat.dtype)
+
+
+class LossTerms(nn.Module):
+    """`loss_terms` of a model as a module: what `CapturedLoss` captures."""
+
+    def __init__(self, model: TwinModel, residual_penalty: float) -> None:
+        super().__init__()
+        self.model = model
+        self.residual_penalty = residual_penalty
+
+    def forward(self, *batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return loss_terms(self.model, self.residual_penalty, *batch)
+
+
 class TwinLitModule(LightningModule):
     """Trains a TwinModel of any kind on CDCDataModule windows.
 
@@ -46,6 +85,8 @@ class TwinLitModule(LightningModule):
         measurement_tags: names of the y columns, for per-tag metric names.
         residual_penalty: weight of mean |g_nn|^2 (normalised network output) in the loss.
         theta_only_epochs: hybrid only: epochs that train theta alone before theta + phi.
+        cuda_graphs: run training steps on a CUDA device through CUDA graphs (same loss and
+            gradients, without the kernel-launch bound); ignored on CPU and under DDP.
 
     Raises:
         ConfigError: a negative penalty or stage length, or a two-stage schedule on a kind
@@ -59,6 +100,7 @@ class TwinLitModule(LightningModule):
         measurement_tags: Sequence[str],
         residual_penalty: float = 0.0,
         theta_only_epochs: int = 0,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         if residual_penalty < 0 or theta_only_epochs < 0:
@@ -76,6 +118,9 @@ class TwinLitModule(LightningModule):
         self.measurement_tags = list(measurement_tags)
         self.residual_penalty = float(residual_penalty)
         self.theta_only_epochs = int(theta_only_epochs)
+        self.cuda_graphs = bool(cuda_graphs)
+        # Not a submodule: the model's parameters must not appear twice in the state dict.
+        self._captured: CapturedLoss | None = None
         if model.field.kind == "black_box":
             # The black box's dynamics ignore theta; it only places the initial steady state
             # and the readout h(x), which stay at their configured values (docs/training.md).
@@ -121,13 +166,14 @@ class TwinLitModule(LightningModule):
             FloatingPointError: the loss is not finite (names the tags predicted as NaN/inf),
                 raised before a NaN gradient can corrupt the parameters.
         """
-        y_hat, states, inputs, status = self.model.simulate(
-            batch.past_u, batch.past_y, batch.past_mask, batch.u
-        )
-        check_status_of(status, states)
-        fit = masked_mse(y_hat, batch.y, batch.mask)
-        size = self.model.residual_size(states, inputs)
-        loss = fit + self.residual_penalty * size
+        tensors = (batch.past_u, batch.past_y, batch.past_mask, batch.u, batch.y, batch.mask)
+        if self.cuda_graphs and self._single_step_process() and cuda_graphs_usable(batch.u):
+            if self._captured is None:
+                self._captured = CapturedLoss(lambda: LossTerms(self.model, self.residual_penalty))
+            loss, fit, size, y_hat, status = self._captured(*tensors)
+        else:
+            loss, fit, size, y_hat, status = loss_terms(self.model, self.residual_penalty, *tensors)
+        check_status_of(status, y_hat)
         if not bool(torch.isfinite(loss)):
             bad = ~torch.isfinite(y_hat).flatten(0, 1).all(dim=0)
             tags = [t for t, b in zip(self.measurement_tags, bad.tolist(), strict=True) if b]
@@ -136,6 +182,14 @@ class TwinLitModule(LightningModule):
                 f"{size.item()}); non-finite predictions of {tags}"
             )
         return loss, fit, size, y_hat
+
+    def _single_step_process(self) -> bool:
+        """One process, one backward per optimiser step. DDP's gradient hooks and gradient
+        accumulation stay eager: a replay writes its gradients into the same memory each
+        time, which accumulation across backward passes would read back."""
+        if self._trainer is None:
+            return True
+        return self.trainer.world_size == 1 and self.trainer.accumulate_grad_batches == 1
 
     def on_train_epoch_start(self) -> None:
         self.set_stage(self.current_epoch)
@@ -197,6 +251,8 @@ class TwinLitModule(LightningModule):
 
 
 def check_status_of(status: Tensor, states: Tensor) -> None:
-    """Raise SolverError when any trajectory's status is not success (eager training only)."""
+    """Raise SolverError when any trajectory's status is not success (after the step: it
+    synchronises with the device)."""
     if bool((status != 0).any()):
+        status = status.long()
         check_status(ZOHSolution(states, status, torch.zeros_like(status)), "training window")

@@ -33,8 +33,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_twin import ConfigError
+from training.build import build_training
 from training.datamodule import CDCDataModule
-from training.lit_module import TwinLitModule
 from training.tracking import (
     flatten_params,
     git_commit,
@@ -42,12 +42,12 @@ from training.tracking import (
     provenance_tags,
     tracking_uri,
 )
-from training.twin_model import TwinModel, build_twin_model
+from training.twin_model import TwinModel
 
 CHECKPOINT_DIR = "checkpoints"  # under the Hydra output dir; `last.ckpt` is rewritten every epoch
 RUN_ID_KEY = "mlflow_run_id"  # the MLflow run a checkpoint belongs to, inside the checkpoint
 # Config keys a resumed run may change: how it trains (epochs, devices, threads), not what.
-RESUMABLE_KEYS = ("trainer.*", "num_threads")
+RESUMABLE_KEYS = ("trainer.*", "num_threads", "lit.cuda_graphs")
 
 
 class MlflowEpochMetrics(Callback):
@@ -259,34 +259,6 @@ def _may_change(key: str) -> bool:
     return key.startswith("trainer.") or key in RESUMABLE_KEYS
 
 
-def build_training(cfg: DictConfig, config: dict) -> tuple[CDCDataModule, TwinModel, TwinLitModule]:
-    """Datamodule, model and Lightning module from the composed config.
-
-    Args:
-        cfg: the composed config (for `_target_` nodes); config: the same, resolved, plain.
-
-    Raises:
-        ConfigError: the dataset's tags and the flowsheet disagree, or a bad model setting.
-    """
-    datamodule = CDCDataModule(**config["datamodule"])
-    generator = None if cfg.seed is None else torch.Generator().manual_seed(int(cfg.seed))
-    model = build_twin_model(
-        config["flowsheet"],
-        config["model"],
-        config["solver"],
-        datamodule.input_tags,
-        datamodule.measurement_tags,
-        datamodule.normalisation,
-        datamodule.dt_s,
-        config["initial_state"],
-        generator,
-    )
-    lit = TwinLitModule(
-        model, instantiate(cfg.optimizer), datamodule.measurement_tags, **config["lit"]
-    )
-    return datamodule, model, lit
-
-
 def _register(cfg: DictConfig, model: TwinModel, datamodule: CDCDataModule, workdir: Path) -> str:
     # mlflow.pyfunc warns on import (its own type hints): load it only when a run needs it.
     from training.twin_pyfunc import log_twin
@@ -308,7 +280,7 @@ def example_input(datamodule: CDCDataModule, n_windows: int) -> dict[str, np.nda
         {"past_u": (n, P, n_u), "past_y": (n, P, n_y) NaN where not sampled, "u": (n, T, n_u)}
         float32 arrays.
     """
-    windows = datamodule.sequential_windows("val")
+    windows = datamodule.sequential_windows(datamodule.hparams.val_split)
     items = [windows[i] for i in range(min(n_windows, len(windows)))]
     u_mean, u_std, y_mean, y_std = datamodule.normalisation
     past_u = torch.stack([w.past_u for w in items]) * u_std + u_mean

@@ -278,3 +278,127 @@ def test_a_non_finite_loss_stops_training_before_the_update(datamodule, batch):
     poisoned = batch._replace(y=torch.where(batch.mask, float("inf"), batch.y))
     with pytest.raises(FloatingPointError, match="loss is not finite"):
         lit.losses(poisoned)
+
+
+# CUDA-graph training steps (training/cuda_graphs.py). The GPU tests need a CUDA device: they
+# are skipped on CPU-only machines (CI) and were run on a lent H100/H200 (benchmarks/
+# gpu_training.md records the run).
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs); none here"
+)
+
+
+def _on(batch, device: str):
+    return type(batch)(*(t.to(device) for t in batch))
+
+
+def _random_hybrid(datamodule):
+    residual = {**_config("model", "hybrid")["residual"], "zero_init": False}
+    return _model(datamodule, "hybrid", residual=residual)
+
+
+def _step_results(lit, batch) -> dict:
+    lit.zero_grad(set_to_none=True)
+    loss, fit, size, y_hat = lit.losses(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in lit.model.named_parameters() if p.grad is not None}
+    return {
+        "loss": loss.detach(),
+        "fit": fit.detach(),
+        "size": size.detach(),
+        "y_hat": y_hat.detach(),
+        "grads": grads,
+    }
+
+
+def _assert_same_step(graphed: dict, eager: dict) -> None:
+    # The replay runs the kernels the eager step runs; float32 reductions may be ordered
+    # differently by the capture's library calls, hence 1e-5 and not 0.
+    assert graphed["grads"].keys() == eager["grads"].keys()
+    for key in ("loss", "fit", "size", "y_hat"):
+        torch.testing.assert_close(graphed[key], eager[key], rtol=1e-5, atol=1e-6, msg=key)
+    for name, grad in eager["grads"].items():
+        scale = float(grad.abs().max()) + 1e-12
+        torch.testing.assert_close(
+            graphed["grads"][name] / scale, grad / scale, rtol=1e-4, atol=1e-5, msg=name
+        )
+
+
+def test_on_cpu_training_steps_stay_eager(datamodule, batch):
+    lit = _lit(_model(datamodule, "mechanistic"), cuda_graphs=True)
+    lit.losses(batch)[0].backward()
+    assert lit._captured is None
+
+
+def test_a_capture_refuses_cpu_tensors_naming_the_argument(datamodule, batch):
+    from training.cuda_graphs import CapturedLoss
+    from training.lit_module import LossTerms
+
+    captured = CapturedLoss(lambda: LossTerms(_model(datamodule, "mechanistic"), 0.0))
+    with pytest.raises(ValueError, match="argument 0 is on cpu; CUDA graphs need CUDA tensors"):
+        captured(*batch)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["hybrid", "mechanistic", "black_box"])
+def test_cuda_graph_steps_give_the_eager_loss_and_gradients(datamodule, kind):
+    model = (_random_hybrid(datamodule) if kind == "hybrid" else _model(datamodule, kind)).cuda()
+    eager, graphed = _lit(model, cuda_graphs=False), _lit(model, cuda_graphs=True)
+    batches = [*datamodule.train_dataloader(), *datamodule.train_dataloader()][:3]
+    for batch in batches:  # the first call captures, the others replay on new data
+        batch = _on(batch, "cuda")
+        _assert_same_step(_step_results(graphed, batch), _step_results(eager, batch))
+    assert graphed._captured.n_captures == 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_stage_change_recaptures_with_the_new_trainable_parameters(datamodule, batch):
+    model = _random_hybrid(datamodule).cuda()
+    eager = _lit(model, cuda_graphs=False, theta_only_epochs=1)
+    graphed = _lit(model, cuda_graphs=True, theta_only_epochs=1)
+    batch = _on(batch, "cuda")
+    for epoch in (0, 1):
+        graphed.set_stage(epoch)
+        result = _step_results(graphed, batch)
+        _assert_same_step(result, _step_results(eager, batch))
+        phi_names = {n for n, p in model.named_parameters() if "net" in n}
+        assert bool(phi_names & result["grads"].keys()) == (epoch == 1)
+    assert graphed._captured.n_captures == 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_lightning_trains_the_same_parameters_with_and_without_cuda_graphs(tiny_cdc_dataset):
+    from lightning.pytorch import Trainer, seed_everything
+
+    trained = {}
+    for cuda_graphs in (False, True):
+        seed_everything(0)
+        dm = CDCDataModule(
+            tiny_cdc_dataset,
+            window_steps=WINDOW,
+            past_steps=PAST,
+            batch_size=4,
+            windows_per_epoch=8,
+            num_workers=0,
+            seed=0,
+        )
+        dm.setup("fit")
+        lit = _lit(_random_hybrid(dm), lr=1e-3, cuda_graphs=cuda_graphs)
+        trainer = Trainer(
+            accelerator="gpu",
+            devices=1,
+            max_epochs=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            num_sanity_val_steps=0,
+            gradient_clip_val=1.0,
+        )
+        trainer.fit(lit, datamodule=dm)
+        assert (lit._captured is not None) == cuda_graphs
+        trained[cuda_graphs] = {n: p.detach().cpu() for n, p in lit.model.named_parameters()}
+    for name, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name], value, rtol=1e-4, atol=1e-5, msg=name)

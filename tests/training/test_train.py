@@ -283,7 +283,7 @@ def test_train_config_composes_for_every_model_kind_and_trainer(kind, trainer):
 def test_seed_zero_fixes_the_network_weights_and_null_leaves_them_free(tiny_cdc_dataset):
     from omegaconf import OmegaConf
 
-    from training.train import build_training
+    from training.build import build_training
 
     def weights(seed: str) -> torch.Tensor:
         cfg = _compose("model=black_box", f"seed={seed}", f"datamodule.path={tiny_cdc_dataset}")

@@ -1,0 +1,326 @@
+"""GPU training speed: the window rollout's forward+backward, and a whole `twin train` fit.
+
+Results: benchmarks/gpu_training.md. Needs a CUDA device.
+
+    python benchmarks/bench_gpu_training.py rollout [--batches 1024 16384 131072] [--steps 200]
+        [--repeats 5] [--seed 0] [--json rollout.json]
+    python benchmarks/bench_gpu_training.py fit [--epochs 4] [--kind hybrid]
+        [--dataset data/prepared] [--seed 0] [--json fit.json]
+
+`rollout` (issue 9's table): forward + backward of a hybrid model over `--steps` zero-order-
+hold steps of 5 s: loss = mean((states / state std)^2), backpropagated to every parameter.
+Model: the size of issue 9's measurement, 9 states and 3 inputs (API and excipient
+loss-in-weight feeders into a 2-tank blender; SMALL_LINE) + a 64x64 residual network with its
+last layer randomised; inputs nominal x (1 + 0.05 N(0, 1)), new every step; x0 the steady
+state. float32. Methods, in one run:
+
+- torchdiffeq rk4 (jump_t), one step per interval: the library baseline.
+- reference: hybrid_twin's RK4 in eager autograd, which is what training ran on a GPU before
+  (training.lit_module without CUDA graphs).
+- own rk4 scripted: the same solver under torch.jit.script.
+- CUDA graph: the reference captured by training.cuda_graphs.CapturedLoss (the fast path of
+  `twin train trainer=gpu`); + recompute: RK4 `recompute: true` (per-interval activation
+  checkpointing) inside the capture, for batches whose activations do not fit; + TF32:
+  network matmuls on TF32 tensor cores (the state stays float32).
+
+Per (batch, method): warm-up calls (1: the capture; 2 for TorchScript's profiling runs), then
+--repeats timed calls (one where a call takes > 10 s), each synchronised; the median is
+reported, with the peak GPU memory and the loss's and gradients' largest relative
+difference from the reference (from torchdiffeq where the reference ran out of memory).
+Out-of-memory is recorded, not fatal.
+
+`fit`: `twin train trainer=gpu model=<kind>` as train.py builds it (training.build; no
+MLflow), Lightning fit for --epochs on the prepared dataset, once with `lit.cuda_graphs=false`
+and once with true, same seed: wall time of each fit and the final val/loss and val RMSE.
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from hybrid_twin import HybridVectorField, build_flowsheet, build_solver, odeint_zoh
+from training.cuda_graphs import CapturedLoss
+
+REPO = Path(__file__).resolve().parents[1]
+DT_S = 5.0
+SMALL_LINE = {
+    "name": "two_feeders_blender",
+    "components": ["api", "excipient"],
+    "units": {
+        "feeder_api": {
+            "type": "liw_feeder",
+            "component": "api",
+            "nominal_flow_kg_h": 3.0,
+            "flow_range_kg_h": [0.0, 10.0],
+            "hopper_nominal_kg": 5.0,
+        },
+        "feeder_exc": {
+            "type": "liw_feeder",
+            "component": "excipient",
+            "nominal_flow_kg_h": 27.0,
+            "flow_range_kg_h": [0.0, 80.0],
+            "hopper_nominal_kg": 25.0,
+        },
+        "blender": {
+            "type": "tanks_in_series_blender",
+            "n_tanks": 2,
+            "nominal_speed_rpm": 400.0,
+            "speed_range_rpm": [0.0, 1200.0],
+        },
+    },
+    "streams": [["feeder_api", "blender"], ["feeder_exc", "blender"]],
+}
+REFERENCE = "reference: own rk4, eager"
+TDE_RK4 = "torchdiffeq rk4 (jump_t)"
+# Measured at the smallest batch only: it times as the eager reference does (launch-bound).
+SMALL_BATCH_ONLY = {"own rk4, scripted"}
+SLOW_CALL_S = 10.0  # a method whose call takes longer is timed once
+
+
+class RolloutLoss(nn.Module):
+    """mean((states / std)^2) of one rollout: the module a CUDA graph captures."""
+
+    def __init__(self, solver: nn.Module, scale: Tensor) -> None:
+        super().__init__()
+        self.solver = solver
+        self.register_buffer("scale", scale)
+
+    def forward(self, x0: Tensor, u: Tensor) -> Tensor:
+        return (self.solver(x0, u, DT_S).states / self.scale).pow(2).mean()
+
+
+class TorchdiffeqLoss(nn.Module):
+    def __init__(self, field: HybridVectorField, scale: Tensor) -> None:
+        super().__init__()
+        self.field = field
+        self.register_buffer("scale", scale)
+
+    def forward(self, x0: Tensor, u: Tensor) -> Tensor:
+        states = odeint_zoh(self.field, x0, u, DT_S, method="rk4", mode="jump_t")
+        return (states / self.scale).pow(2).mean()
+
+
+def build_field(seed: int, device: torch.device) -> HybridVectorField:
+    config = {"kind": "hybrid", "residual": {"hidden": [64, 64], "zero_init": False}}
+    generator = torch.Generator().manual_seed(seed)
+    return HybridVectorField(build_flowsheet(SMALL_LINE), config, generator=generator).to(device)
+
+
+def make_inputs(field, batch: int, steps: int, seed: int, device) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed + batch)
+    nominal = field.flowsheet.nominal_inputs().float()
+    u = nominal.unsqueeze(1) * (1.0 + 0.05 * torch.randn(batch, steps, 3, generator=generator))
+    u = u.to(device)
+    with torch.no_grad():
+        x0 = field.flowsheet.steady_state(u[:, 0], field.theta())
+    return x0, u
+
+
+class Tf32:
+    """TF32 matmuls inside the block (captures record the kernels chosen then)."""
+
+    def __enter__(self) -> None:
+        self.previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.previous
+
+
+def methods(field: HybridVectorField) -> dict[str, tuple[Callable[[], Callable], bool]]:
+    """name -> (build: () -> loss_fn(x0, u), tf32)."""
+    scale = field.state_normaliser.std.detach().clone()
+
+    def own(recompute: bool = False) -> RolloutLoss:
+        solver = build_solver(field, {"name": "rk4", "recompute": recompute})
+        return RolloutLoss(solver, scale)
+
+    return {
+        TDE_RK4: (lambda: TorchdiffeqLoss(field, scale), False),
+        REFERENCE: (lambda: own(), False),
+        "own rk4, scripted": (lambda: RolloutLoss(torch.jit.script(own().solver), scale), False),
+        "CUDA graph (fast path)": (lambda: CapturedLoss(lambda: own()), False),
+        "CUDA graph + recompute": (lambda: CapturedLoss(lambda: own(True)), False),
+        "CUDA graph + recompute + TF32": (lambda: CapturedLoss(lambda: own(True)), True),
+    }
+
+
+def one_call(fn, field, x0, u) -> tuple[Tensor, list[Tensor]]:
+    field.zero_grad(set_to_none=True)
+    loss = fn(x0, u)
+    loss.backward()
+    return loss.detach(), [p.grad for p in field.parameters() if p.grad is not None]
+
+
+def relative_difference(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max() / (b.abs().max() + 1e-30))
+
+
+def run_rollout(args) -> list[dict]:
+    device = torch.device(args.device)
+    field = build_field(args.seed, device)
+    rows = []
+    for batch in args.batches:
+        x0, u = make_inputs(field, batch, args.steps, args.seed, device)
+        truth: tuple[str, Tensor, list[Tensor]] | None = None
+        for name, (build, tf32) in methods(field).items():
+            if batch != min(args.batches) and name in SMALL_BATCH_ONLY:
+                continue
+            row = {"batch": batch, "steps": args.steps, "method": name}
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            fn = None
+            try:
+                with Tf32() if tf32 else _nothing():
+                    fn = build()
+                    # Warm-up: the capture (graphs), TorchScript's two profiling runs.
+                    for _ in range(2 if "scripted" in name else 1):
+                        loss, grads = one_call(fn, field, x0, u)
+                    times = []
+                    for _ in range(args.repeats):
+                        sync(device)
+                        start = time.perf_counter()
+                        loss, grads = one_call(fn, field, x0, u)
+                        sync(device)
+                        times.append(time.perf_counter() - start)
+                        if times[-1] > SLOW_CALL_S:
+                            break
+                row.update(
+                    median_ms=1e3 * statistics.median(times),
+                    min_ms=1e3 * min(times),
+                    peak_gib=torch.cuda.max_memory_allocated() / 2**30
+                    if device.type == "cuda"
+                    else None,
+                    loss=float(loss),
+                )
+                if truth is not None:  # the reference, or torchdiffeq where it did not fit
+                    row["vs"] = truth[0]
+                    row["loss_rel_diff"] = relative_difference(loss, truth[1])
+                    row["grad_rel_diff"] = max(
+                        relative_difference(g, t) for g, t in zip(grads, truth[2], strict=True)
+                    )
+                if name == REFERENCE or (name == TDE_RK4 and truth is None):
+                    truth = (name, loss, [g.clone() for g in grads])
+            except torch.OutOfMemoryError:
+                row["error"] = "out of GPU memory"
+            except Exception as error:  # recorded and reported: one method must not stop the run
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            del fn
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    add_ratios(rows)
+    return rows
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speedup vs torchdiffeq rk4 and vs the reference, per batch (same run, same card)."""
+    for row in rows:
+        if "median_ms" not in row:
+            continue
+        for base, key in ((TDE_RK4, "x_vs_torchdiffeq"), (REFERENCE, "x_vs_reference")):
+            other = [r for r in rows if r["batch"] == row["batch"] and r["method"] == base]
+            if other and "median_ms" in other[0]:
+                row[key] = other[0]["median_ms"] / row["median_ms"]
+
+
+def run_fit(args) -> list[dict]:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.pytorch import Trainer, seed_everything
+    from omegaconf import OmegaConf
+
+    from training.build import build_training
+    from training.config_dir import SHIPPED_CONFIG_DIR
+
+    rows = []
+    for cuda_graphs in (False, True):
+        overrides = [
+            f"model={args.kind}",
+            "trainer=gpu" if args.device == "cuda" else "trainer=cpu",
+            f"trainer.max_epochs={args.epochs}",
+            "trainer.enable_checkpointing=false",
+            "trainer.enable_progress_bar=false",
+            f"datamodule.path={args.dataset.resolve()}",
+            f"lit.cuda_graphs={str(cuda_graphs).lower()}",
+            f"seed={args.seed}",
+        ]
+        with initialize_config_dir(str(SHIPPED_CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        seed_everything(args.seed, workers=True)
+        datamodule, _, lit = build_training(cfg, config)
+        trainer = Trainer(**instantiate(cfg.trainer, _convert_="all"), logger=False)
+        device = torch.device(args.device)
+        sync(device)
+        start = time.perf_counter()
+        trainer.fit(lit, datamodule=datamodule)
+        sync(device)
+        seconds = time.perf_counter() - start
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {
+            "kind": args.kind,
+            "epochs": args.epochs,
+            "cuda_graphs": cuda_graphs,
+            "fit_s": seconds,
+            "captures": 0 if lit._captured is None else lit._captured.n_captures,
+            "metrics": metrics,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["rollout", "fit"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1024, 16384, 131072])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--kind", default="hybrid")
+    parser.add_argument("--dataset", type=Path, default=REPO / "data" / "prepared")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the rows here as well")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script only")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: this benchmark measures the GPU path")
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"# torch {torch.__version__}, {card}, CUDA {torch.version.cuda}", flush=True)
+    rows = run_rollout(args) if args.part == "rollout" else run_fit(args)
+    if args.json:
+        payload = {
+            "torch": torch.__version__,
+            "device": card,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "rows": rows,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+
+
+if __name__ == "__main__":
+    main()
