@@ -39,7 +39,17 @@ def _stages() -> dict[str, Stage]:
                         _run_export),
         "evaluate-faults": Stage("fault table per fault kind: the twin's detector vs PCA T^2/SPE",
                                  _run_evaluate_faults),
+        "serve": Stage("the prediction and monitoring service (FastAPI) for one twin file",
+                       _run_serve),
+        "scenario": Stage("what-if scenarios through a trained twin; out-of-spec diversion windows",
+                          _run_scenario),
     }
+
+
+def _run_scenario(cfg: DictConfig) -> object:
+    from training.scenario import run_scenario
+
+    return run_scenario(cfg)
 
 
 def _run_train(cfg: DictConfig) -> float:
@@ -66,6 +76,15 @@ def _run_evaluate_faults(cfg: DictConfig) -> object:
     from training.fault_evaluation import run_evaluate_faults
 
     return run_evaluate_faults(cfg)
+
+
+def _run_serve(cfg: DictConfig) -> None:
+    # serving imports nothing of training (DESIGN.md): it gets a plain mapping, not a DictConfig.
+    from omegaconf import OmegaConf
+
+    from serving.server import run_serve
+
+    return run_serve(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _usage(stages: dict[str, Stage]) -> str:

@@ -195,6 +195,31 @@ def run_filter(online, u: Tensor, y: Tensor, past_steps: int, steps: int | None 
     return outputs
 
 
+# Splits whose runs score a detector: fitting on them would grade the detector on its own data.
+SCORING_SPLITS = ("test", "fault")
+
+
+def monitor_fit_runs(dataset: PreparedDataset, fit_split, past_steps: int) -> list[RunTensors]:
+    """The normal runs the detector is fitted on: every run of the split(s) `fit_split` (a name
+    or a list of names) longer than past_steps + 1 rows.
+
+    Raises:
+        ConfigError: a scoring split (test, fault) among them, or no run left.
+    """
+    splits = [fit_split] if isinstance(fit_split, str) else [str(s) for s in fit_split]
+    scoring = [s for s in splits if s in SCORING_SPLITS]
+    if scoring or not splits:
+        raise ConfigError(f"monitor.fit_split: {splits}: fit the detector on normal runs of "
+                          f"train and/or val; {', '.join(SCORING_SPLITS)} score it")
+    kind = {run_id: info.get("kind", "normal") for run_id, info in dataset.manifest["runs"].items()}
+    runs = [r for split in splits for r in dataset.load_split(split)
+            if kind[r.run_id] == "normal" and r.u.shape[0] > past_steps + 1]
+    if not runs:
+        raise ConfigError(f"monitor.fit_split: no normal run of {splits} is longer than "
+                          f"{past_steps + 1} rows (past_steps + 1)")
+    return runs
+
+
 def build_online_twin(
     twin: TwinModel, dataset: PreparedDataset, cfg: DictConfig, past_steps: int,
     dtype: torch.dtype,
@@ -204,13 +229,9 @@ def build_online_twin(
     n_y = len(dataset.measurement_tags)
     online = OnlineTwin(twin, noise["q"], noise["r"], noise["p0_std"], placeholder_monitor(n_y))
     online = online.to(dtype).eval()
-    split = str(cfg.monitor.fit_split)
-    runs = [r for r in dataset.load_split(split)
-            if dataset.manifest["runs"][r.run_id].get("kind", "normal") == "normal"]
-    runs = [r for r in runs if r.u.shape[0] > past_steps + 1]
-    if not runs:
-        raise ConfigError(f"monitor.fit_split: no normal run of split {split!r} is longer than "
-                          f"{past_steps + 1} rows (past_steps + 1)")
+    fit_split = cfg.monitor.fit_split
+    fit_split = fit_split if isinstance(fit_split, str) else list(fit_split)
+    runs = monitor_fit_runs(dataset, fit_split, past_steps)
     u, y, real = engineering_runs(dataset, runs, dtype)
     # The filter is the same before and after fitting: script it once for speed.
     steps = run_filter(torch.jit.script(online), u, y, past_steps)[1:]
@@ -226,7 +247,7 @@ def build_online_twin(
     )  # fmt: skip
     online.monitor = monitor.to(dtype)
     record = {
-        "fit_split": split,
+        "fit_split": fit_split,
         "fit_runs": [r.run_id for r in runs],
         "fit_steps": int(real[:, past_steps:].sum()),
         "fit_level": monitor.fit_level,

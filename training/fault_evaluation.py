@@ -29,6 +29,7 @@ from training.export import (
     build_online_twin,
     engineering_runs,
     load_eager_twin,
+    monitor_fit_runs,
     resolve_model,
     run_filter,
 )
@@ -124,9 +125,11 @@ def fault_table(scores: dict[str, dict[str, Scores]], runs: dict[str, RunTensors
     Returns:
         (table, per_run): table has method, fault_kind, n_runs, detection_rate, mean_delay_s,
         far_before_onset, isolation_tag_rate, isolation_unit_rate, top_tags, plus a row with
-        fault_kind "normal (test)" holding far_normal; per_run one row per method and fault run.
+        fault_kind "normal (test)" holding far_normal; per_run one row per method and fault run,
+        then one per method and normal run (fault_kind "normal (test)", its alarmed and
+        monitored steps in pre_alarmed / pre_monitored).
     """
-    rows, per_run = [], []
+    rows, per_run, per_normal_run = [], [], []
     for method, by_run in scores.items():
         for label in labels.itertuples():
             s = by_run[label.run_id]
@@ -141,6 +144,9 @@ def fault_table(scores: dict[str, dict[str, Scores]], runs: dict[str, RunTensors
                             "delay_s": delay, "pre_alarmed": alarmed, "pre_monitored": monitored,
                             "top_tag": top, "tag_ok": tag_ok, "unit_ok": unit_ok})
         normal = [false_alarm_counts(by_run[r].alarm, by_run[r].monitored) for r in normal_runs]
+        per_normal_run += [{"method": method, "run_id": r, "fault_kind": "normal (test)",
+                            "pre_alarmed": a, "pre_monitored": m}
+                           for r, (a, m) in zip(normal_runs, normal, strict=True)]
         alarmed_n = sum(a for a, _ in normal)
         monitored_n = sum(m for _, m in normal)
         rows.append({"method": method, "fault_kind": "normal (test)", "n_runs": len(normal_runs),
@@ -160,6 +166,7 @@ def fault_table(scores: dict[str, dict[str, Scores]], runs: dict[str, RunTensors
         })
     table = pd.DataFrame(rows)
     table["method"] = pd.Categorical(table["method"], list(scores))
+    per_run_df = pd.concat([per_run_df, pd.DataFrame(per_normal_run)], ignore_index=True)
     return table.sort_values(["fault_kind", "method"]).reset_index(drop=True), per_run_df
 
 
@@ -302,12 +309,10 @@ def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
     labels = labels[labels.run_id.isin(by_id)]
 
     scores = {"twin": twin_scores(online, dataset, runs, past_steps, dtype)}
-    fit_ids = set(fit_record["fit_runs"])
     fit_x = []
-    for r in dataset.load_split(str(cfg.monitor.fit_split)):
-        if r.run_id in fit_ids:
-            x, ready = held_matrix(r)
-            fit_x.append(x[ready & (np.arange(len(x)) >= past_steps)])
+    for r in monitor_fit_runs(dataset, fit_record["fit_split"], past_steps):
+        x, ready = held_matrix(r)
+        fit_x.append(x[ready & (np.arange(len(x)) >= past_steps)])
     pca = PCAMonitor(np.concatenate(fit_x), float(cfg.monitor.false_alarm_rate),
                      float(cfg.pca.variance))
     pca_tags = [*dataset.input_tags, *dataset.measurement_tags]
@@ -376,7 +381,7 @@ def _log(cfg, table, output_dir, run, version, manifest_sha256, pca, fit_record,
         })
         mlflow.log_params({
             "false_alarm_rate": float(cfg.monitor.false_alarm_rate),
-            "fit_split": str(cfg.monitor.fit_split),
+            "fit_split": str(fit_record["fit_split"]),
             "fit_runs": ",".join(fit_record["fit_runs"]),
             "pca.variance": float(cfg.pca.variance),
             "pca.components": int(pca.pca.n_components_),

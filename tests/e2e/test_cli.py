@@ -22,6 +22,8 @@ def test_help_lists_every_stage_with_one_line_each():
         "evaluate",
         "export",
         "evaluate-faults",
+        "serve",
+        "scenario",
     ]
     assert all(len(words) > 3 for words in stage_lines)
 

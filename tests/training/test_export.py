@@ -11,14 +11,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.training.twin_cli import TINY_SIZES, run_twin
+from tests.training.twin_cli import TINY_SIZES, build_export_dataset, run_twin
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
 TINY = ["model=mechanistic", *TINY_SIZES, "trainer.max_epochs=1"]
 PAST_STEPS = 6
-# fit_monitor needs every tag sampled >= 30 times on the fit runs: the at-line assays (60 s,
-# 300 s) are sampled every 30 s here so that one 30-min val run is enough.
-AT_LINE_PERIOD_S = 30
 EXPORT = [
     "verify.update_steps=30",
     "verify.forecast_steps=24",
@@ -31,32 +28,7 @@ SCRIPTED_VS_EAGER = 1e-6  # float64, same ops: tests/tolerances.py's scripted-vs
 @pytest.fixture(scope="module")
 def export_dataset(tmp_path_factory) -> Path:
     """4 normal runs of 30 min (train 2, val 1, test 1), at-line tags every 30 s."""
-    import yaml
-
-    from data_pipelines import prepare_dataset
-    from data_pipelines.plant_sim import write_historian_export
-    from training.config_dir import SHIPPED_CONFIG_DIR
-
-    def load(relative: str) -> dict:
-        return yaml.safe_load((SHIPPED_CONFIG_DIR / relative).read_text())
-
-    root = tmp_path_factory.mktemp("export_cdc")
-    tags = load("plant/cdc_line.yaml")["tags"]
-    for tag in ("PRESS.TABLET_WEIGHT", "PRESS.TABLET_API"):
-        tags[tag] = {**tags[tag], "sample_period_s": AT_LINE_PERIOD_S}
-    sim = {
-        **load("sim/cdc_default.yaml"),
-        "n_normal_runs": 4,
-        "n_extrapolation_runs": 0,
-        "n_fault_runs_per_kind": 0,
-        "run_hours": 0.5,
-        "n_setpoint_changes": 1,
-    }
-    write_historian_export(root / "raw", tags=tags, sim=sim, seed=0)
-    data = {**load("data/cdc_default.yaml"), "raw_dir": str(root / "raw")}
-    data["out_dir"] = str(root / "prepared")
-    prepare_dataset(root / "raw", root / "prepared", tags=tags, data=data, plant_name="cdc_line")
-    return root / "prepared"
+    return build_export_dataset(tmp_path_factory.mktemp("export_cdc"))
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +136,9 @@ def test_metadata_round_trips_through_the_file_and_mlflow(exported, export_datas
     assert metadata["model_kind"] == "mechanistic"
     assert metadata["data_manifest_sha256"] == dataset.manifest_sha256
     assert metadata["past_steps"] == PAST_STEPS
-    assert metadata["detector"]["false_alarm_rate"] == 0.01
+    assert metadata["detector"]["false_alarm_rate"] == 0.005
+    assert metadata["detector"]["fit_split"] == ["train", "val"]
+    assert len(metadata["detector"]["fit_runs"]) == 3
     assert metadata["verification"]["max_diff"] <= metadata["verification"]["tolerance"]
     client = MlflowClient(tracking_uri=uri)
     (version,) = client.search_model_versions("name='cdc-line-twin'")
@@ -225,3 +199,18 @@ def test_a_truncated_twin_file_names_the_path_and_the_cause(exported, tmp_path):
         load_twin_file(garbage)
     with pytest.raises(TwinFileError, match="no such file"):
         load_twin_file(tmp_path / "absent.pt")
+
+
+def test_the_detector_fits_on_train_and_val_and_never_on_a_scoring_split(export_dataset):
+    from hybrid_twin import ConfigError
+    from training.dataset import PreparedDataset
+    from training.export import monitor_fit_runs
+
+    dataset = PreparedDataset.open(export_dataset)
+    runs = monitor_fit_runs(dataset, ["train", "val"], PAST_STEPS)
+    expected = [*dataset.run_ids("train"), *dataset.run_ids("val")]
+    assert [r.run_id for r in runs] == expected and len(expected) == 3
+    assert [r.run_id for r in monitor_fit_runs(dataset, "val", PAST_STEPS)] == expected[2:]
+    for splits in (["train", "test"], "fault", []):
+        with pytest.raises(ConfigError, match=r"monitor.fit_split: .*test, fault score it"):
+            monitor_fit_runs(dataset, splits, PAST_STEPS)

@@ -111,7 +111,10 @@ def test_fault_table_per_kind():
     assert api.detection_rate == 0.0 and math.isnan(api.mean_delay_s)
     assert api.isolation_tag_rate == 0.0
     assert t.loc["normal (test)"].far_normal == pytest.approx(2 / 20)
-    assert len(per_run) == 3
+    assert len(per_run) == 4  # 3 fault runs, then the normal run with its own counts
+    normal = per_run.set_index("run_id").loc["n1"]
+    assert normal.fault_kind == "normal (test)"
+    assert (normal.pre_alarmed, normal.pre_monitored) == (2, 20)
 
 
 def test_held_matrix_holds_last_sample_and_skips_rows_before_every_tag():

@@ -1,4 +1,5 @@
-"""Runs the `twin` command in a subprocess, as a user would, against a given MLflow store."""
+"""Runs the `twin` command in a subprocess, as a user would, against a given MLflow store; and
+builds the small dataset the twin-file tests (export, serving) train and export on."""
 
 import os
 import subprocess
@@ -26,3 +27,38 @@ def run_twin(cwd: Path, tracking_uri: str, *args: str) -> subprocess.CompletedPr
     return subprocess.run(
         [str(TWIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
+
+
+# fit_monitor needs every tag sampled >= 30 times on the fit runs: the at-line assays (60 s,
+# 300 s) are sampled every 30 s in the export dataset so that one 30-min run is enough.
+AT_LINE_PERIOD_S = 30
+
+
+def build_export_dataset(root: Path) -> Path:
+    """4 normal runs of 30 min (train 2, val 1, test 1), at-line tags every 30 s, prepared
+    under root/prepared (returned); the raw export goes to root/raw."""
+    import yaml
+
+    from data_pipelines import prepare_dataset
+    from data_pipelines.plant_sim import write_historian_export
+    from training.config_dir import SHIPPED_CONFIG_DIR
+
+    def load(relative: str) -> dict:
+        return yaml.safe_load((SHIPPED_CONFIG_DIR / relative).read_text())
+
+    tags = load("plant/cdc_line.yaml")["tags"]
+    for tag in ("PRESS.TABLET_WEIGHT", "PRESS.TABLET_API"):
+        tags[tag] = {**tags[tag], "sample_period_s": AT_LINE_PERIOD_S}
+    sim = {
+        **load("sim/cdc_default.yaml"),
+        "n_normal_runs": 4,
+        "n_extrapolation_runs": 0,
+        "n_fault_runs_per_kind": 0,
+        "run_hours": 0.5,
+        "n_setpoint_changes": 1,
+    }
+    write_historian_export(root / "raw", tags=tags, sim=sim, seed=0)
+    data = {**load("data/cdc_default.yaml"), "raw_dir": str(root / "raw")}
+    data["out_dir"] = str(root / "prepared")
+    prepare_dataset(root / "raw", root / "prepared", tags=tags, data=data, plant_name="cdc_line")
+    return root / "prepared"

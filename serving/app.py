@@ -1,0 +1,123 @@
+"""`create_app`: the FastAPI application around one served twin.
+
+Data flow: `ServeSettings` -> the twin loaded (file or registry) -> its `TagSchemas` ->
+`Service` (store, sessions, batcher, metrics) -> routes under /v1 behind the bearer token,
+health and readiness open -> middleware (body limit, metrics) -> uvicorn (serving/server.py).
+The lifespan starts the batcher and the housekeeping task (idle expiry, optional reload poll)
+and marks the service ready; on shutdown it turns not-ready first, so a balancer stops sending
+while uvicorn lets requests in flight finish.
+"""
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import Depends, FastAPI
+
+from serving.auth import token_dependency
+from serving.batcher import UpdateBatcher
+from serving.errors import install_error_handlers
+from serving.limits import BodyLimitMiddleware
+from serving.metrics import MetricsMiddleware, ServiceMetrics
+from serving.routes_model import model_router, ops_router
+from serving.routes_monitoring import sessions_router
+from serving.schemas import TagSchemas
+from serving.service import Service
+from serving.sessions import SessionRegistry
+from serving.settings import ServeSettings
+from serving.twin_file import LoadedTwin
+from serving.twin_store import TwinStore, load_twin
+
+log = logging.getLogger("serving")
+API_VERSION = "1"
+
+
+def build_service(settings: ServeSettings, twin: LoadedTwin) -> Service:
+    """The service's parts around a loaded twin (no event loop needed yet)."""
+    store = TwinStore(twin, settings.model_uri, settings.tracking_uri)
+    metrics = ServiceMetrics()
+    metrics.set_model(twin.label, twin.sha256)
+    registry = SessionRegistry(settings.sessions.max_sessions, settings.sessions.idle_expiry_s,
+                               on_expired=metrics.sessions_expired.inc)
+    batcher = UpdateBatcher(store, registry, metrics, settings.max_batch)
+    schemas = TagSchemas(twin.metadata, settings.limits)
+    return Service(settings, store, schemas, registry, batcher, metrics)
+
+
+async def housekeeping(service: Service) -> None:
+    """Drop idle sessions, and reload when the model_uri's target changed (if polling)."""
+    poll = service.settings.reload_poll_s
+    expiry = service.settings.sessions.idle_expiry_s
+    period = min(x for x in (poll or expiry, expiry / 4, 30.0) if x > 0)
+    while True:
+        await asyncio.sleep(period)
+        if service.registry.expire():
+            service.metrics.sessions_open.set(len(service.registry))
+        if poll and await service.store.changed_upstream():
+            try:
+                twin, changed = await service.store.reload()
+            except (ValueError, OSError) as error:  # TwinFileError, IncompatibleTwinError
+                service.metrics.reloads.labels("failed").inc()
+                log.error("reload poll: %s", error)
+                continue
+            service.metrics.reloads.labels("changed" if changed else "unchanged").inc()
+            service.metrics.set_model(twin.label, twin.sha256)
+
+
+def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastAPI:
+    """The ASGI app serving `twin` (default: loaded now from settings.model_uri).
+
+    Raises:
+        TwinFileError: the model cannot be loaded (the service does not start).
+    """
+    twin = twin or load_twin(settings.model_uri, settings.tracking_uri)
+    service = build_service(settings, twin)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.batcher.start()
+        task = asyncio.get_running_loop().create_task(housekeeping(service))
+        service.ready = True
+        log.info("serving twin %s from %s", twin.label, twin.source)
+        try:
+            yield
+        finally:
+            service.ready = False
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await service.batcher.stop()
+            service.forecast_executor.shutdown(wait=True)
+
+    meta = twin.metadata
+    app = FastAPI(
+        title="cdc-hybrid-twin service",
+        version=API_VERSION,
+        summary="Forecast and per-line monitoring with one exported hybrid twin",
+        description=(
+            f"Serves the twin file `{twin.source}` ({meta.get('model_kind')} model, "
+            f"dt_s = {meta['dt_s']} s). Tags are named as in the plant's tag dictionary, "
+            "values in the units each field states. Every route under /v1 and /metrics needs "
+            "`Authorization: Bearer <token>`; /healthz and /readyz do not. Errors are 4xx with "
+            "`detail[].loc` naming the field."
+        ),
+        lifespan=lifespan,
+        # The schema names every tag of the line: it is served behind the token (below), and
+        # the interactive docs, which would fetch it without one, are off.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.service = service
+    auth = token_dependency(settings.tokens)
+    install_error_handlers(app)
+    app.include_router(ops_router(service, auth))
+    app.include_router(model_router(service), dependencies=[Depends(auth)])
+    app.include_router(sessions_router(service), dependencies=[Depends(auth)])
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(auth)])
+    async def openapi() -> dict:
+        return app.openapi()
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    return app

@@ -1,0 +1,39 @@
+"""Bearer-token authentication for every endpoint but /healthz and /readyz.
+
+Data flow: `Authorization: Bearer <token>` -> `require_token` (constant-time comparison with
+each configured token, secrets.compare_digest) -> the route, or 401 naming the header. With
+no token configured (only allowed by settings with insecure=true on loopback) it lets all in.
+"""
+
+import secrets
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from serving.errors import field_error
+
+bearer = HTTPBearer(auto_error=False, description="a token from TWIN_SERVE_TOKENS or tokens")
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def token_dependency(tokens: list[str]):
+    """A FastAPI dependency that admits a request carrying one of `tokens`."""
+    known = [t.encode() for t in tokens]
+
+    async def require_token(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        if not known:
+            return
+        if credentials is None:
+            raise field_error(401, ["header", "Authorization"],
+                              "missing bearer token: send `Authorization: Bearer <token>`",
+                              "missing_token", CHALLENGE)  # fmt: skip
+        given = credentials.credentials.encode()
+        # compare with every token, no early exit: the time does not tell which one matched
+        matched = [secrets.compare_digest(given, token) for token in known]
+        if not any(matched):
+            raise field_error(401, ["header", "Authorization"], "invalid bearer token",
+                              "invalid_token", CHALLENGE)  # fmt: skip
+
+    return require_token

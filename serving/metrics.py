@@ -1,0 +1,82 @@
+"""Prometheus metrics of the service, and the ASGI middleware that times every request.
+
+Data flow: every HTTP request -> `MetricsMiddleware` (count by method, route template and
+status; latency histogram by method and route) ; the batcher adds batch sizes, updates and
+alarms; the routes add sessions and reloads -> `GET /metrics` (text exposition format). One
+`CollectorRegistry` per app, so two apps in a process (tests) do not share counters.
+"""
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Request latency buckets around the 20 ms p99 target, finer below it.
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                   0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServiceMetrics:
+    """The service's counters, gauges and histograms in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("twin_http_requests", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=r)  # fmt: skip
+        self.latency = Histogram("twin_http_request_duration_seconds",
+                                 "time from request to the end of the response",
+                                 ["method", "route"], buckets=LATENCY_BUCKETS,
+                                 registry=r)  # fmt: skip
+        self.updates = Counter("twin_updates", "grid steps run by monitoring sessions",
+                               registry=r)  # fmt: skip
+        self.batch_size = Histogram("twin_update_batch_size", "rows per batched update call",
+                                    buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
+        self.alarms_raised = Counter("twin_alarms_raised",
+                                     "alarms raised: a session's alarm going from off to on",
+                                     registry=r)  # fmt: skip
+        self.alarm_steps = Counter("twin_alarm_steps", "grid steps with the alarm on",
+                                   registry=r)  # fmt: skip
+        self.sessions_open = Gauge("twin_sessions_open", "open monitoring sessions",
+                                   registry=r)  # fmt: skip
+        self.sessions_expired = Counter("twin_sessions_expired",
+                                        "sessions dropped after idle_expiry_s", registry=r)
+        self.reloads = Counter("twin_model_reloads", "model reload attempts by result",
+                               ["result"], registry=r)  # fmt: skip
+        self.model_info = Gauge("twin_model_info", "the twin served (value 1)",
+                                ["version", "sha256"], registry=r)  # fmt: skip
+
+    def set_model(self, version: str, sha256: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version=version, sha256=sha256).set(1)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware): counts and
+    times each HTTP request under its route template (`/v1/sessions/{session_id}`, never the
+    raw path, so ids do not multiply the series); unmatched paths count as `unmatched`."""
+
+    def __init__(self, app, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.labels(method, path, str(status[0])).inc()
+            self.metrics.latency.labels(method, path).observe(time.perf_counter() - started)

@@ -1,0 +1,197 @@
+"""`/v1/sessions`: per-line monitoring sessions (create, post observations, read, close).
+
+Data flow: a past window -> the twin's `initial_state` -> a session; each posted row, in
+time order -> one batched `update` (serving/batcher.py), gaps bridged by predicted rows ->
+state estimate, predicted tags, T^2 / EWMA statistics, alarm and top contributing tags. The
+session's lock is held for a whole post, so two posts to one session run one after the
+other, and every row is checked against the session's last timestamp before any row runs.
+"""
+
+import math
+from datetime import timedelta
+
+import torch
+from fastapi import APIRouter, Path
+
+from serving.errors import field_error
+from serving.schemas import ErrorResponse, ObservationResponse, SessionInfo, SessionSummary
+from serving.service import FastJSONResponse, Service
+from serving.sessions import LineBusyError, Session, SessionLimitError, UnknownSessionError
+
+SESSION_ID = Path(max_length=64, description="the id returned when the session was created")
+
+
+def errors(*codes: int) -> dict:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+def row_values(row) -> tuple[list[float], list[float], list[bool]]:
+    """(inputs, measurement with NaN where not sampled, mask) of a validated Observation."""
+    inputs = list(row.inputs.__dict__.values())
+    sampled = list(row.measurements.__dict__.values())
+    return inputs, [math.nan if v is None else v for v in sampled], [v is not None for v in sampled]
+
+
+def grid_steps(rows, last, dt_s: float, max_gap: int, where: list) -> list[int]:
+    """Grid steps from the previous row to each row (1 = the next row; > 1 = a gap).
+
+    Raises:
+        HTTPException: 409 for a first row not after `last` by at least dt_s / 2, 422 for a
+            later row not after the row before it, or a gap above max_gap steps.
+    """
+    steps = []
+    for i, row in enumerate(rows):
+        delta = (row.timestamp - last).total_seconds()
+        k = round(delta / dt_s)
+        loc = [*where, i, "timestamp"]
+        if k < 1:
+            before = "the session's last row" if i == 0 else f"row {i - 1}"
+            raise field_error(
+                409 if i == 0 else 422, loc,
+                f"{row.timestamp.isoformat()} is not after {before} at {last.isoformat()} by at "
+                f"least dt_s/2 = {dt_s / 2:g} s: rows go in time order, one per dt_s = {dt_s:g} s",
+                "timestamp_not_after_last" if i == 0 else "timestamp_out_of_order",
+            )  # fmt: skip
+        if k > max_gap:
+            raise field_error(
+                422, loc, f"a gap of {k} grid steps since {last.isoformat()} exceeds "
+                f"limits.max_gap_steps = {max_gap}: close the session and start a new one",
+                "gap_too_long")  # fmt: skip
+        steps.append(k)
+        last = row.timestamp
+    return steps
+
+
+def check_consecutive(rows, dt_s: float, where: list) -> None:
+    """Past-window rows must be one grid step apart (dt_s, rounded), in order.
+
+    Raises:
+        HTTPException: 422 naming the first row that is not.
+    """
+    for i in range(1, len(rows)):
+        delta = (rows[i].timestamp - rows[i - 1].timestamp).total_seconds()
+        if round(delta / dt_s) != 1:
+            raise field_error(
+                422, [*where, i, "timestamp"],
+                f"{rows[i].timestamp.isoformat()} is {delta:g} s after row {i - 1}: the past "
+                f"window needs consecutive rows, one every dt_s = {dt_s:g} s",
+                "past_not_consecutive")  # fmt: skip
+
+
+def _initial_state(twin, u: list, y: list) -> tuple[torch.Tensor, ...] | None:
+    with torch.inference_mode():
+        state = twin.module.initial_state(torch.tensor([u], dtype=twin.dtype),
+                                          torch.tensor([y], dtype=twin.dtype))  # fmt: skip
+    finite = all(bool(torch.isfinite(t).all()) for t in state[:2])
+    return tuple(t.clone() for t in state) if finite else None
+
+
+def sessions_router(service: Service) -> APIRouter:
+    """The /v1/sessions routes, with bodies typed by the served twin's tags."""
+    router = APIRouter(prefix="/v1/sessions", tags=["monitoring"])
+    schemas, registry, batcher = service.schemas, service.registry, service.batcher
+    limits = service.settings.limits
+    dt = timedelta(seconds=schemas.dt_s)
+
+    def open_session(session_id: str) -> Session:
+        try:
+            return registry.get(session_id)
+        except UnknownSessionError:
+            raise field_error(404, ["path", "session_id"], f"no open session {session_id!r} "
+                              "(never created, closed, or expired after idle_expiry_s)",
+                              "unknown_session") from None  # fmt: skip
+
+    @router.post("", status_code=201, response_model=SessionInfo,
+                 responses=errors(401, 409, 413, 422, 429), summary="open a line's session")
+    async def create_session(body: schemas.SessionCreate) -> FastJSONResponse:
+        """Estimate the line's state from a past window and open a monitoring session."""
+        check_consecutive(body.past, schemas.dt_s, ["body", "past"])
+        try:
+            registry.check_room(body.line_id)
+        except LineBusyError as error:
+            raise field_error(409, ["body", "line_id"], str(error), "line_busy") from None
+        except SessionLimitError as error:
+            raise field_error(429, ["body"], str(error), "too_many_sessions") from None
+        columns = [row_values(row) for row in body.past]
+        u, y = [c[0] for c in columns], [c[1] for c in columns]
+        state = await batcher.run_torch(_initial_state, service.store.current, u, y)
+        if state is None:
+            raise field_error(422, ["body", "past"], "the initial state estimated from these "
+                              "rows is not finite: check the values", "state_not_finite")
+        try:
+            session = registry.add(body.line_id, body.past[-1].timestamp, state)
+        except (LineBusyError, SessionLimitError) as error:  # taken while the state ran
+            raise field_error(409, ["body", "line_id"], str(error), "line_busy") from None
+        service.metrics.sessions_open.set(len(registry))
+        async with session.lock:
+            return FastJSONResponse(service.session_body(session), status_code=201)
+
+    @router.get("", response_model=list[SessionSummary], responses=errors(401),
+                summary="list open sessions")
+    async def list_sessions() -> list[dict]:
+        """Open sessions: id, line, last timestamp, steps run, alarm."""
+        registry.expire()
+        return [{"session_id": s.session_id, "line_id": s.line_id, "alarm": s.alarm,
+                 "last_timestamp": s.last_timestamp, "n_updates": s.n_updates}
+                for s in registry.open_sessions()]  # fmt: skip
+
+    @router.post("/{session_id}/observations", response_model=ObservationResponse,
+                 responses=errors(401, 404, 409, 413, 422), summary="post observations")
+    async def post_observations(
+        body: schemas.ObservationBatch, session_id: str = SESSION_ID
+    ) -> FastJSONResponse:
+        """Run the twin over new rows, in time order: one result per row."""
+        session = open_session(session_id)
+        async with session.lock:
+            if session.closed:
+                open_session(session_id)  # raises 404: closed while this post waited
+            rows = body.observations
+            steps = grid_steps(rows, session.last_timestamp, schemas.dt_s,
+                               limits.max_gap_steps, ["body", "observations"])  # fmt: skip
+            n_y = len(schemas.measurement_tags)
+            nothing, no_mask = [math.nan] * n_y, [False] * n_y
+            results = []
+            for i, (row, k) in enumerate(zip(rows, steps, strict=True)):
+                for j in range(1, k):  # bridge a gap: inputs held, nothing measured
+                    filler = session.last_timestamp + dt
+                    output = await batcher.step(session, filler, None, nothing, no_mask)
+                    if not output.ok:
+                        raise _diverged(i, j)
+                inputs, measurement, mask = row_values(row)
+                output = await batcher.step(session, row.timestamp, inputs, measurement, mask)
+                if not output.ok:
+                    raise _diverged(i, k)
+                results.append(service.result_body(output, row.timestamp, k))
+            session.last_result = results[-1]
+            body_out = {"session_id": session.session_id, "line_id": session.line_id,
+                        "model_version": output.model_version, "n_updates": session.n_updates,
+                        "results": results}  # fmt: skip
+        return FastJSONResponse(body_out)
+
+    @router.get("/{session_id}", response_model=SessionInfo, responses=errors(401, 404, 422),
+                summary="read a session's current state")
+    async def read_session(session_id: str = SESSION_ID) -> FastJSONResponse:
+        """The session's state estimate and its spread, alarm and last result."""
+        session = open_session(session_id)
+        async with session.lock:
+            if session.closed:
+                open_session(session_id)
+            return FastJSONResponse(service.session_body(session))
+
+    @router.delete("/{session_id}", status_code=204, responses=errors(401, 404, 422),
+                   summary="close a session")
+    async def close_session(session_id: str = SESSION_ID) -> None:
+        """Close the session (after any post in flight) and free its slot."""
+        session = open_session(session_id)
+        async with session.lock:
+            registry.remove(session)
+        service.metrics.sessions_open.set(len(registry))
+
+    return router
+
+
+def _diverged(i: int, step: int):
+    return field_error(
+        422, ["body", "observations", i],
+        f"step {step} of this row made the state estimate non-finite: the row was not applied "
+        "(rows before it were); check its values", "state_not_finite")  # fmt: skip

@@ -1,0 +1,57 @@
+"""`twin serve`: settings -> the twin loaded -> uvicorn on host:port until stopped.
+
+Data flow: configs/serve.yaml (a plain mapping from the `twin` CLI) -> `load_settings`
+(refuses an unauthenticated non-loopback service) -> torch threads set -> `create_app` ->
+uvicorn, with uvloop and httptools when installed. SIGINT / SIGTERM stop it gracefully:
+not-ready first, then requests in flight finish (up to `graceful_shutdown_s`).
+"""
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from serving.settings import load_settings
+
+GRACEFUL_SHUTDOWN_S = 10
+
+
+def _fastest(module: str, name: str, fallback: str) -> str:
+    try:
+        __import__(module)
+    except ImportError:
+        return fallback
+    return name
+
+
+def run_serve(config: Mapping) -> None:
+    """Serve until stopped.
+
+    Args:
+        config: the keys of configs/serve.yaml.
+
+    Raises:
+        SettingsError: invalid or unsafe settings.
+        TwinFileError: the model cannot be loaded.
+    """
+    import uvicorn
+
+    from serving.app import create_app
+
+    settings = load_settings(config)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    # The twin's time is per-op overhead (benchmarks/online_latency.md): more intra-op threads
+    # only take cores from the HTTP side.
+    torch.set_num_threads(settings.num_threads)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # /metrics counts every request; a log line each costs ~10 % here
+        loop=_fastest("uvloop", "uvloop", "asyncio"),
+        http=_fastest("httptools", "httptools", "h11"),
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )

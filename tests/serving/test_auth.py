@@ -1,0 +1,61 @@
+"""Bearer tokens on everything but health, and the refusal to start unprotected."""
+
+import pytest
+
+from tests.serving.server import run_serve, start_server, stop_server
+
+PROTECTED = [("GET", "/v1/model"), ("POST", "/v1/forecast"), ("POST", "/v1/sessions"),
+             ("GET", "/v1/sessions/abc"), ("POST", "/v1/sessions/abc/observations"),
+             ("DELETE", "/v1/sessions/abc"), ("POST", "/v1/model/reload"), ("GET", "/metrics"),
+             ("GET", "/openapi.json")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("header", "kind"), [
+    (None, "missing_token"),
+    ("Bearer wrong-token", "invalid_token"),
+    ("Basic dGVzdDp0ZXN0", "missing_token"),
+    ("Bearer", "missing_token"),
+])  # fmt: skip
+def test_every_protected_route_refuses_without_the_token(server, header, kind):
+    headers = {"Authorization": header} if header else {}
+    with server.client(token=None) as client:
+        for method, path in PROTECTED:
+            response = client.request(method, path, headers=headers, json={})
+            assert response.status_code == 401, (method, path, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json()["detail"][0] == {
+                "loc": ["header", "Authorization"], "type": kind,
+                "msg": response.json()["detail"][0]["msg"]}
+
+
+def test_the_token_is_checked_before_the_body(server):
+    with server.client(token="wrong") as client:
+        response = client.post("/v1/sessions", content=b"not json")
+    assert response.status_code == 401
+
+
+def _refusal(folder, *overrides) -> str:
+    process = run_serve(folder, "model_uri=does/not/matter.pt", "port=1", *overrides, token=None)
+    assert process.wait(120) != 0
+    return (folder / "serve.log").read_text()
+
+
+def test_without_a_token_it_refuses_to_start(tmp_path):
+    log = _refusal(tmp_path)
+    assert "no bearer token configured" in log and "TWIN_SERVE_TOKENS" in log
+
+
+def test_insecure_is_refused_off_loopback(tmp_path):
+    log = _refusal(tmp_path, "insecure=true", "host=0.0.0.0")
+    assert "insecure=true is refused on host '0.0.0.0'" in log
+
+
+def test_insecure_on_loopback_serves_without_a_token(twin_build, tmp_path):
+    server = start_server(tmp_path, f"model_uri={twin_build.path}", "insecure=true", token=None)
+    try:
+        with server.client(token=None) as client:
+            assert client.get("/v1/model").status_code == 200
+    finally:
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it: exit code -15
+        assert stop_server(server) in (0, -15)
+    assert "Application shutdown complete" in server.log_tail()

@@ -1,0 +1,171 @@
+"""Each class of bad input gets a 4xx whose body names the field, never a 5xx."""
+
+import json
+from datetime import datetime, timedelta
+
+import pytest
+
+PAST = 6
+
+
+@pytest.fixture(scope="module")
+def session(server, runs):
+    """An open session on runs[1] (its past window), and the rows that follow it."""
+    rows = runs[1][: PAST + 20]
+    with server.client() as client:
+        created = client.post("/v1/sessions", json={"line_id": "LINE-bad", "past": rows[:PAST]})
+        assert created.status_code == 201, created.text
+        yield created.json()["session_id"], rows[PAST:]
+        client.delete(f"/v1/sessions/{created.json()['session_id']}")
+
+
+def _post(server, path: str, body, raw: bool = False):
+    with server.client() as client:
+        if raw:
+            return client.post(path, content=body, headers={"content-type": "application/json"})
+        return client.post(path, json=body)
+
+
+def _loc(response) -> list:
+    return response.json()["detail"][0]["loc"]
+
+
+def _shifted(row: dict, seconds: float) -> dict:
+    stamp = datetime.fromisoformat(row["timestamp"]) + timedelta(seconds=seconds)
+    return {**row, "timestamp": stamp.isoformat()}
+
+
+def _with(row: dict, part: str, tag: str, value) -> dict:
+    return {**row, part: {**row[part], tag: value}}
+
+
+def test_bad_observation_rows_name_the_field(server, session):
+    sid, rows = session
+    path = f"/v1/sessions/{sid}/observations"
+    row = rows[0]
+    no_input = {**row, "inputs": {k: v for k, v in row["inputs"].items()
+                                  if k != "BLEND.SPEED_SP"}}  # fmt: skip
+    cases = [  # (body, status, loc, type)
+        ({"observations": []}, 422, ["body", "observations"], "too_short"),
+        ({"observations": row}, 422, ["body", "observations"], "list_type"),
+        ({"observations": [no_input]}, 422,
+         ["body", "observations", 0, "inputs", "BLEND.SPEED_SP"], "missing"),
+        ({"observations": [_with(row, "inputs", "NO.SUCH_TAG", 1.0)]}, 422,
+         ["body", "observations", 0, "inputs", "NO.SUCH_TAG"], "extra_forbidden"),
+        ({"observations": [_with(row, "measurements", "NIR.API_CONCX", 1.0)]}, 422,
+         ["body", "observations", 0, "measurements", "NIR.API_CONCX"], "extra_forbidden"),
+        ({"observations": [_with(row, "inputs", "BLEND.SPEED_SP", "fast")]}, 422,
+         ["body", "observations", 0, "inputs", "BLEND.SPEED_SP"], "float_parsing"),
+        ({"observations": [_with(row, "inputs", "BLEND.SPEED_SP", 1e9)]}, 422,
+         ["body", "observations", 0, "inputs", "BLEND.SPEED_SP"], "less_than_equal"),
+        ({"observations": [{**row, "timestamp": "2025-03-01T06:00:00"}]}, 422,
+         ["body", "observations", 0, "timestamp"], "timezone_aware"),
+        ({"observations": [row, row]}, 422,
+         ["body", "observations", 1, "timestamp"], "timestamp_out_of_order"),
+        ({"observations": [_shifted(row, -60.0)]}, 409,
+         ["body", "observations", 0, "timestamp"], "timestamp_not_after_last"),
+        ({"observations": [_shifted(row, 3600.0)]}, 422,
+         ["body", "observations", 0, "timestamp"], "gap_too_long"),
+        ({"observations": [row] * 121}, 422, ["body", "observations"], "too_long"),
+    ]
+    for body, status, loc, kind in cases:
+        response = _post(server, path, body)
+        assert response.status_code == status, (loc, response.text)
+        assert _loc(response) == loc and response.json()["detail"][0]["type"] == kind, \
+            response.text
+    # nothing of the above was applied: the next row in order is still accepted as row 1
+    response = _post(server, path, {"observations": [row]})
+    assert response.status_code == 200 and response.json()["n_updates"] == 1
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_nan_and_inf_are_refused_naming_the_tag(server, session, literal):
+    sid, rows = session
+    body = json.dumps({"observations": [_with(rows[5], "measurements", "NIR.API_CONC", 0.5)]})
+    body = body.replace('"NIR.API_CONC": 0.5', f'"NIR.API_CONC": {literal}')
+    response = _post(server, f"/v1/sessions/{sid}/observations", body, raw=True)
+    assert response.status_code == 422, response.text
+    assert _loc(response) == ["body", "observations", 0, "measurements", "NIR.API_CONC"]
+    assert response.json()["detail"][0]["type"] == "finite_number"
+
+
+def test_malformed_json_and_wrong_content_are_422(server, session):
+    sid, _ = session
+    path = f"/v1/sessions/{sid}/observations"
+    broken = _post(server, path, b'{"observations": [', raw=True)
+    assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
+    with server.client() as client:
+        text = client.post(path, content=b"hello", headers={"content-type": "text/plain"})
+    assert text.status_code == 422 and _loc(text)[0] == "body"
+
+
+def test_an_oversize_body_is_413_before_it_is_parsed(server, session):
+    sid, rows = session
+    body = {"observations": rows[:1], "padding": "x" * 300_000}  # limit 200 000 bytes here
+    response = _post(server, f"/v1/sessions/{sid}/observations", body)
+    assert response.status_code == 413
+    assert _loc(response) == ["body"] and "max_body_bytes" in response.json()["detail"][0]["msg"]
+
+
+def test_an_oversize_chunked_body_without_length_is_413(server, session):
+    sid, _ = session
+
+    def chunks():
+        for _ in range(30):
+            yield b" " * 10_000
+
+    with server.client() as client:
+        response = client.post(f"/v1/sessions/{sid}/observations", content=chunks(),
+                               headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 413
+
+
+def test_bad_session_creation_names_the_field(server, runs):
+    past = runs[2][:PAST]
+    gapped = [past[0], *past[2:]]
+    cases = [
+        ({"line_id": "LINE-1", "past": past[:1]}, 422, ["body", "past"]),
+        ({"line_id": "line with spaces", "past": past}, 422, ["body", "line_id"]),
+        ({"line_id": "LINE-1", "past": gapped}, 422, ["body", "past", 1, "timestamp"]),
+        ({"line_id": "LINE-1", "past": past, "extra": 1}, 422, ["body", "extra"]),
+        ({"past": past}, 422, ["body", "line_id"]),
+    ]
+    for body, status, loc in cases:
+        response = _post(server, "/v1/sessions", body)
+        assert response.status_code == status, response.text
+        assert _loc(response) == loc, response.text
+
+
+def test_a_second_session_for_a_line_is_409(server, runs, session):
+    response = _post(server, "/v1/sessions", {"line_id": "LINE-bad", "past": runs[2][:PAST]})
+    assert response.status_code == 409
+    assert _loc(response) == ["body", "line_id"]
+
+
+def test_unknown_sessions_are_404_naming_the_path(server, runs):
+    with server.client() as client:
+        for response in (client.get("/v1/sessions/0123"), client.delete("/v1/sessions/0123"),
+                         client.post("/v1/sessions/0123/observations",
+                                     json={"observations": runs[0][:1]})):  # fmt: skip
+            assert response.status_code == 404
+            assert _loc(response) == ["path", "session_id"]
+
+
+def test_forecast_lines_of_unequal_length_are_422_naming_the_line(server, runs):
+    def line(past: int, future: int) -> dict:
+        rows = runs[0][: past + future]
+        return {"past": [{"inputs": r["inputs"], "measurements": r["measurements"]}
+                         for r in rows[:past]],
+                "future_inputs": [r["inputs"] for r in rows[past:]]}  # fmt: skip
+
+    response = _post(server, "/v1/forecast", {"lines": [line(6, 4), line(6, 5)]})
+    assert response.status_code == 422 and _loc(response) == ["body", "lines", 1,
+                                                              "future_inputs"]  # fmt: skip
+    response = _post(server, "/v1/forecast", {"lines": [line(6, 4), line(5, 4)]})
+    assert _loc(response) == ["body", "lines", 1, "past"]
+    too_long = {**line(6, 1), "future_inputs": [runs[0][0]["inputs"]] * 721}
+    response = _post(server, "/v1/forecast", {"lines": [too_long]})
+    assert response.status_code == 422 and _loc(response) == ["body", "lines", 0,
+                                                              "future_inputs"]  # fmt: skip
+    response = _post(server, "/v1/forecast", {"lines": []})
+    assert response.status_code == 422 and _loc(response) == ["body", "lines"]

@@ -1,0 +1,164 @@
+"""Hot reload: a newer twin swapped in under load without a failed request; a bad or
+incompatible one refused with the old one kept; the registry alias followed by polling."""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tests.serving.reference import replay
+from tests.serving.server import start_server, stop_server
+
+PAST, ROWS, SESSIONS = 6, 16, 4
+CLOSE = {"rtol": 1e-9, "atol": 1e-9}
+
+
+def rewrite(source: Path, out: Path, **changes) -> Path:
+    """The same scripted twin saved again with metadata changes (a new file, a new digest)."""
+    extra = {"metadata.json": ""}
+    module = torch.jit.load(str(source), _extra_files=extra)
+    metadata = {**json.loads(extra["metadata.json"]), **changes}
+    torch.jit.save(module, str(out), _extra_files={"metadata.json": json.dumps(metadata)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def file_server(twin_build, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reload")
+    served = folder / "twin.pt"
+    shutil.copy(twin_build.path, served)
+    server = start_server(folder, f"model_uri={served}")
+    yield server, served
+    stop_server(server)
+
+
+def _label(client) -> str:
+    return client.get("/v1/model").json()["label"]
+
+
+def test_reload_under_load_drops_no_request_and_switches_once(file_server, twin, metadata,
+                                                              runs):  # fmt: skip
+    server, served = file_server
+    v2 = rewrite(served, served.with_name("v2.pt"), registered_version="2")
+    lines = [runs[j][: PAST + ROWS] for j in range(SESSIONS)]
+    with server.client() as client:
+        v1_label = _label(client)
+        sids = [client.post("/v1/sessions", json={"line_id": f"LINE-r{j}",
+                                                  "past": lines[j][:PAST]}).json()["session_id"]
+                for j in range(SESSIONS)]  # fmt: skip
+
+    def drive(j: int) -> list:
+        out = []
+        with server.client() as client:
+            for row in lines[j][PAST:]:
+                response = client.post(f"/v1/sessions/{sids[j]}/observations",
+                                       json={"observations": [row]})  # fmt: skip
+                out.append(response)
+        return out
+
+    with ThreadPoolExecutor(SESSIONS + 1) as pool:
+        posts = [pool.submit(drive, j) for j in range(SESSIONS)]
+        with server.client() as client:
+            while not any(f.done() for f in posts):  # reload while the posts run
+                first = client.get(f"/v1/sessions/{sids[0]}").json()["n_updates"]
+                if first >= ROWS // 4:
+                    break
+            os.replace(v2, served)  # as `twin export` writes: a complete file, renamed
+            reload = client.post("/v1/model/reload")
+        answers = [f.result() for f in posts]
+    assert reload.status_code == 200, reload.text
+    assert reload.json()["changed"] is True and reload.json()["previous"] == v1_label
+    v2_label = reload.json()["current"]["label"]
+    assert v2_label.startswith("v2-") and v2_label != v1_label
+    names = metadata["state_names"]
+    switched = 0
+    for j, responses in enumerate(answers):
+        assert [r.status_code for r in responses] == [200] * ROWS
+        labels = [r.json()["model_version"] for r in responses]
+        assert set(labels) <= {v1_label, v2_label}
+        assert labels == sorted(labels, key=lambda x: x == v2_label)  # v1 ... v1, v2 ... v2
+        switched += labels[0] == v1_label and labels[-1] == v2_label
+        # same weights in v2: the answers go on exactly as before the swap
+        expected = replay(twin, metadata, lines[j][:PAST], lines[j][PAST:])
+        got = [[r.json()["results"][0]["state"][n] for n in names] for r in responses]
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                   torch.cat([o[0] for o in expected]), **CLOSE)  # fmt: skip
+    assert switched >= 1, "the reload happened while some session was posting"
+    with server.client() as client:
+        assert _label(client) == v2_label
+        metrics = client.get("/metrics").text
+    assert 'twin_model_reloads_total{result="changed"} 1.0' in metrics
+    assert f'twin_model_info{{sha256="{reload.json()["current"]["sha256"]}"' in metrics
+
+
+def test_a_broken_or_incompatible_file_is_refused_and_the_old_twin_kept(file_server):
+    server, served = file_server
+    good = served.read_bytes()
+    with server.client() as client:
+        before = _label(client)
+        served.write_bytes(good[: len(good) // 2])  # truncated
+        truncated = client.post("/v1/model/reload")
+        served.write_bytes(good)
+        tags = [*client.get("/v1/model").json()["metadata"]["input_tags"]]
+        tags[0] = "FEED_API.RENAMED_SP"
+        rewrite(served, served.with_name("other.pt"), input_tags=tags)
+        os.replace(served.with_name("other.pt"), served)
+        incompatible = client.post("/v1/model/reload")
+        after = _label(client)
+    served.write_bytes(good)
+    assert truncated.status_code == 422
+    assert truncated.json()["detail"][0]["loc"] == ["model_uri"]
+    assert "not a readable TorchScript archive" in truncated.json()["detail"][0]["msg"]
+    assert incompatible.status_code == 409
+    assert "interface" in incompatible.json()["detail"][0]["msg"]
+    assert before == after
+
+
+@pytest.fixture(scope="module")
+def registry(twin_build):
+    """The build's MLflow store with `production` on the exported version."""
+    client = MlflowClient(tracking_uri=twin_build.tracking_uri)
+    (first, *_) = sorted(client.search_model_versions("name='cdc-line-twin'"),
+                         key=lambda v: int(v.version))  # fmt: skip
+    client.set_registered_model_alias("cdc-line-twin", "production", first.version)
+    return client, first
+
+
+def test_the_service_follows_the_registry_alias(registry, twin_build, tmp_path, monkeypatch):
+    # create_model_version resolves the source through the default tracking URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", twin_build.tracking_uri)
+    client, first = registry
+    server = start_server(tmp_path, "model_uri=models:/cdc-line-twin@production",
+                          f"tracking_uri={twin_build.tracking_uri}", "reload_poll_s=0.5",
+                          "insecure=true", token=None)  # fmt: skip
+    try:
+        with server.client(token=None) as http:
+            served = http.get("/v1/model").json()
+            assert served["version"] == str(first.version)
+            assert served["sha256"] == first.tags["twin_export.sha256"]
+            # a newer export of the same run, registered as a new version, aliased production
+            v_next = rewrite(twin_build.path, tmp_path / "twin_next.pt", registered_version="x")
+            client.log_artifact(first.run_id, str(v_next), "twin_export")
+            new = client.create_model_version("cdc-line-twin", first.source, first.run_id)
+            client.set_model_version_tag("cdc-line-twin", new.version, "twin_export.file",
+                                         "twin_export/twin_next.pt")  # fmt: skip
+            digest = hashlib.sha256(v_next.read_bytes()).hexdigest()
+            client.set_model_version_tag("cdc-line-twin", new.version, "twin_export.sha256",
+                                         digest)  # fmt: skip
+            client.set_registered_model_alias("cdc-line-twin", "production", new.version)
+            for _ in range(200):  # the poll (0.5 s) picks it up
+                served = http.get("/v1/model").json()
+                if served["version"] == str(new.version):
+                    break
+                time.sleep(0.1)
+            assert served["version"] == str(new.version) and served["sha256"] == digest
+    finally:
+        client.set_registered_model_alias("cdc-line-twin", "production", first.version)
+        stop_server(server)
