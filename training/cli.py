@@ -43,7 +43,15 @@ def _stages() -> dict[str, Stage]:
                        _run_serve),
         "scenario": Stage("what-if scenarios through a trained twin; out-of-spec diversion windows",
                           _run_scenario),
+        "optimise": Stage("settings minimising API variability under feeder disturbances; "
+                          "checked on the plant", _run_optimise),
     }
+
+
+def _run_optimise(cfg: DictConfig) -> object:
+    from training.optimise import run_optimise
+
+    return run_optimise(cfg)
 
 
 def _run_scenario(cfg: DictConfig) -> object:

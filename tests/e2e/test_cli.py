@@ -24,6 +24,7 @@ def test_help_lists_every_stage_with_one_line_each():
         "evaluate-faults",
         "serve",
         "scenario",
+        "optimise",
     ]
     assert all(len(words) > 3 for words in stage_lines)
 
