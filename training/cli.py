@@ -39,6 +39,8 @@ def _stages() -> dict[str, Stage]:
                         _run_export),
         "evaluate-faults": Stage("fault table per fault kind: the twin's detector vs PCA T^2/SPE",
                                  _run_evaluate_faults),
+        "evaluate-diversion": Stage("fault runs: the twin's out-of-spec windows vs the simulator's "
+                                    "truth", _run_evaluate_diversion),
         "serve": Stage("the prediction and monitoring service (FastAPI) for one twin file",
                        _run_serve),
         "scenario": Stage("what-if scenarios through a trained twin; out-of-spec diversion windows",
@@ -84,6 +86,12 @@ def _run_evaluate_faults(cfg: DictConfig) -> object:
     from training.fault_evaluation import run_evaluate_faults
 
     return run_evaluate_faults(cfg)
+
+
+def _run_evaluate_diversion(cfg: DictConfig) -> object:
+    from training.diversion_truth import run_evaluate_diversion
+
+    return run_evaluate_diversion(cfg)
 
 
 def _run_serve(cfg: DictConfig) -> None:

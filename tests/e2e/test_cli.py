@@ -22,6 +22,7 @@ def test_help_lists_every_stage_with_one_line_each():
         "evaluate",
         "export",
         "evaluate-faults",
+        "evaluate-diversion",
         "serve",
         "scenario",
         "optimise",
