@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: pipeline test repro env clean-data
+.PHONY: pipeline test repro env clean-data tanks
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -28,3 +28,9 @@ repro: $(VENV)/.installed
 
 clean-data:
 	rm -rf data/raw data/prepared outputs
+
+# The Cascaded Tanks benchmark end to end (benchmarks/cascaded_tanks.py): raw CSV -> twin
+# prepare -> twin train (3 kinds x 3 seeds) -> twin evaluate mode=simulation ->
+# benchmarks/cascaded_tanks.md.
+tanks: $(VENV)/.installed
+	$(BIN)/python benchmarks/cascaded_tanks.py

@@ -33,13 +33,14 @@ OWNED = ("rejects.csv", "events.csv", "fault_labels.csv", "manifest.json")
 def split_runs(runs: pd.DataFrame, *, fractions: dict, seed: int) -> dict[str, str]:
     """Assign every run, as a whole, to train / val / test / fault.
 
-    Fault runs go to "fault" and normal extrapolation runs to "test", whatever the
-    fractions. Normal interpolation runs are shuffled with `seed` (numpy default_rng) in
-    run-table order and cut by the fractions: n_val = round(n * val), n_test = round(n *
-    test) (halves round up), train gets the rest and at least one run when there is one.
+    A run whose runs.csv `split` is set goes there. Otherwise fault runs go to "fault" and
+    normal extrapolation runs to "test", whatever the fractions. Normal interpolation runs
+    are shuffled with `seed` (numpy default_rng) in run-table order and cut by the
+    fractions: n_val = round(n * val), n_test = round(n * test) (halves round up), train
+    gets the rest and at least one run when there is one.
 
     Args:
-        runs: run table (run_id, kind, regime), sorted by start.
+        runs: run table (run_id, kind, regime, optional split), sorted by start.
         fractions: {"train", "val", "test"} summing to 1.
         seed: seed of the shuffle.
 
@@ -48,8 +49,13 @@ def split_runs(runs: pd.DataFrame, *, fractions: dict, seed: int) -> dict[str, s
     """
     split = {}
     pool = []
-    for run_id, kind, regime in zip(runs["run_id"], runs["kind"], runs["regime"], strict=True):
-        if kind == "fault":
+    explicit = runs["split"] if "split" in runs else [""] * len(runs)
+    for run_id, kind, regime, chosen in zip(
+        runs["run_id"], runs["kind"], runs["regime"], explicit, strict=True
+    ):
+        if chosen:  # runs.csv says where the run goes (e.g. a benchmark's validation record)
+            split[run_id] = chosen
+        elif kind == "fault":
             split[run_id] = "fault"
         elif regime == "extrapolation":
             split[run_id] = "test"

@@ -18,6 +18,7 @@ from data_pipelines.timestamps import parse_timestamps
 
 KINDS = ("normal", "fault")
 REGIMES = ("interpolation", "extrapolation")
+SPLITS = ("train", "val", "test", "fault")
 DEFAULT_RUN_ID = "run_0"
 # run ids become file names (runs/<run_id>.parquet), so they are kept to a safe alphabet
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -28,18 +29,21 @@ def read_runs(path: Path, *, timezone: str) -> pd.DataFrame:
 
     Args:
         path: the run table; columns run_id, start, end, and optionally kind (default
-            "normal"), regime (default "interpolation") and any setpoint columns.
+            "normal"), regime (default "interpolation"), split (train, val, test or fault:
+            the run's split, decided by the plant's owner; empty or absent: assigned by
+            `data.split`) and any setpoint columns.
         timezone: IANA zone of naive start/end times.
 
     Returns:
         One row per run, sorted by start, with run_id (str), start_ns and end_ns (int64 UTC
         nanoseconds; a run holds samples with start <= t <= end, and where two runs touch
-        the shared instant belongs to the later one), kind, regime, and the
+        the shared instant belongs to the later one), kind, regime, split ("" = assigned
+        by the fractions), and the
         file's 1-based data row as `row`.
 
     Raises:
         DataValidationError: unreadable file, missing column, unparseable or DST-ambiguous
-            start/end, end <= start, unknown kind or regime, duplicate or unsafe run_id,
+            start/end, end <= start, unknown kind, regime or split, duplicate or unsafe run_id,
             overlapping runs; each names the file and row.
     """
     name = path.name
@@ -69,6 +73,7 @@ def read_runs(path: Path, *, timezone: str) -> pd.DataFrame:
         runs[f"{column}_ns"] = parsed.ns
     runs["kind"] = _choice(table, "kind", "normal", KINDS, name)
     runs["regime"] = _choice(table, "regime", "interpolation", REGIMES, name)
+    runs["split"] = _choice(table, "split", "", ("", *SPLITS), name)
     _check_ids(runs, name)
     _check_intervals(runs, name)
     return runs.sort_values("start_ns", kind="stable").reset_index(drop=True)
@@ -84,6 +89,7 @@ def single_run(start_ns: int, end_ns: int) -> pd.DataFrame:
             "end_ns": [end_ns],
             "kind": ["normal"],
             "regime": ["interpolation"],
+            "split": [""],
         }
     )
 

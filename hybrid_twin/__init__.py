@@ -14,7 +14,9 @@ from hybrid_twin.estimation import ExtendedKalmanFilter as ExtendedKalmanFilter
 from hybrid_twin.estimation import FilterStep as FilterStep
 from hybrid_twin.flowsheet import Flowsheet as Flowsheet
 from hybrid_twin.flowsheet import build_flowsheet as build_flowsheet
+from hybrid_twin.flowsheet import check_unit_shapes as check_unit_shapes
 from hybrid_twin.flowsheets import FLOWSHEETS as FLOWSHEETS
+from hybrid_twin.flowsheets import cascaded_tanks_flowsheet_spec as cascaded_tanks_flowsheet_spec
 from hybrid_twin.flowsheets import cdc_line_flowsheet_spec as cdc_line_flowsheet_spec
 from hybrid_twin.hybrid import KINDS as KINDS
 from hybrid_twin.hybrid import HybridVectorField as HybridVectorField
@@ -47,6 +49,8 @@ from hybrid_twin.specs import ParamSpec as ParamSpec
 from hybrid_twin.specs import StateSpec as StateSpec
 from hybrid_twin.units import UNITS as UNITS
 from hybrid_twin.units import AbstractUnit as AbstractUnit
+from hybrid_twin.units import CascadedTanks as CascadedTanks
+from hybrid_twin.units import LinearStateSpace as LinearStateSpace
 from hybrid_twin.units import LossInWeightFeeder as LossInWeightFeeder
 from hybrid_twin.units import TabletPress as TabletPress
 from hybrid_twin.units import TanksInSeriesBlender as TanksInSeriesBlender

@@ -8,6 +8,7 @@ of the streams; the global state, input, output and parameter vectors are the un
 concatenated in that order, named "<unit>.<name>".
 """
 
+import importlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -232,7 +233,8 @@ def build_flowsheet(spec: Mapping[str, object]) -> Flowsheet:
     """Build a Flowsheet from a spec mapping (see configs/flowsheet/cdc_line.yaml).
 
     Args:
-        spec: {"components": [...], "units": {name: {"type": key, ...kwargs}},
+        spec: {"components": [...], "units": {name: {"type": key, ...kwargs}} (or
+            {"_target_": "package.module.Class", ...kwargs} for a unit class of the user's),
             "streams": [[from, to], ...], optional "inputs" ({tag: "unit.input" or a list
             of them}), "measurements"/"disturbances" ({tag: "unit.output"}), "calibrated"
             ([tag]), "name"}.
@@ -244,7 +246,9 @@ def build_flowsheet(spec: Mapping[str, object]) -> Flowsheet:
         ConfigError: unknown keys, unit types or names, a stream cycle, a stream into a
             unit that takes none, a tag mapped to an unknown quantity, a unit input left
             unmapped or mapped more than once, one tag feeding inputs of different engineering
-            units or nominal values.
+            units or nominal values; a `_target_` that cannot be imported or is no
+            AbstractUnit; a unit whose methods return shapes its specs do not declare
+            (`check_unit_shapes`).
     """
     unknown = set(spec) - set(SPEC_KEYS)
     if unknown:
@@ -275,21 +279,117 @@ def build_flowsheet(spec: Mapping[str, object]) -> Flowsheet:
 def _build_unit(name: str, unit_spec: Mapping[str, object], components: list[str]) -> AbstractUnit:
     options = dict(unit_spec)
     kind = options.pop("type", None)
-    if kind not in UNITS:
+    target = options.pop("_target_", None)
+    if target is not None:
+        if kind is not None:
+            raise ConfigError(
+                f"flowsheet.units.{name}: give either type (a unit of the library) or "
+                f"_target_ (a unit class of your own), not both"
+            )
+        cls, label = user_unit_class(name, str(target)), str(target)
+    elif kind in UNITS:
+        cls, label = UNITS[str(kind)], str(kind)
+    else:
         raise ConfigError(
-            f"flowsheet.units.{name}: " + unknown_key_message("unit type", str(kind), UNITS)
+            f"flowsheet.units.{name}: "
+            + unknown_key_message("unit type", str(kind), UNITS)
+            + "; or name a class of your own with _target_: package.module.Class"
         )
-    cls = UNITS[str(kind)]
     valid = cls.config_keys()
     for key in options:
         if key not in valid:
             raise ConfigError(
-                f"flowsheet.units.{name}: " + unknown_key_message(f"{kind} key", key, valid)
+                f"flowsheet.units.{name}: " + unknown_key_message(f"{label} key", key, valid)
             )
     try:
-        return cls(name, components, **options)  # type: ignore[arg-type]
+        unit = cls(name, components, **options)  # type: ignore[arg-type]
     except TypeError as error:  # a required key is missing
-        raise ConfigError(f"flowsheet.units.{name} ({kind}): {error}") from None
+        raise ConfigError(f"flowsheet.units.{name} ({label}): {error}") from None
+    check_unit_shapes(unit, f"flowsheet.units.{name} ({label})")
+    return unit
+
+
+def user_unit_class(name: str, target: str) -> type[AbstractUnit]:
+    """The unit class a flowsheet's `_target_: package.module.Class` names (a user's prior).
+
+    Args:
+        name: the unit's name in the flowsheet, for messages.
+        target: dotted path of an `AbstractUnit` subclass, importable from `sys.path`.
+
+    Raises:
+        ConfigError: the module cannot be imported, has no such attribute, or it is not an
+            AbstractUnit subclass.
+    """
+    where = f"flowsheet.units.{name}._target_"
+    module_name, _, attribute = target.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"{where}: expected package.module.Class, got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(
+            f"{where}: cannot import module {module_name!r} ({error}); it must be installed "
+            f"or its folder on PYTHONPATH"
+        ) from error
+    cls = getattr(module, attribute, None)
+    if cls is None:
+        raise ConfigError(f"{where}: module {module_name!r} has no attribute {attribute!r}")
+    if not (isinstance(cls, type) and issubclass(cls, AbstractUnit)) or cls is AbstractUnit:
+        raise ConfigError(
+            f"{where}: {target!r} is not a subclass of hybrid_twin.AbstractUnit (a unit "
+            f"declares state_specs, input_specs, output_specs and implements derivative, "
+            f"outputs, inventory and steady_state; docs/plants.md)"
+        )
+    return cls
+
+
+def check_unit_shapes(unit: AbstractUnit, where: str) -> None:
+    """Evaluate a unit once at its nominal inputs and check every result against its specs.
+
+    A unit whose `derivative` returns another number of states than its `state_specs`
+    declare (or outputs, or a stream of the wrong width) would otherwise fail deep inside a
+    training step, or silently shift every later unit's states; this stops it at build time.
+
+    Args:
+        unit: the constructed unit.
+        where: config location for messages, e.g. "flowsheet.units.tanks (my.Tanks)".
+
+    Raises:
+        ConfigError: a method fails on the nominal point or returns a wrong shape; the
+            message names the method, the shape it returned and the one its specs declare.
+    """
+    n_states, n_outputs = len(unit.state_specs), len(unit.output_specs)
+    n_components = unit.n_components
+    with torch.no_grad():
+        u = torch.tensor([[spec.nominal for spec in unit.input_specs]]).reshape(1, -1)
+        inflow = torch.zeros(1, n_components)
+        theta = unit.theta()
+        try:
+            x, out = unit.steady_state(u, inflow, theta)
+            _expect(where, "steady_state states", x, (1, n_states), "state_specs")
+            _expect(where, "steady_state outflow", out, (1, n_components), "components")
+            dx, out = unit.derivative(x, u, inflow, theta)
+            _expect(where, "derivative dx/dt", dx, (1, n_states), "state_specs")
+            _expect(where, "derivative outflow", out, (1, n_components), "components")
+            _expect(where, "outputs", unit.outputs(x, theta), (1, n_outputs), "output_specs")
+            _expect(where, "inventory", unit.inventory(x), (1, n_components), "components")
+        except (RuntimeError, IndexError, TypeError, ValueError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(
+                f"{where}: evaluating the unit at its nominal inputs failed "
+                f"({type(error).__name__}: {error}); check that derivative, outputs and "
+                f"steady_state use {n_states} states and {u.shape[1]} inputs as declared"
+            ) from error
+
+
+def _expect(where: str, what: str, value: object, shape: tuple[int, int], spec: str) -> None:
+    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+    if got != shape:
+        raise ConfigError(
+            f"{where}: {what} has shape {got}, expected {shape} from its {spec} "
+            f"(batch 1, {shape[1]} declared)"
+        )
 
 
 def _upstream_by_name(

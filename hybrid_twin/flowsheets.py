@@ -1,4 +1,4 @@
-"""Flowsheet specs of the built-in lines, the same mappings as configs/flowsheet/<key>.yaml.
+"""Flowsheet specs of the built-in plants, the same mappings as configs/flowsheet/<key>.yaml.
 
 `FLOWSHEETS[key]()` returns a fresh spec for `build_flowsheet`; a test checks each against its
 YAML file so the two never drift apart.
@@ -103,4 +103,55 @@ def cdc_line_flowsheet_spec() -> dict[str, object]:
     }
 
 
-FLOWSHEETS: dict[str, Callable[[], dict[str, object]]] = {"cdc_line": cdc_line_flowsheet_spec}
+def cascaded_tanks_flowsheet_spec() -> dict[str, object]:
+    """The Cascaded Tanks benchmark rig (configs/plant/cascaded_tanks.yaml tags).
+
+    One `cascaded_tanks` unit: pump -> upper tank -> lower tank, Torricelli outflows, the level
+    sensor read unclipped (so the 10 V samples teach the residual the overflow; the YAML says
+    why); nominal pump voltage 2.8 V, the estimation record's mean. The measured output shares
+    its name with the lower level state, so the past window resets it.
+    """
+    return {
+        "name": "cascaded_tanks",
+        "components": ["water"],
+        "units": {
+            "tanks": {
+                "type": "cascaded_tanks",
+                "nominal_pump_v": 2.8,
+                "pump_range_v": [0.0, 10.0],
+                "level_scale_v": 5.0,
+                "saturation_v": None,
+            }
+        },
+        "streams": [],
+        "inputs": {"PUMP.VOLTAGE": "tanks.pump_v"},
+        "measurements": {"TANK2.LEVEL": "tanks.lower_level_v"},
+    }
+
+
+def cascaded_tanks_linear_flowsheet_spec() -> dict[str, object]:
+    """A learned linear state-space prior for the Cascaded Tanks rig: two states, starting as
+    two first-order lags of 100 s (hybrid_twin/units/linear.py)."""
+    return {
+        "name": "cascaded_tanks_linear",
+        "components": ["water"],
+        "units": {
+            "linear": {
+                "type": "linear_state_space",
+                "n_states": 2,
+                "time_constant_s": 100.0,
+                "inputs": {"pump_v": {"unit": "V", "nominal": 2.8, "range": [0.0, 10.0]}},
+                "outputs": {"level_v": {"unit": "V", "nominal": 5.6, "scale": 2.2}},
+            }
+        },
+        "streams": [],
+        "inputs": {"PUMP.VOLTAGE": "linear.pump_v"},
+        "measurements": {"TANK2.LEVEL": "linear.level_v"},
+    }
+
+
+FLOWSHEETS: dict[str, Callable[[], dict[str, object]]] = {
+    "cdc_line": cdc_line_flowsheet_spec,
+    "cascaded_tanks": cascaded_tanks_flowsheet_spec,
+    "cascaded_tanks_linear": cascaded_tanks_linear_flowsheet_spec,
+}

@@ -54,6 +54,9 @@ class CDCDataModule(LightningDataModule):
         eval_window_steps: length of the non-overlapping val/test windows; None = T.
         eval_full_runs: if True each val/test run is one window from row P to its end
             (batch size 1, since runs differ in length); eval_window_steps is then unused.
+        val_split: the split Lightning validates on (val/loss, val/rmse): "val" by default;
+            "train" simulates the training runs themselves (with eval_full_runs, each from
+            row P to its end), for a plant with one estimation record and no run to spare.
 
     Raises:
         ValueError: a size below its minimum (checked here, before any file is read).
@@ -70,6 +73,7 @@ class CDCDataModule(LightningDataModule):
         seed: int = 0,
         eval_window_steps: int | None = None,
         eval_full_runs: bool = False,
+        val_split: str = "val",
     ):
         super().__init__()
         for name, value, minimum in (
@@ -82,6 +86,10 @@ class CDCDataModule(LightningDataModule):
         ):
             _require(name, value, minimum)
         _require("eval_window_steps", eval_window_steps, 1, allow_none=True)
+        if val_split not in ("train", "val", "test"):
+            raise ValueError(
+                f"CDCDataModule: val_split must be 'train', 'val' or 'test', got {val_split!r}"
+            )
         path = str(path)  # a plain string in the saved hyperparameters and MLflow params
         self.save_hyperparameters()
         self._dataset: PreparedDataset | None = None
@@ -147,7 +155,7 @@ class CDCDataModule(LightningDataModule):
                 len(self.train_windows), self.hparams.windows_per_epoch, self.hparams.seed
             )
         for split in _EVAL_SPLITS_OF_STAGE.get(stage, ()):
-            self.sequential_windows(split)
+            self.sequential_windows(self.hparams.val_split if split == "val" else split)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_windows is None:
@@ -160,7 +168,7 @@ class CDCDataModule(LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("val")
+        return self.eval_dataloader(self.hparams.val_split)
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")

@@ -7,6 +7,11 @@ RMSE per regime (interpolation / extrapolation), PAT tag and horizon. The table 
 `evaluation.csv` and `evaluation.md` in the Hydra output folder, to stdout, to a new MLflow
 run of the same experiment (metrics + both files), and, per kind, into its training run as
 `test/rmse/<regime>/<tag>/<h>min` metrics.
+
+`mode=simulation` scores instead one free-running simulation per held-out run segment, from
+its first `init_steps` rows to its end (the system-identification protocol;
+training/simulation_eval.py), for every one of the latest `last_n` runs of each kind (seeds),
+with the mean and spread per kind and a plot of simulated vs measured.
 """
 
 import math
@@ -23,9 +28,17 @@ from omegaconf import DictConfig, OmegaConf
 from hybrid_twin import ConfigError
 from training.dataset import PreparedDataset
 from training.evaluation import forecast, forecast_origins, horizon_errors
+from training.simulation_eval import (
+    median_run,
+    plot_simulation,
+    simulate_runs,
+    simulation_markdown,
+    summarise,
+)
 from training.tracking import git_commit, tracking_uri
 
 BASELINES = ("mechanistic", "black_box")
+MODES = ("forecast", "simulation")
 
 
 def run_evaluate(cfg: DictConfig) -> pd.DataFrame:
@@ -37,8 +50,13 @@ def run_evaluate(cfg: DictConfig) -> pd.DataFrame:
     """
     if cfg.num_threads is not None:
         torch.set_num_threads(int(cfg.num_threads))
+    mode = str(OmegaConf.select(cfg, "mode", default="forecast"))
+    if mode not in MODES:
+        raise ConfigError(f"mode: unknown mode {mode!r}; valid: {', '.join(MODES)}")
     dataset = PreparedDataset.open(cfg.data_path)
     mlflow.set_tracking_uri(tracking_uri())
+    if mode == "simulation":
+        return run_simulation(cfg, dataset)
     runs = {kind: _training_run(cfg, kind, dataset.manifest_sha256) for kind in cfg.kinds}
     table = evaluate_runs(
         runs,
@@ -137,6 +155,101 @@ def comparison_markdown(table: pd.DataFrame, headline_tag: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def run_simulation(cfg: DictConfig, dataset: PreparedDataset) -> pd.DataFrame:
+    """`twin evaluate mode=simulation`: whole-segment simulation RMSE of the latest `last_n`
+    runs of each kind (or the ids `runs.<kind>` lists); returns the long table.
+
+    Writes simulation.csv (one row per run, segment and tag), simulation_summary.csv and
+    simulation.md (mean ± std per kind), simulation_<segment>.png (each kind's median run
+    against the measurements) to the output folder and to an MLflow run `simulate-<time>`;
+    each training run gets `test/sim_rmse/<segment>/<tag>`.
+
+    Raises:
+        ConfigError: a bad setting, too few runs of a kind, a run trained on other data.
+    """
+    runs = {kind: _training_runs(cfg, kind, dataset.manifest_sha256) for kind in cfg.kinds}
+    init = _init_steps(cfg, [run for found in runs.values() for run in found])
+    twins = {
+        kind: [
+            (r.info.run_id, r.data.params.get("seed", ""), load_twin(r.info.run_id)) for r in found
+        ]
+        for kind, found in runs.items()
+    }
+    table, traces = simulate_runs(twins, dataset, str(cfg.split), init)
+    summary = summarise(table)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    markdown = simulation_markdown(summary)
+    table.to_csv(output_dir / "simulation.csv", index=False)
+    summary.to_csv(output_dir / "simulation_summary.csv", index=False)
+    (output_dir / "simulation.md").write_text(markdown)
+    typical = {kind: traces[kind][median_run(table, kind)] for kind in traces}
+    units = [dataset.manifest["tags"][tag]["unit"] for tag in dataset.measurement_tags]
+    plots = plot_simulation(typical, dataset.measurement_tags, units, output_dir)
+    client = mlflow.MlflowClient()
+    for r in table[table["rmse"].notna()].itertuples():
+        client.log_metric(r.run_id, f"test/sim_rmse/{r.segment}/{r.tag}", r.rmse)
+    mlflow.set_experiment(str(cfg.tracking.experiment_name))
+    with mlflow.start_run(run_name=f"simulate-{output_dir.name}"):
+        mlflow.set_tags(
+            {
+                "twin.stage": "evaluate",
+                "evaluate.mode": "simulation",
+                "data.manifest_sha256": dataset.manifest_sha256,
+                "git.commit": git_commit(),
+                **{f"evaluated.{k}": ",".join(t[0] for t in v) for k, v in twins.items()},
+            }
+        )
+        mlflow.log_params({"split": cfg.split, "init_steps": init, "data_path": cfg.data_path})
+        for r in summary.itertuples():
+            name = f"sim_rmse/{r.segment}/{r.tag}/{r.kind}"
+            mlflow.log_metric(f"{name}/mean", r.mean)
+            if r.std == r.std:
+                mlflow.log_metric(f"{name}/std", r.std)
+        for name in ("simulation.csv", "simulation_summary.csv", "simulation.md"):
+            mlflow.log_artifact(str(output_dir / name))
+        for path in plots:
+            mlflow.log_artifact(str(path), artifact_path="plots")
+    print(markdown)
+    print(
+        f"evaluate: wrote {output_dir / 'simulation.csv'}, simulation.md and {len(plots)} plot(s)"
+    )
+    return table
+
+
+def _init_steps(cfg: DictConfig, runs: Sequence[Run]) -> int:
+    """n: `init_steps`, else the runs' common `datamodule.past_steps`."""
+    configured = OmegaConf.select(cfg, "init_steps")
+    if configured is not None:
+        return int(configured)
+    steps = {int(r.data.params["datamodule.past_steps"]) for r in runs}
+    if len(steps) != 1:
+        raise ConfigError(
+            f"init_steps: the runs were trained with different past_steps {sorted(steps)}; "
+            f"set init_steps"
+        )
+    return steps.pop()
+
+
+def _training_runs(cfg: DictConfig, kind: str, manifest_sha256: str) -> list[Run]:
+    """`runs.<kind>` (one id or a list of ids), else the latest `last_n` finished runs of the
+    kind on this dataset, newest first."""
+    named = OmegaConf.select(cfg, f"runs.{kind}")
+    if named:
+        ids = [named] if isinstance(named, str) else list(named)
+        runs = [mlflow.get_run(str(run_id)) for run_id in ids]
+        for run in runs:
+            _check_run(cfg, run, kind, manifest_sha256)
+        return runs
+    last_n = int(OmegaConf.select(cfg, "last_n", default=1))
+    runs = _search_runs(cfg, kind, manifest_sha256, last_n)
+    if len(runs) < last_n:
+        raise ConfigError(
+            f"last_n={last_n}: only {len(runs)} finished `twin train model={kind}` run(s) on "
+            f"this dataset in experiment {cfg.tracking.experiment_name!r}"
+        )
+    return runs
+
+
 def load_twin(run_id: str) -> torch.jit.ScriptModule:
     """The scripted TwinModel a training run logged (its pyfunc model's artifact)."""
     # mlflow.pyfunc warns on import (its own type hints): load it only when needed.
@@ -156,16 +269,7 @@ def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:
                 f"runs.{kind}: run {run_id} trained kind {run.data.tags.get('model.kind')!r}"
             )
     else:
-        found = mlflow.search_runs(
-            experiment_names=[experiment],
-            filter_string=(
-                f"tags.`model.kind` = '{kind}' and attributes.status = 'FINISHED' "
-                f"and tags.`data.manifest_sha256` = '{manifest_sha256}'"
-            ),
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-            output_format="list",
-        )
+        found = _search_runs(cfg, kind, manifest_sha256, 1)
         if not found:
             raise ConfigError(
                 f"no finished `twin train model={kind}` run on this dataset (manifest "
@@ -173,13 +277,35 @@ def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:
                 f"train one, or name one with runs.{kind}=<run id>"
             )
         run = found[0]
+    _check_run(cfg, run, kind, manifest_sha256)
+    return run
+
+
+def _search_runs(cfg: DictConfig, kind: str, manifest_sha256: str, n: int) -> list[Run]:
+    """The latest n FINISHED training runs of `kind` on this dataset, newest first."""
+    return mlflow.search_runs(
+        experiment_names=[str(cfg.tracking.experiment_name)],
+        filter_string=(
+            f"tags.`model.kind` = '{kind}' and attributes.status = 'FINISHED' "
+            f"and tags.`data.manifest_sha256` = '{manifest_sha256}'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=n,
+        output_format="list",
+    )
+
+
+def _check_run(cfg: DictConfig, run: Run, kind: str, manifest_sha256: str) -> None:
+    if run.data.tags.get("model.kind") != kind:
+        raise ConfigError(
+            f"runs.{kind}: run {run.info.run_id} trained kind {run.data.tags.get('model.kind')!r}"
+        )
     trained_on = run.data.tags.get("data.manifest_sha256")
     if trained_on != manifest_sha256:
         raise ConfigError(
             f"run {run.info.run_id} ({kind}) was trained on manifest {trained_on}, "
             f"data_path {cfg.data_path} has {manifest_sha256}: its normalisation would not match"
         )
-    return run
 
 
 def _log(

@@ -244,7 +244,9 @@ def _broken(edit) -> dict:
         (
             lambda s: s["units"]["blender"].update(type="paddle_blender"),
             "flowsheet.units.blender: unknown unit type 'paddle_blender'; "
-            "valid: liw_feeder, tablet_press, tanks_in_series_blender",
+            "valid: cascaded_tanks, linear_state_space, liw_feeder, tablet_press, "
+            "tanks_in_series_blender; "
+            "or name a class of your own with _target_",
         ),
         (
             lambda s: s["units"]["blender"].update(n_tank=5),

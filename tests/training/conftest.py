@@ -257,3 +257,22 @@ def tiny_cdc_dataset(tmp_path_factory) -> Path:
     data["out_dir"] = str(root / "prepared")
     prepare_dataset(root / "raw", root / "prepared", tags=tags, data=data, plant_name="cdc_line")
     return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def tiny_tanks_dataset(tmp_path_factory) -> Path:
+    """The first 120 rows of both Cascaded Tanks records (real measurements,
+    tests/data/cascaded_tanks_head.csv), exported and prepared as `make tanks` does."""
+    import yaml
+
+    from data_pipelines.cascaded_tanks import write_export
+    from data_pipelines.prepare import prepare_dataset
+    from training.config_dir import SHIPPED_CONFIG_DIR
+
+    folder = tmp_path_factory.mktemp("tanks")
+    head = Path(__file__).resolve().parents[1] / "data" / "cascaded_tanks_head.csv"
+    write_export(head, folder / "raw")
+    plant = yaml.safe_load((SHIPPED_CONFIG_DIR / "plant" / "cascaded_tanks.yaml").read_text())
+    data = yaml.safe_load((SHIPPED_CONFIG_DIR / "data" / "cascaded_tanks.yaml").read_text())
+    prepare_dataset(folder / "raw", folder / "prepared", tags=plant["tags"], data=data)
+    return folder / "prepared"

@@ -1,0 +1,140 @@
+"""A learned linear state-space prior: for a plant with no mechanistic model worth writing yet.
+
+    dx/dt = A x + B (u - u_nom)          y = C x + d
+
+x is n abstract states (deviations from the nominal operating point), u the unit's inputs, y
+its outputs; A, B, C, d are all learnable parameters (`a_i_j`, `b_i_j`, `c_k_i`, `d_k`,
+1-based). The initial model is a chain of n first-order lags of time constant tau with unit
+gain from each input's scale to each output's scale: dx_1/dt = (b(u - u_nom) - x_1)/tau,
+dx_i/dt = (x_(i-1) - x_i)/tau, y = d + x_n, so an untrained prior already responds with the
+right sign and order of magnitude, and the mechanistic kind of the twin becomes a linear
+system-identification fit (the benchmarks' "best linear approximation"). A hybrid on it adds
+the neural residual to a linear model.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from hybrid_twin.errors import ConfigError
+from hybrid_twin.specs import InputSpec, OutputSpec, ParamSpec, StateSpec
+from hybrid_twin.units.base import AbstractUnit, positive_int
+
+
+def _signal_specs(signals: Mapping[str, object], key: str, where: str) -> list[dict]:
+    """{name: {unit, nominal, range (inputs) or scale (outputs)}} -> checked plain dicts."""
+    if not signals:
+        raise ConfigError(f"{where}.{key}: expected at least one {{name: {{unit, nominal, ...}}}}")
+    out = []
+    for name, spec in dict(signals).items():
+        spec = dict(spec)  # type: ignore[call-overload]
+        for field in ("unit", "nominal"):
+            if field not in spec:
+                raise ConfigError(f"{where}.{key}.{name}: missing {field!r}")
+        out.append({"name": str(name), **spec})
+    return out
+
+
+class LinearStateSpace(AbstractUnit):
+    """dx/dt = A x + B (u - u_nom), y = C x + d, every matrix entry learnable.
+
+    Args:
+        name, components: given by the flowsheet (the unit exchanges no stream).
+        inputs: {name: {unit, nominal, range: [low, high]}}: the unit's inputs.
+        outputs: {name: {unit, nominal, scale}}: its outputs; nominal is d's initial value,
+            scale (default 1) the output change per input scale in the initial gain.
+        n_states: n.
+        time_constant_s: tau of the initial chain of lags, s.
+        params: overrides of a_i_j, b_i_j, c_k_i, d_k.
+
+    Raises:
+        ConfigError: no inputs or outputs, a missing field, n_states < 1, tau <= 0.
+    """
+
+    accepts_inflow = False
+
+    def __init__(
+        self,
+        name: str,
+        components: Sequence[str],
+        inputs: Mapping[str, object],
+        outputs: Mapping[str, object],
+        n_states: int = 2,
+        time_constant_s: float = 100.0,
+        params: Mapping[str, object] | None = None,
+    ) -> None:
+        ins = _signal_specs(inputs, "inputs", name)
+        outs = _signal_specs(outputs, "outputs", name)
+        n = positive_int(n_states, "n_states", name)
+        if not time_constant_s > 0:
+            raise ConfigError(f"{name}.time_constant_s: expected > 0 s, got {time_constant_s}")
+        tau = float(time_constant_s)
+        scales = [float(o.get("scale", 1.0)) for o in outs]
+        specs = []
+        for i in range(n):  # A: -1/tau on the diagonal, +1/tau below it (a chain of lags)
+            for j in range(n):
+                value = -1.0 / tau if i == j else (1.0 / tau if i == j + 1 else 0.0)
+                specs.append(ParamSpec(f"a_{i + 1}_{j + 1}", "1/s", value))
+        for i in range(n):
+            for j, signal in enumerate(ins):
+                low, high = signal.get("range", (-1.0, 1.0))
+                width = max((float(high) - float(low)) / 2.0, 1e-12)
+                value = scales[0] / width / tau if i == 0 else 0.0
+                specs.append(ParamSpec(f"b_{i + 1}_{j + 1}", "state/(input s)", value))
+        for k in range(len(outs)):
+            for i in range(n):
+                specs.append(ParamSpec(f"c_{k + 1}_{i + 1}", "output/state", float(i == n - 1)))
+        for k, signal in enumerate(outs):
+            specs.append(ParamSpec(f"d_{k + 1}", signal["unit"], float(signal["nominal"])))
+        super().__init__(name, components, specs, params)
+        self.n_x, self.n_u, self.n_y = n, len(ins), len(outs)
+        self.register_buffer("u_nominal", torch.tensor([[float(s["nominal"]) for s in ins]]))
+        self.state_specs = tuple(
+            StateSpec(f"x{i + 1}", "1", "linear state", max(scales), nonnegative=False)
+            for i in range(n)
+        )
+        self.input_specs = tuple(
+            InputSpec(
+                s["name"],
+                s["unit"],
+                tuple(float(v) for v in s.get("range", (-1e12, 1e12))),
+                float(s["nominal"]),
+            )
+            for s in ins
+        )
+        self.output_specs = tuple(OutputSpec(s["name"], s["unit"]) for s in outs)
+
+    def _matrix(self, theta: list[Tensor], start: int, rows: int, cols: int) -> Tensor:
+        """Parameters theta[start : start + rows * cols] as (1 or batch, rows, cols)."""
+        return torch.cat(theta[start : start + rows * cols], dim=1).reshape(-1, rows, cols)
+
+    def derivative(
+        self, x: Tensor, u: Tensor, inflow: Tensor, theta: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """See `AbstractUnit.derivative`; no stream in or out."""
+        n, m = self.n_x, self.n_u
+        a = self._matrix(theta, 0, n, n)
+        b = self._matrix(theta, n * n, n, m)
+        dx = torch.matmul(a, x.unsqueeze(-1)) + torch.matmul(b, (u - self.u_nominal).unsqueeze(-1))
+        return dx.squeeze(-1), torch.zeros_like(inflow)
+
+    def outputs(self, x: Tensor, theta: list[Tensor]) -> Tensor:
+        """y = C x + d, (batch, n_outputs)."""
+        n, m, p = self.n_x, self.n_u, self.n_y
+        c = self._matrix(theta, n * n + n * m, p, n)
+        d = torch.cat(theta[n * n + n * m + p * n :], dim=1)
+        return torch.matmul(c, x.unsqueeze(-1)).squeeze(-1) + d
+
+    def inventory(self, x: Tensor) -> Tensor:
+        """No material: zeros, (batch, n_components)."""
+        return torch.zeros(x.shape[0], self.n_components, dtype=x.dtype, device=x.device)
+
+    def steady_state(self, u: Tensor, inflow: Tensor, theta: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """x = -A^-1 B (u - u_nom) (A must stay invertible: a stable A is)."""
+        n, m = self.n_x, self.n_u
+        a = self._matrix(theta, 0, n, n)
+        b = self._matrix(theta, n * n, n, m)
+        rhs = -torch.matmul(b, (u - self.u_nominal).unsqueeze(-1))
+        x = torch.linalg.solve(a.expand(u.shape[0], n, n), rhs)
+        return x.squeeze(-1), torch.zeros_like(inflow)

@@ -1,0 +1,58 @@
+"""The learned linear state-space prior: a chain of lags at first, exact as a linear system."""
+
+import pytest
+import torch
+from tolerances import tol
+
+from hybrid_twin import FLOWSHEETS, ConfigError, build_flowsheet, integrate_zoh
+
+
+def test_steady_state_is_an_equilibrium_and_reads_the_initial_unit_gain(float64):
+    flowsheet = build_flowsheet(FLOWSHEETS["cascaded_tanks_linear"]())
+    theta = flowsheet.theta()
+    u = torch.tensor([[1.8], [2.8], [4.3]])
+    x = flowsheet.steady_state(u, theta)
+    torch.testing.assert_close(
+        flowsheet.rhs(x, u, theta), torch.zeros_like(x), rtol=0.0, atol=tol("algebra")
+    )
+    # Gain: output scale 2.2 V per input half-range 5 V, around the nominal 5.6 V at 2.8 V.
+    expected = 5.6 + 2.2 / 5.0 * (u - 2.8)
+    torch.testing.assert_close(flowsheet.outputs(x, theta), expected, rtol=0.0, atol=tol("algebra"))
+
+
+def test_step_response_matches_the_closed_form_of_two_lags(float64):
+    flowsheet = build_flowsheet(FLOWSHEETS["cascaded_tanks_linear"]())
+    theta = flowsheet.theta()
+    x0 = flowsheet.steady_state(torch.tensor([[2.8]]), theta)
+    u = torch.full((1, 200, 1), 3.8)
+    solution = integrate_zoh(flowsheet, x0, u, 1.0, "rk4", n_substeps=4)
+    t = torch.arange(201, dtype=torch.float64) / 100.0  # t / tau
+    step = 2.2 / 5.0 * (1.0 - torch.exp(-t) * (1.0 + t))  # two equal lags, unit step
+    y = flowsheet.outputs(solution.states[0], theta)[:, 0] - 5.6
+    torch.testing.assert_close(y, step, rtol=0.0, atol=1e-7)  # RK4 at h = tau / 400
+
+
+def test_scripted_linear_prior_matches_eager(float64):
+    flowsheet = build_flowsheet(FLOWSHEETS["cascaded_tanks_linear"]())
+    scripted = torch.jit.script(flowsheet)
+    x, u = torch.tensor([[0.3, -0.2]]), torch.tensor([[3.1]])
+    theta = flowsheet.theta()
+    torch.testing.assert_close(
+        scripted.rhs(x, u, theta),
+        flowsheet.rhs(x, u, theta),
+        rtol=0.0,
+        atol=tol("scripted_vs_eager"),
+    )
+    torch.testing.assert_close(
+        scripted.steady_state(u, theta),
+        flowsheet.steady_state(u, theta),
+        rtol=0.0,
+        atol=tol("scripted_vs_eager"),
+    )
+
+
+def test_linear_prior_without_outputs_names_the_key():
+    spec = FLOWSHEETS["cascaded_tanks_linear"]()
+    spec["units"]["linear"]["outputs"] = {}
+    with pytest.raises(ConfigError, match="linear.outputs: expected at least one"):
+        build_flowsheet(spec)
