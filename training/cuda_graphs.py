@@ -83,5 +83,11 @@ class CapturedLoss:
 
 def cuda_graphs_usable(tensor: Tensor) -> bool:
     """Whether a training step on `tensor`'s device can run through CUDA graphs: a CUDA tensor,
-    gradients on, no inference mode (validation runs eagerly)."""
-    return tensor.is_cuda and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    gradients on, no inference mode (validation runs eagerly), no CUDA autocast (a mixed
+    `trainer.precision` caches casts across calls, which a capture cannot hold)."""
+    return (
+        tensor.is_cuda
+        and torch.is_grad_enabled()
+        and not torch.is_inference_mode_enabled()
+        and not torch.is_autocast_enabled("cuda")
+    )
