@@ -282,3 +282,32 @@ def test_twin_scenario_cli_writes_tables_plots_and_an_mlflow_run(twin_file, tmp_
     assert run.data.metrics["api_feeder_dip/rule_covers"] == 1.0
     names = {a.path for a in client.list_artifacts(run.info.run_id, "scenarios")}
     assert "scenarios/api_feeder_dip.png" in names
+
+
+def test_twin_optimise_cli_improves_the_twin_and_records_the_plant_check(twin_file, tmp_path):
+    # Here rather than in test_optimise.py: it reuses this module's twin file.
+    from mlflow.tracking import MlflowClient
+
+    from tests.training.twin_cli import run_twin
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    small = ["optimise.disturbances.n_profiles=2", "optimise.horizon_min=8",
+             "optimise.optimiser.iterations=4", "optimise.disturbances.onset_min=[1.0,2.0]"]
+    result = run_twin(tmp_path, uri, "optimise", f"twin.file={twin_file}", *small,
+                      "hydra.run.dir=out")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "out"
+    history = pd.read_csv(out / "optimise.csv")
+    assert len(history) >= 4 and {"BLEND.SPEED_SP", "throughput_kg_h"} <= set(history.columns)
+    assert "| plant |" in (out / "optimise.md").read_text()
+    assert (out / "optimise.png").stat().st_size > 10_000
+    client = MlflowClient(uri)
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("cdc-line-twin").experiment_id],
+        "tags.`twin.stage` = 'optimise'",
+    )
+    metrics = run.data.metrics
+    assert metrics["twin_rms_best"] <= metrics["twin_rms_start"]
+    assert metrics["plant_rms_start"] > 0 and metrics["plant_rms_best"] > 0
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"optimise.csv", "optimise.md", "optimise.png"} <= names
