@@ -35,11 +35,10 @@ from hybrid_twin import ConfigError
 from training.dataset import PreparedDataset, RunTensors
 from training.diversion import DiversionRule, OutOfSpecWindow, check_rule, out_of_spec_windows
 from training.export import (
-    DTYPES,
     build_online_twin,
     engineering_runs,
     load_eager_twin,
-    resolve_model,
+    open_model_on_data,
     run_filter,
 )
 from training.fault_evaluation import load_labels
@@ -51,7 +50,7 @@ from training.plant_truth import (
     reproduction,
     seconds_between,
 )
-from training.tracking import git_commit, tracking_uri
+from training.tracking import git_commit
 
 PREDICTION, ALARM = 5, 11  # positions in OnlineTwin.update's outputs (UPDATE_OUTPUTS)
 
@@ -342,26 +341,13 @@ def run_evaluate_diversion(cfg: DictConfig) -> pd.DataFrame:
     returns the per-run table."""
     from hydra.core.hydra_config import HydraConfig
 
-    if cfg.num_threads is not None:
-        torch.set_num_threads(int(cfg.num_threads))
-    if str(cfg.dtype) not in DTYPES:
-        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    dtype = DTYPES[str(cfg.dtype)]
-    mlflow.set_tracking_uri(tracking_uri())
     started = time.perf_counter()
-    run_id, version = resolve_model(cfg)
-    dataset = PreparedDataset.open(cfg.data_path)
-    run = mlflow.get_run(run_id)
-    if run.data.tags.get("data.manifest_sha256") != dataset.manifest_sha256:
-        raise ConfigError(f"run {run_id} was trained on manifest "
-                          f"{run.data.tags.get('data.manifest_sha256')}, data_path "
-                          f"{cfg.data_path} has {dataset.manifest_sha256}")  # fmt: skip
+    run_id, version, run, dataset, dtype, past_steps = open_model_on_data(cfg)
     settings = DiversionSettings.from_config(cfg, dataset)
     try:
         sim = validate_sim_config(OmegaConf.to_container(cfg.sim, resolve=True))
     except ValueError as error:
         raise ConfigError(f"sim: {error}") from error
-    past_steps = int(run.data.params["datamodule.past_steps"])
     online, fit_record = build_online_twin(load_eager_twin(run_id, dataset), dataset, cfg,
                                            past_steps, dtype)  # fmt: skip
     runs = [r for r in dataset.load_split(str(cfg.fault_split)) if r.u.shape[0] > past_steps + 1]

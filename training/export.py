@@ -15,6 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import torch
@@ -43,6 +44,49 @@ class TwinFileError(TwinError, ValueError):
     """A twin file cannot be read: missing, truncated, corrupted or without metadata."""
 
 
+class ModelOnData(NamedTuple):
+    """A trained twin's run and the prepared dataset it was trained on (`open_model_on_data`)."""
+
+    run_id: str
+    version: str | None  # its registered version, if any
+    run: object  # mlflow.entities.Run
+    dataset: PreparedDataset
+    dtype: torch.dtype  # cfg.dtype
+    past_steps: int  # rows the twin was trained to start from
+
+
+def check_trained_on(run, dataset: PreparedDataset, data_path: object, where: str = "") -> None:
+    """Raise ConfigError unless `run` was trained on `dataset` (same manifest SHA-256): another
+    dataset's normalisation would silently shift every tag."""
+    trained_on = run.data.tags.get("data.manifest_sha256")
+    if trained_on != dataset.manifest_sha256:
+        raise ConfigError(
+            f"{where}run {run.info.run_id} was trained on manifest {trained_on}, data_path "
+            f"{data_path} has {dataset.manifest_sha256}: its normalisation would not match"
+        )
+
+
+def open_model_on_data(cfg: DictConfig) -> ModelOnData:
+    """The common start of the stages that run one trained twin over a prepared dataset
+    (export, evaluate-faults, evaluate-diversion): torch threads (`num_threads`), `dtype`,
+    the MLflow store, the model (`resolve_model`) and `data_path`, checked against each other.
+
+    Raises:
+        ConfigError: an unknown dtype, no such model or run, or a run trained on other data.
+    """
+    if cfg.num_threads is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    if str(cfg.dtype) not in DTYPES:
+        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    mlflow.set_tracking_uri(tracking_uri())
+    run_id, version = resolve_model(cfg)
+    dataset = PreparedDataset.open(cfg.data_path)
+    run = mlflow.get_run(run_id)
+    check_trained_on(run, dataset, cfg.data_path)
+    past_steps = int(run.data.params["datamodule.past_steps"])
+    return ModelOnData(run_id, version, run, dataset, DTYPES[str(cfg.dtype)], past_steps)
+
+
 def run_export(cfg: DictConfig) -> dict:
     """`twin export`: write and log the twin file; returns its metadata.
 
@@ -50,23 +94,8 @@ def run_export(cfg: DictConfig) -> dict:
         ConfigError: a bad setting, no such model/run, or a run trained on other data.
         ExportMismatchError: scripted and eager differ beyond `verify.tolerance`.
     """
-    if cfg.num_threads is not None:
-        torch.set_num_threads(int(cfg.num_threads))
-    if str(cfg.dtype) not in DTYPES:
-        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    mlflow.set_tracking_uri(tracking_uri())
     started = time.perf_counter()
-    run_id, version = resolve_model(cfg)
-    dataset = PreparedDataset.open(cfg.data_path)
-    run = mlflow.get_run(run_id)
-    trained_on = run.data.tags.get("data.manifest_sha256")
-    if trained_on != dataset.manifest_sha256:
-        raise ConfigError(
-            f"run {run_id} was trained on manifest {trained_on}, data_path {cfg.data_path} has "
-            f"{dataset.manifest_sha256}: its normalisation would not match"
-        )
-    dtype = DTYPES[str(cfg.dtype)]
-    past_steps = int(run.data.params["datamodule.past_steps"])
+    run_id, version, run, dataset, dtype, past_steps = open_model_on_data(cfg)
     twin = load_eager_twin(run_id, dataset)
     online, fit_record = build_online_twin(twin, dataset, cfg, past_steps, dtype)
     scripted = script_and_reload(online)

@@ -25,15 +25,14 @@ from omegaconf import DictConfig
 from hybrid_twin import ConfigError
 from training.dataset import PreparedDataset, RunTensors
 from training.export import (
-    DTYPES,
     build_online_twin,
     engineering_runs,
     load_eager_twin,
     monitor_fit_runs,
-    resolve_model,
+    open_model_on_data,
     run_filter,
 )
-from training.tracking import git_commit, tracking_uri
+from training.tracking import git_commit
 
 LABELS_FILE = "fault_labels.csv"
 METHODS = ("twin", "pca")
@@ -281,21 +280,8 @@ def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
     """`twin evaluate-faults`: the fault table, written, printed and logged; returns it."""
     from hydra.core.hydra_config import HydraConfig
 
-    if cfg.num_threads is not None:
-        torch.set_num_threads(int(cfg.num_threads))
-    if str(cfg.dtype) not in DTYPES:
-        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    dtype = DTYPES[str(cfg.dtype)]
-    mlflow.set_tracking_uri(tracking_uri())
     started = time.perf_counter()
-    run_id, version = resolve_model(cfg)
-    dataset = PreparedDataset.open(cfg.data_path)
-    run = mlflow.get_run(run_id)
-    if run.data.tags.get("data.manifest_sha256") != dataset.manifest_sha256:
-        raise ConfigError(f"run {run_id} was trained on manifest "
-                          f"{run.data.tags.get('data.manifest_sha256')}, data_path "
-                          f"{cfg.data_path} has {dataset.manifest_sha256}")
-    past_steps = int(run.data.params["datamodule.past_steps"])
+    run_id, version, run, dataset, dtype, past_steps = open_model_on_data(cfg)
     twin = load_eager_twin(run_id, dataset)
     online, fit_record = build_online_twin(twin, dataset, cfg, past_steps, dtype)
 

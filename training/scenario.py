@@ -93,14 +93,11 @@ def load_scenario_twin(cfg: DictConfig, dataset: PreparedDataset | None) -> Scen
     if cfg.twin.file:
         return twin_from_file(str(cfg.twin.file))
     from training.evaluate import load_twin
-    from training.export import resolve_model
+    from training.export import check_trained_on, resolve_model
 
     run_id, version = resolve_model(cfg.twin)
     run = mlflow.get_run(run_id)
-    trained_on = run.data.tags.get("data.manifest_sha256")
-    if trained_on != dataset.manifest_sha256:
-        raise ConfigError(f"twin: run {run_id} was trained on manifest {trained_on}, data_path "
-                          f"{dataset.root} has {dataset.manifest_sha256}")  # fmt: skip
+    check_trained_on(run, dataset, dataset.root, where="twin: ")
     units = {t: dataset.manifest["tags"][t]["unit"] for t in dataset.manifest["tags"]}
     kind = run.data.tags.get("model.kind")
     return twin_from_model(

@@ -31,10 +31,9 @@ def _config(group: str, name: str) -> dict:
     return yaml.safe_load((SHIPPED_CONFIG_DIR / group / f"{name}.yaml").read_text())
 
 
-@pytest.fixture(scope="module")
-def datamodule(tiny_cdc_dataset) -> CDCDataModule:
+def _datamodule(path) -> CDCDataModule:
     dm = CDCDataModule(
-        tiny_cdc_dataset,
+        path,
         window_steps=WINDOW,
         past_steps=PAST,
         batch_size=4,
@@ -44,6 +43,11 @@ def datamodule(tiny_cdc_dataset) -> CDCDataModule:
     )
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture(scope="module")
+def datamodule(tiny_cdc_dataset) -> CDCDataModule:
+    return _datamodule(tiny_cdc_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -376,16 +380,7 @@ def test_lightning_trains_the_same_parameters_with_and_without_cuda_graphs(tiny_
     trained = {}
     for cuda_graphs in (False, True):
         seed_everything(0)
-        dm = CDCDataModule(
-            tiny_cdc_dataset,
-            window_steps=WINDOW,
-            past_steps=PAST,
-            batch_size=4,
-            windows_per_epoch=8,
-            num_workers=0,
-            seed=0,
-        )
-        dm.setup("fit")
+        dm = _datamodule(tiny_cdc_dataset)
         lit = _lit(_random_hybrid(dm), lr=1e-3, cuda_graphs=cuda_graphs)
         trainer = Trainer(
             accelerator="gpu",

@@ -21,6 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from hybrid_twin import ConfigError
+from tests.training.twin_cli import run_twin
 from training.config_dir import SHIPPED_CONFIG_DIR
 from training.evaluate import load_twin
 
@@ -28,7 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as A
 ROOT = Path(__file__).resolve().parents[2]
 HEAD_CSV = ROOT / "tests" / "data" / "cascaded_tanks_head.csv"  # first 120 rows, real data
 EXAMPLES = ROOT / "examples" / "plants"
-TWIN = Path(sys.executable).with_name("twin")
 TINY = [
     "experiment=cascaded_tanks",
     "datamodule.window_steps=16",
@@ -75,22 +75,17 @@ def _user_configs(folder: Path, unit: dict, inputs: dict | None = None) -> Path:
 
 
 def _train(folder: Path, dataset: Path, configs: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'store.db'}",
-        "PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(folder)]),
-    }
-    env.pop("TWIN_CONFIG_DIR", None)
-    command = [
-        str(TWIN),
+    return run_twin(
+        folder,
+        f"sqlite:///{folder / 'store.db'}",
         "train",
         *TINY,
         f"datamodule.path={dataset}",
         f"hydra.searchpath=[file://{configs}]",
         "flowsheet=user_tanks",
         *extra,
-    ]
-    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+        env={"PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(folder)])},
+    )
 
 
 def _build(dataset: Path, configs: Path, *extra: str) -> tuple:
