@@ -93,8 +93,14 @@ def _pin(x: Tensor, k: int, pin_index: Tensor | None, pin_values: Tensor | None)
     return x.index_copy(1, pin_index, pin_values.select(1, k))
 
 
-def _finish(states: list[Tensor], status: Tensor, n_steps: Tensor) -> ZOHSolution:
-    trajectory = torch.stack(states, dim=1)
+@torch.jit.unused
+def _exporting() -> bool:
+    """Under `torch.export` (TorchScript never calls this: it only runs when not scripting)."""
+    return torch.compiler.is_exporting()
+
+
+def _finish(trajectory: Tensor, status: Tensor, n_steps: Tensor) -> ZOHSolution:
+    """The solution of trajectory (batch, time + 1, n_states); a non-finite state fails it."""
     finite = torch.isfinite(trajectory).flatten(1).all(dim=1)
     status = torch.where(finite, status, torch.full_like(status, 2))
     return ZOHSolution(trajectory, status, n_steps)
@@ -153,6 +159,8 @@ class AbstractFixedStepSolver(AbstractZOHSolver):
     ) -> ZOHSolution:
         theta = self.vector_field.theta()
         h = dt_s / self.n_substeps
+        if not torch.jit.is_scripting() and _exporting():
+            return self._exported_loop(x0, u, theta, h, pin_index, pin_values)
         x = x0
         states = [x0]
         recompute = self.recompute and not torch.jit.is_scripting() and torch.is_grad_enabled()
@@ -165,6 +173,43 @@ class AbstractFixedStepSolver(AbstractZOHSolver):
             states.append(x)
         steps = torch.full(
             (x0.shape[0],), u.shape[1] * self.n_substeps, dtype=torch.long, device=x0.device
+        )
+        return _finish(torch.stack(states, dim=1), torch.zeros_like(steps), steps)
+
+    @torch.jit.unused
+    def _exported_loop(
+        self,
+        x0: Tensor,
+        u: Tensor,
+        theta: Tensor,
+        h: float,
+        pin_index: Tensor | None,
+        pin_values: Tensor | None,
+    ) -> ZOHSolution:
+        """`forward` as one `while_loop` over the intervals, for `torch.export`: the Python loop
+        would be unrolled for one fixed number of intervals, this one takes any (a dynamic
+        time dimension). Same arithmetic per interval as `forward`."""
+        from torch._higher_order_ops.while_loop import while_loop
+
+        intervals = u.shape[1]
+        states = torch.zeros(
+            x0.shape[0], intervals + 1, x0.shape[1], dtype=x0.dtype, device=x0.device
+        ).index_copy(1, torch.zeros(1, dtype=torch.long, device=x0.device), x0.unsqueeze(1))
+
+        def more(k: Tensor, x: Tensor, states: Tensor) -> Tensor:
+            return k < intervals
+
+        def interval(k: Tensor, x: Tensor, states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            at = k.reshape(1)
+            x = self._interval(x, u.index_select(1, at).squeeze(1), theta.reshape(1, -1), h)
+            if pin_index is not None and pin_values is not None:
+                x = x.index_copy(1, pin_index, pin_values.index_select(1, at).squeeze(1))
+            return k + 1, x.clone(), states.index_copy(1, at + 1, x.unsqueeze(1))
+
+        start = torch.zeros((), dtype=torch.long, device=x0.device)
+        _, _, states = while_loop(more, interval, (start, x0, states))
+        steps = torch.full(
+            (x0.shape[0],), intervals * self.n_substeps, dtype=torch.long, device=x0.device
         )
         return _finish(states, torch.zeros_like(steps), steps)
 
@@ -286,7 +331,7 @@ class Dopri5(AbstractZOHSolver):
                 n_steps = n_steps + self.n_substeps
             x = _pin(x, k, pin_index, pin_values)
             states.append(x)
-        return _finish(states, status, n_steps)
+        return _finish(torch.stack(states, dim=1), status, n_steps)
 
     def _step(
         self, x: Tensor, k1: Tensor, u: Tensor, theta: Tensor, h: Tensor

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from hybrid_twin import ExtendedKalmanFilter, InnovationMonitor, MonitorState
-from training.twin_model import TwinModel
+from training.twin_model import TwinModel, time_rows
 
 STATE_FIELDS = ("x", "P", "u_held", "ewma", "run_length")
 UPDATE_OUTPUTS = STATE_FIELDS + (
@@ -131,8 +131,8 @@ class OnlineTwin(nn.Module):
             (x, P, u_held, ewma, run_length) as in the module docstring; u_held = past_u[:, -1].
         """
         steps = past_u.shape[1]
-        head_u = past_u.narrow(1, 0, steps - 1)
-        head_y = past_y.narrow(1, 0, steps - 1)
+        head_u = time_rows(past_u, 0, steps - 1)
+        head_y = time_rows(past_y, 0, steps - 1)
         mask = torch.isfinite(head_y)
         twin = self.twin
         head_y_n = torch.where(mask, (head_y - twin.y_mean) / twin.y_std, torch.zeros_like(head_y))

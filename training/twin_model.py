@@ -26,6 +26,13 @@ from hybrid_twin import (
 INITIAL_STATE_METHODS = ("steady_state", "burn_in")
 
 
+def time_rows(t: Tensor, start: int, length: int) -> Tensor:
+    """Rows start .. start + length - 1 of dim 1 (time) as a new tensor. Not a `narrow` view:
+    whether such a view is contiguous depends on length == 1, which would tie a `torch.export`
+    program with a dynamic time dimension to one side of that case."""
+    return t.index_select(1, torch.arange(start, start + length, device=t.device))
+
+
 class TwinModel(nn.Module):
     """x0 from the past window, then x' = f(x, u), y = h(x), on normalised window tensors.
 
@@ -102,7 +109,7 @@ class TwinModel(nn.Module):
             x = self.field.flowsheet.steady_state(inputs[:, 0], theta)
             # Interval k ends at past row k + 1; the last ends at t_0, whose row the past
             # window lacks: its pinned states are held at the last past value.
-            ends = torch.cat([past_u.narrow(1, 1, past_u.shape[1] - 1), past_u[:, -1:]], dim=1)
+            ends = torch.cat([time_rows(past_u, 1, past_u.shape[1] - 1), past_u[:, -1:]], dim=1)
             x = self._solve(x, inputs, ends).states[:, -1]
         else:
             x = self.field.flowsheet.steady_state(inputs[:, -1], theta)
@@ -158,8 +165,8 @@ class TwinModel(nn.Module):
         x0 = self.initial_state(past_u, past_y, past_mask)
         inputs = self.model_inputs(u)
         # y[:, k] is measured at t_k, so the last input interval is not needed.
-        intervals = inputs.narrow(1, 0, inputs.shape[1] - 1)
-        solution = self._solve(x0, intervals, u.narrow(1, 1, u.shape[1] - 1))
+        intervals = time_rows(inputs, 0, inputs.shape[1] - 1)
+        solution = self._solve(x0, intervals, time_rows(u, 1, u.shape[1] - 1))
         states = solution.states
         # h(x) is defined on physical states only (a negative tablet weight makes the force
         # law's power NaN); a learned field can leave that domain, so the readout is projected.

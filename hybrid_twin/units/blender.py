@@ -122,9 +122,7 @@ class TanksInSeriesBlender(AbstractUnit):
         return self.n_tanks / self.rate_1_s(throughput_kg_h, speed_rpm, theta)
 
     def _tanks(self, x: Tensor) -> Tensor:
-        return x.narrow(1, 0, self.n_tank_states).reshape(
-            x.shape[0], self.n_tanks, self.n_components
-        )
+        return x.narrow(1, 0, self.n_tank_states).unflatten(1, (self.n_tanks, self.n_components))
 
     def derivative(
         self, x: Tensor, u: Tensor, inflow: Tensor, theta: list[Tensor]
