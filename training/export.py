@@ -1,11 +1,13 @@
-"""`twin export`: a registered twin -> one verified TorchScript file a plant system runs with torch.
+"""`twin export`: a registered twin -> verified files a plant system runs with torch alone.
 
 Data flow: MLflow model version (or run) -> its `config.yaml` + scripted weights -> the eager
 `TwinModel` -> `OnlineTwin` (EKF + placeholder monitor) run over the normal runs of the fit
-split -> `fit_monitor` on their innovations -> `torch.jit.script` -> reloaded from bytes and
-checked against the eager module on held-out runs (refused beyond the tolerance) -> one file
-with `metadata.json` in its `_extra_files` -> logged to the training run (`twin_export/`), the
-model version tagged. `load_twin_file` reads it back with a clear error for a damaged file.
+split -> `fit_monitor` on their innovations -> per format in `formats`: `torch.jit.script`
+(twin.pt), `torch.export` programs (twin.pt2) and their AOTInductor build (twin.aoti.pt2;
+training/export_formats.py) -> each read back from its bytes and checked against the eager
+module on held-out runs (refused beyond the tolerance), its update latency timed -> the files,
+each with `metadata.json` -> logged to the training run (`twin_export/`), the model version
+tagged. `load_twin_file` reads the TorchScript file back with a clear error for a damaged file.
 """
 
 import datetime
@@ -25,6 +27,18 @@ from torch import Tensor
 
 from hybrid_twin import ConfigError, TwinError, fit_monitor
 from training.dataset import PreparedDataset, RunTensors
+from training.export_formats import (
+    FORMATS,
+    PROGRAM_SHAPES,
+    PT2_FORMATS,
+    compile_programs,
+    example_arguments,
+    export_programs,
+    format_paths,
+    load_pt2_twin,
+    measure_latency,
+    package,
+)
 from training.online_twin import UPDATE_OUTPUTS, OnlineTwin, placeholder_monitor
 from training.tracking import tracking_uri
 from training.twin_model import TwinModel, build_twin_model
@@ -95,25 +109,80 @@ def run_export(cfg: DictConfig) -> dict:
         ExportMismatchError: scripted and eager differ beyond `verify.tolerance`.
     """
     started = time.perf_counter()
+    formats = check_formats(cfg.formats)
     run_id, version, run, dataset, dtype, past_steps = open_model_on_data(cfg)
     twin = load_eager_twin(run_id, dataset)
     online, fit_record = build_online_twin(twin, dataset, cfg, past_steps, dtype)
-    scripted = script_and_reload(online)
-    verification = verify_twin(online, scripted, dataset, cfg.verify, past_steps, dtype)
+    held_out = verification_data(dataset, cfg.verify, past_steps, dtype)
+    build_started = time.perf_counter()
+    twins, built = {"torchscript": script_and_reload(online)}, {}
+    build_seconds = {"torchscript": time.perf_counter() - build_started}
+    if len(formats) > 1:
+        build_started = time.perf_counter()
+        programs = export_programs(online, example_arguments(online, held_out.u, held_out.y,
+                                                             past_steps))  # fmt: skip
+        build_seconds["export"] = time.perf_counter() - build_started
+        built = {"export": programs} if "export" in formats else {}
+        if "aoti" in formats:
+            build_started = time.perf_counter()
+            built["aoti"] = compile_programs(programs)
+            build_seconds["aoti"] = time.perf_counter() - build_started
+        # What is verified is what the file will hold, read back from its bytes.
+        twins.update({fmt: load_pt2_twin(package(fmt, b, {}))[0] for fmt, b in built.items()})
+    checks = {}
+    for fmt, candidate in twins.items():
+        checks[fmt] = verify_twin(online, candidate, held_out, cfg.verify, dtype, fmt)
+        checks[fmt].update(measure_latency(candidate, held_out.u, held_out.y, past_steps,
+                                           int(cfg.latency_steps)))  # fmt: skip
+        checks[fmt]["build_seconds"] = build_seconds[fmt]
     metadata = twin_metadata(
         dataset, run, version, str(cfg.registered_model_name), cfg, past_steps, fit_record,
-        verification, online,
+        checks["torchscript"], online,
     )  # fmt: skip
     out = Path(str(cfg.out))
-    write_twin_file(scripted, metadata, out)
+    paths = {fmt: path for fmt, path in format_paths(out).items() if fmt in formats}
+    metadata["files"] = {fmt: path.name for fmt, path in paths.items()}
+    metadata["formats"] = {fmt: _format_record(check) for fmt, check in checks.items()}
+    if built:
+        metadata["program_shapes"] = PROGRAM_SHAPES
+    write_twin_file(twins["torchscript"], {**metadata, "format": "torchscript"}, out)
+    for fmt, b in built.items():
+        write_bytes_atomically(package(fmt, b, {**metadata, "format": fmt}), paths[fmt])
     metadata["export_seconds"] = time.perf_counter() - started
-    _log(run_id, version, str(cfg.registered_model_name), out, metadata)
-    print(
-        f"export: wrote {out} ({out.stat().st_size / 1e6:.2f} MB) from run {run_id} "
-        f"(version {version}); scripted vs eager max diff {verification['max_diff']:.3g} "
-        f"<= {verification['tolerance']:g}; {metadata['export_seconds']:.1f} s"
-    )
+    _log(run_id, version, str(cfg.registered_model_name), paths, metadata)
+    for fmt, path in paths.items():
+        record = metadata["formats"][fmt]
+        print(
+            f"export: wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {fmt}); vs eager max "
+            f"diff {record['max_diff']:.3g} <= {checks[fmt]['tolerance']:g}; update p50 "
+            f"{record['update_p50_ms']:.3f} ms, p99 {record['update_p99_ms']:.3f} ms; built in "
+            f"{record['build_seconds']:.1f} s"
+        )
+    print(f"export: from run {run_id} (version {version}) in {metadata['export_seconds']:.1f} s")
     return metadata
+
+
+def check_formats(formats) -> list[str]:
+    """The `formats` setting as a list in FORMATS order.
+
+    Raises:
+        ConfigError: an unknown format, or no torchscript (the reference file the registry
+            tags and the service's default model_uri name).
+    """
+    wanted = [str(f) for f in ([formats] if isinstance(formats, str) else formats)]
+    unknown = [f for f in wanted if f not in FORMATS]
+    if unknown or "torchscript" not in wanted:
+        raise ConfigError(
+            f"formats: {wanted}: expected torchscript plus any of {', '.join(PT2_FORMATS)}"
+            + (f"; unknown: {unknown}" if unknown else "; torchscript is always written")
+        )
+    return [f for f in FORMATS if f in wanted]
+
+
+def _format_record(check: dict) -> dict:
+    keys = ("max_diff", "update_p50_ms", "update_p99_ms", "forecast_ms", "forecast_steps",
+            "build_seconds")
+    return {key: check[key] for key in keys}
 
 
 def resolve_model(cfg: DictConfig) -> tuple[str, str | None]:
@@ -305,17 +374,24 @@ def _max_scaled(a: Tensor, b: Tensor, scale: Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def verify_twin(
-    eager: OnlineTwin, scripted, dataset: PreparedDataset, verify_cfg, past_steps: int,
-    dtype: torch.dtype,
-) -> dict:  # fmt: skip
-    """forecast and `update_steps` update steps, scripted vs eager, on held-out runs.
+class HeldOut(NamedTuple):
+    """The held-out runs a twin file is verified on (`verification_data`)."""
 
-    Differences are scaled per quantity: states by state_normaliser.std, tag values by the
-    train std, T^2 and contributions by 1 + |eager value|; alarms must agree exactly.
+    split: str
+    run_ids: list[str]
+    u: Tensor  # (R, T, n_u) tag units
+    y: Tensor  # (R, T, n_y) tag units, NaN = not sampled
+    y_std: Tensor  # (n_y,) float64 train std: the scale of tag differences
+    past_steps: int
+
+
+def verification_data(
+    dataset: PreparedDataset, verify_cfg, past_steps: int, dtype: torch.dtype
+) -> HeldOut:
+    """The first `max_runs` runs of `verify.split` longer than past_steps + 1 rows.
 
     Raises:
-        ExportMismatchError: a scaled difference above `tolerance` or an alarm that differs.
+        ConfigError: no such run.
     """
     split = str(verify_cfg.split)
     runs = [r for r in dataset.load_split(split) if r.u.shape[0] > past_steps + 1]
@@ -324,13 +400,32 @@ def verify_twin(
         raise ConfigError(f"verify.split: no run of split {split!r} longer than {past_steps + 1}")
     u, y, _ = engineering_runs(dataset, runs, dtype)
     y_std = dataset.normalisation(torch.float64)[3]
+    return HeldOut(split, [r.run_id for r in runs], u, y, y_std, past_steps)
+
+
+def verify_twin(
+    eager: OnlineTwin, candidate, held_out: HeldOut, verify_cfg, dtype: torch.dtype,
+    fmt: str = "torchscript",
+) -> dict:  # fmt: skip
+    """forecast and `update_steps` update steps, the file's twin (`fmt`) vs eager, on held-out
+    runs.
+
+    Differences are scaled per quantity: states by state_normaliser.std, tag values by the
+    train std, T^2 and contributions by 1 + |eager value|; alarms must agree exactly.
+
+    Raises:
+        ExportMismatchError: a scaled difference above `tolerance` or an alarm that differs.
+    """
+    split, u, y, y_std, past_steps = (held_out.split, held_out.u, held_out.y, held_out.y_std,
+                                      held_out.past_steps)  # fmt: skip
     x_std = eager.twin.field.state_normaliser.std.detach().to(torch.float64)
     horizon = min(int(verify_cfg.forecast_steps), u.shape[1] - past_steps)
     args = (u[:, :past_steps], y[:, :past_steps], u[:, past_steps : past_steps + horizon])
     with torch.no_grad():
-        diffs = {"forecast": _max_scaled(eager.forecast(*args), scripted.forecast(*args), y_std)}
+        diffs = {"forecast": _max_scaled(eager.forecast(*args), candidate.forecast(*args), y_std)}
     steps = int(verify_cfg.update_steps)
-    a, b = run_filter(eager, u, y, past_steps, steps), run_filter(scripted, u, y, past_steps, steps)
+    a = run_filter(eager, u, y, past_steps, steps)
+    b = run_filter(candidate, u, y, past_steps, steps)
     x_a, x_b = torch.stack([s[0] for s in a]), torch.stack([s[0] for s in b])
     diffs["x"] = _max_scaled(x_a, x_b, x_std)
     for i, name in ((5, "prediction"), (6, "residual")):
@@ -341,8 +436,9 @@ def verify_twin(
         diffs[name] = _max_scaled(ref, torch.stack([s[i] for s in b[1:]]), 1.0 + ref.abs())
     alarms = int(sum(int((sa[11] != sb[11]).sum()) for sa, sb in zip(a[1:], b[1:], strict=True)))
     result = {
+        "format": fmt,
         "split": split,
-        "runs": [r.run_id for r in runs],
+        "runs": held_out.run_ids,
         "update_steps": len(a) - 1,
         "forecast_steps": horizon,
         "tolerance": float(verify_cfg.tolerance),
@@ -353,10 +449,11 @@ def verify_twin(
     if result["max_diff"] > result["tolerance"] or alarms:
         worst = max(diffs, key=diffs.get)
         raise ExportMismatchError(
-            f"export refused: scripted twin differs from eager on {split} runs {result['runs']}: "
+            f"export refused: the {fmt} twin differs from eager on {split} runs {result['runs']}: "
             f"max scaled difference {result['max_diff']:.3g} ({worst}) > tolerance "
             f"{result['tolerance']:g} by {result['max_diff'] - result['tolerance']:.3g}; "
             f"{alarms} alarm mismatches; per quantity: {diffs}"
+            + ("" if fmt == "torchscript" else f" (leave {fmt} out of `formats` to export without it)")
         )
     return result
 
@@ -395,6 +492,14 @@ def twin_metadata(
         "torch_version": torch.__version__,
         "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def write_bytes_atomically(data: bytes, out: Path) -> None:
+    """A temporary file, then a rename: a reader never sees half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, out)
 
 
 def write_twin_file(scripted, metadata: dict, out: Path) -> None:
@@ -438,17 +543,28 @@ def load_twin_file(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
     return module, metadata
 
 
-def _log(run_id: str, version: str | None, name: str, out: Path, metadata: dict) -> None:
+def _log(
+    run_id: str, version: str | None, name: str, paths: dict[str, Path], metadata: dict
+) -> None:
+    """Every format's file as an artifact of the training run, and tags naming them on the run
+    and the model version: `twin_export.file` / `.sha256` the TorchScript file,
+    `twin_export.files` all of them (JSON {format: {file, sha256}})."""
     client = mlflow.MlflowClient()
-    client.log_artifact(run_id, str(out), ARTIFACT_DIR)
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    files = {}
+    for fmt, path in paths.items():
+        client.log_artifact(run_id, str(path), ARTIFACT_DIR)
+        files[fmt] = {"file": f"{ARTIFACT_DIR}/{path.name}",
+                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
+    digest = files["torchscript"]["sha256"]
     tags = {
-        "twin_export.file": f"{ARTIFACT_DIR}/{out.name}",
+        "twin_export.file": files["torchscript"]["file"],
         "twin_export.sha256": digest,
         "twin_export.max_diff": f"{metadata['verification']['max_diff']:.3g}",
+        "twin_export.files": json.dumps(files, sort_keys=True),
     }
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
         if version is not None:
             client.set_model_version_tag(name, version, key, value)
     metadata["sha256"] = digest
+    metadata["file_sha256"] = {fmt: f["sha256"] for fmt, f in files.items()}

@@ -90,8 +90,10 @@ def _test_rows(dataset, steps: int):
 def test_export_writes_one_file_and_reports_the_achieved_difference(exported):
     _, _, out, stdout = exported
     assert out.is_file()
-    assert "scripted vs eager max diff" in stdout
-    assert not out.with_name(out.name + ".partial").exists()
+    for name in ("twin.pt", "twin.pt2", "twin.aoti.pt2"):
+        assert f"{name} (" in stdout and (out.parent / name).is_file()
+        assert not (out.parent / (name + ".partial")).exists()
+    assert stdout.count("vs eager max diff") == 3
 
 
 def test_twin_file_loads_and_forecasts_in_a_process_that_imports_only_torch(exported, eager):
@@ -146,7 +148,17 @@ def test_metadata_round_trips_through_the_file_and_mlflow(exported, export_datas
     assert metadata["training_run_id"] == version.run_id
     assert version.tags["twin_export.file"] == "twin_export/twin.pt"
     logged = {a.path for a in client.list_artifacts(version.run_id, "twin_export")}
-    assert logged == {"twin_export/twin.pt"}
+    assert logged == {"twin_export/twin.pt", "twin_export/twin.pt2", "twin_export/twin.aoti.pt2"}
+    files = json.loads(version.tags["twin_export.files"])
+    assert {fmt: f["file"] for fmt, f in files.items()} == {
+        "torchscript": "twin_export/twin.pt", "export": "twin_export/twin.pt2",
+        "aoti": "twin_export/twin.aoti.pt2"}  # fmt: skip
+    assert metadata["format"] == "torchscript"
+    assert metadata["files"] == {"torchscript": "twin.pt", "export": "twin.pt2",
+                                 "aoti": "twin.aoti.pt2"}  # fmt: skip
+    for record in metadata["formats"].values():
+        assert record["max_diff"] <= metadata["verification"]["tolerance"]
+        assert 0 < record["update_p50_ms"] <= record["update_p99_ms"]
 
 
 def test_a_missing_measurement_leaves_the_state_as_predict_alone(eager):
@@ -214,3 +226,92 @@ def test_the_detector_fits_on_train_and_val_and_never_on_a_scoring_split(export_
     for splits in (["train", "test"], "fault", []):
         with pytest.raises(ConfigError, match=r"monitor.fit_split: .*test, fault score it"):
             monitor_fit_runs(dataset, splits, PAST_STEPS)
+
+
+PT2_CALL = """
+import sys, torch
+from torch.export.pt2_archive._package import load_pt2
+contents = load_pt2(sys.argv[1])
+programs = contents.aoti_runners or {n: p.module() for n, p in contents.exported_programs.items()}
+a = torch.load(sys.argv[2])
+out = {}
+with torch.no_grad():
+    out["forecast"] = programs["forecast"](a["past_u"], a["past_y"], a["u"])
+    state = programs["initial_state"](a["past_u"], a["past_y"])
+    out["initial_state"] = list(state)
+    out["update"] = list(programs["update"](*state, a["row_u"], a["row_y"], a["mask"]))
+torch.save(out, sys.argv[3])
+bad = [n for n in ("training", "hybrid_twin", "mlflow", "data_pipelines") if n in sys.modules]
+assert not bad, bad
+"""
+
+
+@pytest.mark.parametrize("name", ["twin.pt2", "twin.aoti.pt2"])
+def test_each_pt2_format_runs_in_a_process_that_imports_only_torch_as_eager(
+    exported, eager, name
+):
+    online, _, _, dataset = eager
+    _, _, out, _ = exported
+    u, y = _test_rows(dataset, 24)
+    # Contiguous arguments: the caller rule of training/export_formats.py.
+    args = {"past_u": u[:, :PAST_STEPS].contiguous(), "past_y": y[:, :PAST_STEPS].contiguous(),
+            "u": u[:, PAST_STEPS:].contiguous(), "row_u": u[:, PAST_STEPS].contiguous(),
+            "row_y": y[:, PAST_STEPS].contiguous()}  # fmt: skip
+    args["mask"] = torch.isfinite(args["row_y"])
+    inputs, result_file = out.parent / f"{name}.inputs.pt", out.parent / f"{name}.result.pt"
+    torch.save(args, inputs)
+    result = subprocess.run(
+        [sys.executable, "-c", PT2_CALL, str(out.parent / name), str(inputs), str(result_file)],
+        cwd="/", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(result_file)
+    with torch.no_grad():
+        forecast = online.forecast(args["past_u"], args["past_y"], args["u"])
+        state = online.initial_state(args["past_u"], args["past_y"])
+        update = online.update(*state, args["row_u"], args["row_y"], args["mask"])
+    forecast_got = got["forecast"][0] if isinstance(got["forecast"], list) else got["forecast"]
+    torch.testing.assert_close(forecast_got, forecast, rtol=0, atol=SCRIPTED_VS_EAGER)
+    for value_got, value in zip(got["initial_state"], state, strict=True):
+        torch.testing.assert_close(value_got, value, rtol=0, atol=SCRIPTED_VS_EAGER)
+    for value_got, value in zip(got["update"], update, strict=True):
+        torch.testing.assert_close(value_got, value, rtol=0, atol=SCRIPTED_VS_EAGER)
+
+
+def test_pt2_twin_applies_the_caller_rules_strided_rows_and_a_one_row_horizon(exported, eager):
+    from training.export_formats import load_pt2_twin
+
+    online, _, _, dataset = eager
+    _, _, out, _ = exported
+    u, y = _test_rows(dataset, 4)
+    for name in ("twin.pt2", "twin.aoti.pt2"):
+        twin, metadata = load_pt2_twin(out.parent / name)
+        assert metadata["format"] == twin.format == name.split(".")[1].replace("pt2", "export")
+        with torch.no_grad():
+            # a horizon of one row (padded inside), from strided views (made contiguous)
+            got = twin.forecast(u[:, :PAST_STEPS], y[:, :PAST_STEPS], u[:, PAST_STEPS:][:, :1])
+            expected = online.forecast(u[:, :PAST_STEPS], y[:, :PAST_STEPS], u[:, PAST_STEPS:][:, :1])
+        assert got.shape == expected.shape == (u.shape[0], 1, len(metadata["measurement_tags"]))
+        torch.testing.assert_close(got, expected, rtol=0, atol=SCRIPTED_VS_EAGER)
+
+
+def test_a_damaged_pt2_file_names_the_path_and_the_cause(exported, tmp_path):
+    from training.export_formats import TwinFormatError, load_pt2_twin
+
+    _, _, out, _ = exported
+    data = (out.parent / "twin.aoti.pt2").read_bytes()
+    truncated = tmp_path / "truncated.aoti.pt2"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TwinFormatError, match=r"truncated\.aoti\.pt2 is not a readable PT2"):
+        load_pt2_twin(truncated)
+
+
+def test_formats_must_be_known_and_include_torchscript():
+    from hybrid_twin import ConfigError
+    from training.export import check_formats
+
+    assert check_formats(["aoti", "torchscript"]) == ["torchscript", "aoti"]
+    with pytest.raises(ConfigError, match=r"unknown: \['onnx'\]"):
+        check_formats(["torchscript", "onnx"])
+    with pytest.raises(ConfigError, match="torchscript is always written"):
+        check_formats(["export"])
