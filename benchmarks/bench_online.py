@@ -22,10 +22,14 @@ from the first configuration's float64 run (in units of state_normaliser.std).
 `forecast`: the past window and the next --horizon (600) rows, one
 untimed call then --forecast-repeats timed calls; the median is reported.
 
-Modes: eager (the nn.Module), scripted (torch.jit.script: what the twin file holds today),
+Modes: eager (the nn.Module), scripted (torch.jit.script: twin.pt),
 frozen (torch.jit.freeze of the scripted module keeping update/forecast/initial_state:
 parameters become constants, so theta(), the normalisers' arithmetic on parameters etc. are
-folded once). --jacobian: the EKF's transition Jacobian (ExtendedKalmanFilter fd_scheme):
+folded once), export (the torch.export programs of twin.pt2, run by torch), aoti (the
+AOTInductor package twin.aoti.pt2), aoti-frozen (aoti compiled with inductor's freezing; not
+written by twin export). The PT2 modes are built as `twin export` builds them
+(training/export_formats.py) and called through its Pt2Twin (contiguous arguments).
+--jacobian: the EKF's transition Jacobian (ExtendedKalmanFilter fd_scheme):
 central (2 n + 1 solver rows, the reference) or forward (n + 1 rows). Configurations run one
 after the other; compare numbers of one invocation only (the machine is shared).
 --profile adds per-part wall times of an eager update (transition Jacobian, P propagation,
@@ -77,6 +81,31 @@ def build(dtype: torch.dtype, jacobian: str, kind: str):
             if dataset.manifest["runs"][r.run_id].get("kind", "normal") == "normal"]
     u, y, _ = engineering_runs(dataset, runs[:1], dtype)
     return online, u, y, past_steps, runs[0].run_id, latest.version, latest.run_id
+
+
+# The PT2 formats of `twin export` (training/export_formats.py): the torch.export programs run
+# by torch's interpreter (export), AOTInductor C++ (aoti), and AOTInductor with inductor's
+# freezing (parameters folded into constants at compile time; not what twin export writes).
+PT2_MODES = {"export": None, "aoti": {}, "aoti-frozen": {"freezing": True}}
+
+
+def pt2_twin(online, u, y, past_steps: int, mode: str):
+    """(the Pt2Twin of that mode, read back from its bytes as `twin export` does; seconds to
+    build it)."""
+    from training.export_formats import (
+        compile_programs,
+        example_arguments,
+        export_programs,
+        load_pt2_twin,
+        package,
+    )
+
+    started = time.perf_counter()
+    programs = export_programs(online, example_arguments(online, u, y, past_steps))
+    options = PT2_MODES[mode]
+    built = programs if options is None else compile_programs(programs, options)
+    twin, _ = load_pt2_twin(package("export" if options is None else "aoti", built, {}))
+    return twin, time.perf_counter() - started
 
 
 def time_updates(module, u, y, past_steps: int, warmup: int, steps: int):
@@ -181,8 +210,9 @@ def main() -> None:
     parser.add_argument("--forecast-repeats", type=int, default=3)
     parser.add_argument("--horizon", type=int, default=600)
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=DTYPES)
-    parser.add_argument("--modes", nargs="+", default=["scripted", "frozen", "eager"],
-                        choices=["scripted", "eager", "frozen"])
+    parser.add_argument("--modes", nargs="+",
+                        default=["scripted", "frozen", "eager", "export", "aoti"],
+                        choices=["scripted", "eager", "frozen", *PT2_MODES])
     parser.add_argument("--jacobian", nargs="+", default=["central", "forward"],
                         choices=["central", "forward"])
     parser.add_argument("--kinds", nargs="+", default=["mechanistic"],
@@ -211,6 +241,9 @@ def main() -> None:
                     module = online
                 elif mode == "scripted":
                     module = torch.jit.script(online)
+                elif mode in PT2_MODES:
+                    module, build_s = pt2_twin(online, u, y, past_steps, mode)
+                    print(f"  {mode}: built in {build_s:.1f} s", flush=True)
                 else:  # frozen: parameters become constants, theta() etc. folded
                     module = torch.jit.freeze(torch.jit.script(online), preserved_attrs=[
                         "update", "forecast", "initial_state"])

@@ -11,7 +11,7 @@ as a cross-check. wrk's latency is per request, client side, closed loop.
     apt-get install wrk
     .venv/bin/python -m tests.serving.twin_file /tmp/serve_twin      # a tiny real twin file
     .venv/bin/python benchmarks/bench_service.py --twin /tmp/serve_twin/twin.pt \\
-        --data /tmp/serve_twin/prepared
+        --data /tmp/serve_twin/prepared [--format torchscript|export|aoti]   # default auto
 
 Results: benchmarks/service_load.md.
 """
@@ -58,12 +58,13 @@ end
 """
 
 
-def start(twin: Path, port: int, folder: Path) -> subprocess.Popen:
+def start(twin: Path, port: int, folder: Path, fmt: str = "auto") -> subprocess.Popen:
     env = {**os.environ, "TWIN_SERVE_TOKENS": TOKEN}
     log = open(folder / "serve.log", "w")  # noqa: SIM115 - kept open with the server
     process = subprocess.Popen(
-        [str(TWIN), "serve", f"model_uri={twin}", f"port={port}", "sessions.max_sessions=128",
-         "log_level=warning"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [str(TWIN), "serve", f"model_uri={twin}", f"format={fmt}", f"port={port}",
+         "sessions.max_sessions=128", "log_level=warning"],
+        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
@@ -152,6 +153,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--port", type=int, default=8791)
+    parser.add_argument("--format", default="auto",
+                        choices=["auto", "torchscript", "export", "aoti"],
+                        help="the service's `format` setting (the format served is printed)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench_service: wrk not found (apt-get install wrk)")
@@ -165,10 +169,12 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()}, torch {torch.__version__}")
-    server = start(args.twin, args.port, folder)
+    server = start(args.twin, args.port, folder, args.format)
     try:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"},
                           timeout=30) as client:
+            served = client.get("/v1/model").json()
+            print(f"# format {served['format']} ({served['file']}), setting {args.format}")
             run_level(client, url, runs, 4, 3, folder, float(metadata["dt_s"]))  # warm-up
             for clients in args.clients:
                 print(json.dumps(run_level(client, url, runs, clients, args.seconds, folder,

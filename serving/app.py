@@ -34,9 +34,9 @@ API_VERSION = "1"
 
 def build_service(settings: ServeSettings, twin: LoadedTwin) -> Service:
     """The service's parts around a loaded twin (no event loop needed yet)."""
-    store = TwinStore(twin, settings.model_uri, settings.tracking_uri)
+    store = TwinStore(twin, settings.model_uri, settings.tracking_uri, settings.format)
     metrics = ServiceMetrics()
-    metrics.set_model(twin.label, twin.sha256)
+    metrics.set_model(twin)
     registry = SessionRegistry(settings.sessions.max_sessions, settings.sessions.idle_expiry_s,
                                on_expired=metrics.sessions_expired.inc)
     batcher = UpdateBatcher(store, registry, metrics, settings.max_batch)
@@ -61,7 +61,7 @@ async def housekeeping(service: Service) -> None:
                 log.error("reload poll: %s", error)
                 continue
             service.metrics.reloads.labels("changed" if changed else "unchanged").inc()
-            service.metrics.set_model(twin.label, twin.sha256)
+            service.metrics.set_model(twin)
 
 
 def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastAPI:
@@ -70,7 +70,7 @@ def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastA
     Raises:
         TwinFileError: the model cannot be loaded (the service does not start).
     """
-    twin = twin or load_twin(settings.model_uri, settings.tracking_uri)
+    twin = twin or load_twin(settings.model_uri, settings.tracking_uri, settings.format)
     service = build_service(settings, twin)
 
     @contextlib.asynccontextmanager
@@ -78,7 +78,8 @@ def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastA
         service.batcher.start()
         task = asyncio.get_running_loop().create_task(housekeeping(service))
         service.ready = True
-        log.info("serving twin %s from %s", twin.label, twin.source)
+        log.info("serving twin %s from %s: format %s (%s), setting %s", twin.label, twin.source,
+                 twin.format, twin.file, settings.format)  # fmt: skip
         try:
             yield
         finally:

@@ -43,12 +43,13 @@ class ServiceMetrics:
                                         "sessions dropped after idle_expiry_s", registry=r)
         self.reloads = Counter("twin_model_reloads", "model reload attempts by result",
                                ["result"], registry=r)  # fmt: skip
-        self.model_info = Gauge("twin_model_info", "the twin served (value 1)",
-                                ["version", "sha256"], registry=r)  # fmt: skip
+        self.model_info = Gauge("twin_model_info", "the twin served (value 1) and its format",
+                                ["version", "sha256", "format"], registry=r)  # fmt: skip
 
-    def set_model(self, version: str, sha256: str) -> None:
+    def set_model(self, twin) -> None:
+        """Name the twin now served (a LoadedTwin: label, sha256, format)."""
         self.model_info.clear()
-        self.model_info.labels(version=version, sha256=sha256).set(1)
+        self.model_info.labels(version=twin.label, sha256=twin.sha256, format=twin.format).set(1)
 
 
 class MetricsMiddleware:

@@ -66,8 +66,10 @@ def model_router(service: Service) -> APIRouter:
     @router.get("/model", response_model=ModelInfo, responses=errors(401),
                 summary="the twin served and its metadata")
     async def model() -> FastJSONResponse:
-        """Version, file digest, source and the file's metadata.json (tags, units, dt, the
-        detector's thresholds, the training run and data hash)."""
+        """Version, file digest, source, the format running (torchscript, export or aoti; with
+        `format: auto`, the faster ones skipped and why) and the file's metadata.json (tags,
+        units, dt, the detector's thresholds, the training run and data hash, the latencies
+        of every format measured at export)."""
         return FastJSONResponse(service.model_body())
 
     @router.post("/model/reload", response_model=ReloadResponse, responses=errors(401, 409, 422),
@@ -86,7 +88,7 @@ def model_router(service: Service) -> APIRouter:
             service.metrics.reloads.labels("incompatible").inc()
             raise field_error(409, ["model_uri"], str(error), "incompatible_twin") from None
         service.metrics.reloads.labels("changed" if changed else "unchanged").inc()
-        service.metrics.set_model(twin.label, twin.sha256)
+        service.metrics.set_model(twin)
         return FastJSONResponse({"changed": changed, "previous": previous,
                                  "current": service.model_body()})  # fmt: skip
 
@@ -110,7 +112,9 @@ def ops_router(service: Service, auth) -> APIRouter:
         """200 once the twin is loaded and the batcher runs; 503 before and while stopping."""
         if not service.ready:
             return FastJSONResponse({"status": "not ready"}, status_code=503)
-        return FastJSONResponse({"status": "ready", "model_version": service.store.current.label})
+        twin = service.store.current
+        return FastJSONResponse({"status": "ready", "model_version": twin.label,
+                                 "format": twin.format})  # fmt: skip
 
     @router.get("/metrics", dependencies=[Depends(auth)], responses={
         200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},

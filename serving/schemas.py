@@ -8,11 +8,12 @@ on more than one field and are checked by the routes (serving/routes.py).
 """
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
 
 from serving.settings import Limits
+from serving.twin_formats import min_past_rows
 
 LINE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 STRICT = ConfigDict(extra="forbid")
@@ -95,12 +96,25 @@ class ForecastResponse(BaseModel):
     lines: list[ForecastLineResult]
 
 
+class SkippedFormat(BaseModel):
+    format: str
+    reason: str
+
+
 class ModelInfo(BaseModel):
     label: str
     version: str | None
-    sha256: str
+    sha256: str = Field(description="digest of the file served")
     source: str
     loaded_utc: str
+    format: Literal["torchscript", "export", "aoti"] = Field(
+        description="the twin file's format running: TorchScript, torch.export program or "
+        "AOTInductor-compiled")
+    format_setting: Literal["auto", "torchscript", "export", "aoti"] = Field(
+        description="the service's `format` setting")
+    file: str = Field(description="the file served (for a models:/ URI, its artifact path)")
+    skipped_formats: list[SkippedFormat] = Field(
+        description="with format auto: the faster formats that did not load, and why")
     metadata: dict[str, Any]
 
 
@@ -121,6 +135,7 @@ class ReloadResponse(BaseModel):
 class Status(BaseModel):
     status: str
     model_version: str | None = None
+    format: str | None = None
 
 
 def _tag_model(name: str, tags: list[str], units: dict, value: Any, required: bool) -> type:
@@ -165,7 +180,7 @@ class TagSchemas:
             measurements=(measurements_type, Field(default_factory=measurements_type)),
         )  # fmt: skip
         past_steps = int(metadata.get("past_steps", 2))
-        examples = _Examples(self, max(past_steps, 2))
+        examples = _Examples(self, max(past_steps, min_past_rows(metadata)))
         rows = Annotated[list[self.Observation], Field(min_length=1,
                                                        max_length=limits.max_rows_per_post)]
         self.ObservationBatch = create_model(
@@ -174,7 +189,8 @@ class TagSchemas:
             observations=(rows, Field(description="rows in time order, each after the "
                                       "session's last; a gap is bridged by predicted rows")),
         )  # fmt: skip
-        past = Annotated[list[self.Observation], Field(min_length=2,
+        min_past = min_past_rows(metadata)  # 2, or more if the PT2 programs need more
+        past = Annotated[list[self.Observation], Field(min_length=min_past,
                                                        max_length=limits.max_past_rows)]
         self.SessionCreate = create_model(
             "SessionCreate", __config__=ConfigDict(
@@ -184,7 +200,7 @@ class TagSchemas:
             past=(past, Field(description=f"consecutive rows, one every dt_s = {self.dt_s} s, "
                               f"to estimate the initial state (the twin expects {past_steps})")),
         )  # fmt: skip
-        lines_past = Annotated[list[self.PastRow], Field(min_length=2,
+        lines_past = Annotated[list[self.PastRow], Field(min_length=min_past,
                                                          max_length=limits.max_past_rows)]
         future = Annotated[list[inputs_type], Field(min_length=1,
                                                     max_length=limits.max_forecast_steps)]

@@ -87,6 +87,10 @@ class Service:
         }
 
     def model_body(self) -> dict:
+        """One ModelInfo (schemas.py): what is served, in which format, and why that one."""
         twin = self.store.current
         return {"label": twin.label, "version": twin.version, "sha256": twin.sha256,
-                "source": twin.source, "loaded_utc": twin.loaded_utc, "metadata": twin.metadata}
+                "source": twin.source, "loaded_utc": twin.loaded_utc,
+                "format": twin.format, "format_setting": self.store.setting, "file": twin.file,
+                "skipped_formats": [{"format": f, "reason": r} for f, r in twin.skipped],
+                "metadata": twin.metadata}  # fmt: skip

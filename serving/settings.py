@@ -8,6 +8,7 @@ or an unsafe combination (no token on a non-loopback host) fails here, before an
 import ipaddress
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -46,6 +47,7 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model_uri: str = Field(min_length=1)
+    format: Literal["auto", "torchscript", "export", "aoti"] = "auto"
     tracking_uri: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

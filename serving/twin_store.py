@@ -1,6 +1,7 @@
 """The twin being served, and its hot reload.
 
-Data flow: `model_uri` (a file path or a models:/ URI) -> `load_twin` -> `TwinStore.current`.
+Data flow: `model_uri` (a file path or a models:/ URI) + `format` (auto or one of the three)
+-> `load_twin` -> `TwinStore.current`.
 Every request reads `current` once and keeps that object to its end, so swapping in a newer
 version (one assignment) never disturbs a request in flight: batches and forecasts already
 started finish on the old twin, the next ones run on the new. A reload that would change the
@@ -12,7 +13,8 @@ import logging
 from pathlib import Path
 
 from serving.registry import is_registry_uri, load_from_registry, resolve
-from serving.twin_file import LoadedTwin, TwinFileError, load_twin_file
+from serving.twin_file import LoadedTwin, TwinFileError, load_twin_path
+from serving.twin_formats import sibling
 
 log = logging.getLogger("serving")
 
@@ -21,15 +23,16 @@ class IncompatibleTwinError(ValueError):
     """A newer twin whose tags, states, dt or dtype differ from the one being served."""
 
 
-def load_twin(uri: str, tracking_uri: str | None) -> LoadedTwin:
-    """Load the twin a file path or a models:/ URI names.
+def load_twin(uri: str, tracking_uri: str | None, setting: str = "auto") -> LoadedTwin:
+    """Load the twin a file path or a models:/ URI names, in the format `setting` asks for
+    ("auto": the fastest measured at export that loads; docs/serving.md).
 
     Raises:
-        TwinFileError: as load_twin_file / load_from_registry.
+        TwinFileError: as load_twin_path / load_from_registry.
     """
     if is_registry_uri(uri):
-        return load_from_registry(uri, tracking_uri)
-    return load_twin_file(Path(uri).expanduser())
+        return load_from_registry(uri, tracking_uri, setting)
+    return load_twin_path(Path(uri).expanduser(), setting)
 
 
 class TwinStore:
@@ -40,12 +43,15 @@ class TwinStore:
         model_uri: what `reload()` without an argument loads again (a newer alias target,
             a rewritten file).
         tracking_uri: MLflow tracking URI for models:/ URIs (None: MLflow's default).
+        setting: the `format` setting every load uses ("auto" or one format).
     """
 
-    def __init__(self, twin: LoadedTwin, model_uri: str, tracking_uri: str | None) -> None:
+    def __init__(self, twin: LoadedTwin, model_uri: str, tracking_uri: str | None,
+                 setting: str = "auto") -> None:  # fmt: skip
         self.current = twin
         self.model_uri = model_uri
         self.tracking_uri = tracking_uri
+        self.setting = setting
         self._lock = asyncio.Lock()
         self._file_stamp = self._stamp(model_uri)
 
@@ -61,42 +67,53 @@ class TwinStore:
         """
         uri = uri or self.model_uri
         async with self._lock:
-            new = await asyncio.to_thread(load_twin, uri, self.tracking_uri)
+            new = await asyncio.to_thread(load_twin, uri, self.tracking_uri, self.setting)
             old = self.current
             if new.interface != old.interface:
                 raise IncompatibleTwinError(
                     f"model {uri}: its interface (dtype, dt_s, input tags, measurement tags, "
-                    f"state names) differs from the served {old.label}: {new.interface} vs "
-                    f"{old.interface}; start a new service for it"
+                    f"state names, fewest past rows) differs from the served {old.label}: "
+                    f"{new.interface} vs {old.interface}; start a new service for it"
                 )
             if new.sha256 == old.sha256:
                 return old, False
             self.current = new
-            log.info("reloaded twin %s -> %s from %s", old.label, new.label, uri)
+            if uri == self.model_uri:  # the new export's files, so the poll sees no change
+                self._file_stamp = self._stamp(uri)
+            log.info("reloaded twin %s (%s) -> %s (%s) from %s", old.label, old.format,
+                     new.label, new.format, uri)  # fmt: skip
             return new, True
 
     async def changed_upstream(self) -> bool:
         """Whether the configured model_uri now names something other than what is served:
-        another registry version, or a file whose size or mtime changed."""
+        another registry export (its TorchScript entry's digest), or a file of the export
+        (the file named or one written beside it) whose size or mtime changed."""
         if is_registry_uri(self.model_uri):
             try:
                 ref = await asyncio.to_thread(resolve, self.model_uri, self.tracking_uri)
             except TwinFileError as error:
                 log.warning("reload poll: %s", error)
                 return False
-            return ref.sha256 != self.current.sha256
+            return ref.sha256 != (self.current.entry_sha256 or self.current.sha256)
         stamp = self._stamp(self.model_uri)
         if stamp != self._file_stamp:
             self._file_stamp = stamp
             return True
         return False
 
-    @staticmethod
-    def _stamp(uri: str) -> tuple | None:
+    def _stamp(self, uri: str) -> tuple | None:
+        """(size, mtime) of the file named and of the files its export wrote beside it (a
+        file rewritten after the entry, as an export in progress does, is seen too)."""
         if is_registry_uri(uri):
             return None
-        try:
-            stat = Path(uri).expanduser().stat()
-        except OSError:
-            return None
-        return (stat.st_size, stat.st_mtime_ns)
+        path = Path(uri).expanduser()
+        files = [path] + [sibling(path, self.current.metadata, fmt)
+                          for fmt in sorted(self.current.metadata.get("files") or {})]  # fmt: skip
+        stamps = []
+        for file in files:
+            try:
+                stat = file.stat() if file is not None else None
+            except OSError:
+                stat = None
+            stamps.append(None if stat is None else (stat.st_size, stat.st_mtime_ns))
+        return tuple(stamps)

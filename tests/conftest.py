@@ -43,3 +43,22 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield torch.float64
     torch.set_default_dtype(previous)
+
+
+# A folder made by `python -m tests.serving.twin_file <folder>` may be reused while developing
+# (TWIN_TEST_TWIN=<folder>); by default each test session trains and exports its own, once.
+REUSE_TWIN_ENV = "TWIN_TEST_TWIN"
+
+
+@pytest.fixture(scope="session")
+def twin_build(tmp_path_factory):
+    """One tiny twin trained and exported (all three formats) by the CLI for the whole session:
+    the export tests and the service tests share it (the AOTInductor compile takes minutes)."""
+    from pathlib import Path
+
+    from tests.training.twin_cli import build_twin_file, reuse_twin_build
+
+    reuse = os.environ.get(REUSE_TWIN_ENV)
+    if reuse:
+        return reuse_twin_build(Path(reuse))
+    return build_twin_file(tmp_path_factory.mktemp("twin_build"))

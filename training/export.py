@@ -388,7 +388,8 @@ class HeldOut(NamedTuple):
 def verification_data(
     dataset: PreparedDataset, verify_cfg, past_steps: int, dtype: torch.dtype
 ) -> HeldOut:
-    """The first `max_runs` runs of `verify.split` longer than past_steps + 1 rows.
+    """The first `max_runs` runs of `verify.split` longer than past_steps + 1 rows, as lines of
+    one batch; at least MIN_VERIFY_LINES different lines (a run again, shifted, if needed).
 
     Raises:
         ConfigError: no such run.
@@ -399,8 +400,22 @@ def verification_data(
     if not runs:
         raise ConfigError(f"verify.split: no run of split {split!r} longer than {past_steps + 1}")
     u, y, _ = engineering_runs(dataset, runs, dtype)
+    run_ids = [r.run_id for r in runs]
+    # Several different lines in one batch, always: a program right on row 0 and wrong on the
+    # others (an AOTInductor bug met in torch 2.13) must not pass. Fewer runs than that: the
+    # first run again, started later.
+    for offset in VERIFY_OFFSETS[: max(0, MIN_VERIFY_LINES - len(runs))]:
+        pad = min(offset, u.shape[1] - past_steps - 2)
+        u = torch.cat([u, torch.cat([u[:1, pad:], u[:1, -1:].expand(-1, pad, -1)], dim=1)])
+        y = torch.cat([y, torch.cat([y[:1, pad:], torch.full_like(y[:1, :pad], float("nan"))],
+                                    dim=1)])  # fmt: skip
+        run_ids.append(f"{run_ids[0]}[{pad}:]")
     y_std = dataset.normalisation(torch.float64)[3]
-    return HeldOut(split, [r.run_id for r in runs], u, y, y_std, past_steps)
+    return HeldOut(split, run_ids, u, y, y_std, past_steps)
+
+
+MIN_VERIFY_LINES = 3
+VERIFY_OFFSETS = (7, 13)  # rows by which the extra lines of a short verify split start later
 
 
 def verify_twin(
@@ -453,7 +468,7 @@ def verify_twin(
             f"max scaled difference {result['max_diff']:.3g} ({worst}) > tolerance "
             f"{result['tolerance']:g} by {result['max_diff'] - result['tolerance']:.3g}; "
             f"{alarms} alarm mismatches; per quantity: {diffs}"
-            + ("" if fmt == "torchscript" else f" (leave {fmt} out of `formats` to export without it)")
+            + ("" if fmt == "torchscript" else f"; leave {fmt} out of `formats` to go without it")
         )
     return result
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.export import Dim
-from torch.fx.experimental import _config as fx_config
 from torch.export.pt2_archive._package import load_pt2, package_pt2
+from torch.fx.experimental import _config as fx_config
 
 from hybrid_twin import TwinError
 
@@ -78,7 +78,9 @@ def example_arguments(online: nn.Module, u: Tensor, y: Tensor, past_steps: int) 
     u, y = u[:1].expand(2, -1, -1).contiguous(), y[:1].expand(2, -1, -1).contiguous()
     past_u, past_y = u[:, :past_steps].contiguous(), y[:, :past_steps].contiguous()
     with torch.no_grad():
-        state = online.initial_state(past_u, past_y)
+        # Contiguous copies: the monitor's initial memory is an expand (batch stride 0), and
+        # AOTInductor compiles for the example's strides: it would read row 0 for every line.
+        state = tuple(t.contiguous() for t in online.initial_state(past_u, past_y))
     row_u, row_y = u[:, past_steps].contiguous(), y[:, past_steps].contiguous()
     horizon = min(u.shape[1] - past_steps, 8)
     future = u[:, past_steps : past_steps + horizon].contiguous()
@@ -126,9 +128,10 @@ def export_programs(online: nn.Module, examples: dict) -> dict:
     return programs
 
 
-def compile_programs(programs: dict) -> dict:
+def compile_programs(programs: dict, options: dict | None = None) -> dict:
     """AOTInductor: each program compiled to a shared library for this platform; the files
-    to package (`torch._inductor.aot_compile` with `aot_inductor.package`).
+    to package (`torch._inductor.aot_compile` with `aot_inductor.package`). `options`: more
+    inductor settings (benchmarks/bench_online.py tries some).
 
     Raises:
         TwinFormatError: the compile failed (no C++ compiler, an unsupported op, ...).
@@ -138,7 +141,7 @@ def compile_programs(programs: dict) -> dict:
         try:
             compiled[name] = torch._inductor.aot_compile(
                 program.module(), program.example_inputs[0],
-                options={"aot_inductor.package": True},
+                options={**(options or {}), "aot_inductor.package": True},
             )  # fmt: skip
         except Exception as error:  # inductor raises many kinds; say which method failed
             raise TwinFormatError(

@@ -183,7 +183,8 @@ class TabletPress(AbstractUnit):
         ]
 
     def _frame(self, x: Tensor) -> Tensor:
-        return x.narrow(1, 0, self.n_tank_states).unflatten(1, (self.n_frame_tanks, self.n_components))
+        frame = (self.n_frame_tanks, self.n_components)
+        return x.narrow(1, 0, self.n_tank_states).unflatten(1, frame)
 
     def recipe_dose_mg(self, u: Tensor) -> Tensor:
         """Dose of the recipe the inputs describe, W_sp F_api,sp / sum_c F_c,sp, (batch, 1), mg.

@@ -1,34 +1,18 @@
 """Fixtures of the service tests: one real twin file, its data rows, a running server.
 
-The twin is trained and exported by the `twin` CLI once per test session (about a minute,
-tests/serving/twin_file.py). Rows for the service come from the same simulated runs it was
-trained on, in tag units, so the twin's answers are those of a plausible line.
+The twin is trained and exported by the `twin` CLI once per test session: the `twin_build`
+fixture of tests/conftest.py, shared with tests/training/test_export.py. Rows for the service
+come from the same simulated runs it was trained on, in tag units, so the twin's answers are
+those of a plausible line.
 """
 
 import json
-import os
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from tests.serving.server import Server, start_server, stop_server
-from tests.serving.twin_file import TwinBuild, build_twin_file
-
-# A folder made by `python -m tests.serving.twin_file <folder>` may be reused while developing
-# (TWIN_SERVE_TEST_TWIN=<folder>); by default each test session trains and exports its own.
-REUSE_ENV = "TWIN_SERVE_TEST_TWIN"
-
-
-@pytest.fixture(scope="session")
-def twin_build(tmp_path_factory) -> TwinBuild:
-    reuse = os.environ.get(REUSE_ENV)
-    if reuse:
-        folder = Path(reuse)
-        return TwinBuild(folder / "twin.pt", f"sqlite:///{folder / 'store.db'}",
-                         folder / "prepared")  # fmt: skip
-    return build_twin_file(tmp_path_factory.mktemp("serve_twin"))
 
 
 @pytest.fixture(scope="session")

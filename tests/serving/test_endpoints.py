@@ -27,7 +27,8 @@ def _close(actual: list, expected: torch.Tensor) -> None:
 
 def test_health_and_readiness_answer_without_a_token(server):
     with server.client(token=None) as client:
-        assert client.get("/healthz").json() == {"status": "ok", "model_version": None}
+        assert client.get("/healthz").json() == {"status": "ok", "model_version": None,
+                                                 "format": None}  # fmt: skip
         ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
@@ -36,9 +37,13 @@ def test_health_and_readiness_answer_without_a_token(server):
 def test_model_endpoint_gives_the_files_digest_and_metadata(server, twin_build, metadata):
     with server.client() as client:
         body = client.get("/v1/model").json()
-    assert body["sha256"] == hashlib.sha256(twin_build.path.read_bytes()).hexdigest()
+    # format auto (the default) serves the export's fastest file: the one /v1/model names
+    served = twin_build.path.with_name(metadata["files"][body["format"]])
+    assert body["file"] == str(served) and body["format_setting"] == "auto"
+    assert body["sha256"] == hashlib.sha256(served.read_bytes()).hexdigest()
     # JSON has no inf: t2_limits[0] (no tag sampled) is inf in the file, null in the response
-    assert body["metadata"] == json.loads(json.dumps(metadata).replace("Infinity", "null"))
+    expected = {**metadata, "format": body["format"]}  # the files' metadata differ in this only
+    assert body["metadata"] == json.loads(json.dumps(expected).replace("Infinity", "null"))
     assert body["version"] == metadata["registered_version"] == "1"
     assert body["label"] == f"v1-{body['sha256'][:12]}"
 

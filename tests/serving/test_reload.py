@@ -34,7 +34,7 @@ def file_server(twin_build, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reload")
     served = folder / "twin.pt"
     shutil.copy(twin_build.path, served)
-    server = start_server(folder, f"model_uri={served}")
+    server = start_server(folder, f"model_uri={served}", "format=torchscript")  # rewritten below
     yield server, served
     stop_server(server)
 
@@ -95,7 +95,9 @@ def test_reload_under_load_drops_no_request_and_switches_once(file_server, twin,
         assert _label(client) == v2_label
         metrics = client.get("/metrics").text
     assert 'twin_model_reloads_total{result="changed"} 1.0' in metrics
-    assert f'twin_model_info{{sha256="{reload.json()["current"]["sha256"]}"' in metrics
+    info = next(x for x in metrics.splitlines() if x.startswith("twin_model_info{"))
+    assert f'sha256="{reload.json()["current"]["sha256"]}"' in info
+    assert 'format="torchscript"' in info
 
 
 def test_a_broken_or_incompatible_file_is_refused_and_the_old_twin_kept(file_server):
@@ -142,7 +144,14 @@ def test_the_service_follows_the_registry_alias(registry, twin_build, tmp_path, 
         with server.client(token=None) as http:
             served = http.get("/v1/model").json()
             assert served["version"] == str(first.version)
-            assert served["sha256"] == first.tags["twin_export.sha256"]
+            # format auto: the fastest file of the version's export, its digest as tagged
+            exported = json.loads(first.tags["twin_export.files"])[served["format"]]
+            assert served["sha256"] == exported["sha256"]
+            assert served["file"] == exported["file"]
+            time.sleep(1.5)  # three polls: the alias has not moved, so nothing is reloaded
+            reloads = [x for x in http.get("/metrics").text.splitlines()
+                       if x.startswith("twin_model_reloads_total")]  # fmt: skip
+            assert reloads == [], reloads
             # a newer export of the same run, registered as a new version, aliased production
             v_next = rewrite(twin_build.path, tmp_path / "twin_next.pt", registered_version="x")
             client.log_artifact(first.run_id, str(v_next), "twin_export")

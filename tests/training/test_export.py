@@ -1,6 +1,7 @@
 """`twin export` end to end: a tiny mechanistic twin trained with the CLI into a SQLite store,
-exported, then the file checked as a plant system would use it (plain torch) and against the
-eager OnlineTwin rebuilt from the same run."""
+exported in its three formats (the session's `twin_build`, shared with the service tests), then
+the files checked as a plant system would use them (plain torch) and against the eager
+OnlineTwin rebuilt from the same run."""
 
 import json
 import subprocess
@@ -11,38 +12,22 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.training.twin_cli import TINY_SIZES, build_export_dataset, run_twin
-
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
-TINY = ["model=mechanistic", *TINY_SIZES, "trainer.max_epochs=1"]
-PAST_STEPS = 6
-EXPORT = [
-    "verify.update_steps=30",
-    "verify.forecast_steps=24",
-    "verify.max_runs=1",
-    "num_threads=1",
-]
+PAST_STEPS = 6  # TINY_SIZES' datamodule.past_steps
 SCRIPTED_VS_EAGER = 1e-6  # float64, same ops: tests/tolerances.py's scripted-vs-eager value
 
 
 @pytest.fixture(scope="module")
-def export_dataset(tmp_path_factory) -> Path:
+def export_dataset(twin_build) -> Path:
     """4 normal runs of 30 min (train 2, val 1, test 1), at-line tags every 30 s."""
-    return build_export_dataset(tmp_path_factory.mktemp("export_cdc"))
+    return twin_build.dataset
 
 
 @pytest.fixture(scope="module")
-def exported(export_dataset, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("export_cli")
-    uri = f"sqlite:///{folder / 'store.db'}"
-    result = run_twin(folder, uri, "train", f"datamodule.path={export_dataset}", *TINY)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = folder / "twin.pt"
-    result = run_twin(
-        folder, uri, "export", f"data_path={export_dataset}", f"out={out}", *EXPORT
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return folder, uri, out, result.stdout
+def exported(twin_build):
+    """The session's tiny twin, trained and exported by the CLI (tests/conftest.py)."""
+    out = twin_build.path
+    return out.parent, twin_build.tracking_uri, out, twin_build.export_stdout
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +274,8 @@ def test_pt2_twin_applies_the_caller_rules_strided_rows_and_a_one_row_horizon(ex
         assert metadata["format"] == twin.format == name.split(".")[1].replace("pt2", "export")
         with torch.no_grad():
             # a horizon of one row (padded inside), from strided views (made contiguous)
-            got = twin.forecast(u[:, :PAST_STEPS], y[:, :PAST_STEPS], u[:, PAST_STEPS:][:, :1])
-            expected = online.forecast(u[:, :PAST_STEPS], y[:, :PAST_STEPS], u[:, PAST_STEPS:][:, :1])
+            args = (u[:, :PAST_STEPS], y[:, :PAST_STEPS], u[:, PAST_STEPS:][:, :1])
+            got, expected = twin.forecast(*args), online.forecast(*args)
         assert got.shape == expected.shape == (u.shape[0], 1, len(metadata["measurement_tags"]))
         torch.testing.assert_close(got, expected, rtol=0, atol=SCRIPTED_VS_EAGER)
 

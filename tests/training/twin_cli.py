@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 TWIN = Path(sys.executable).with_name("twin")
 # `twin train` sizes for the tiny_cdc_dataset fixture: 12-row windows after 6 past rows,
@@ -27,8 +28,8 @@ def run_twin(
     env = {**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri}
     env.pop("TWIN_CONFIG_DIR", None)
     return subprocess.run(
-        [str(TWIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+        [str(TWIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200
+    )  # export compiles three AOTInductor programs: minutes on two busy cores
 
 
 # fit_monitor needs every tag sampled >= 30 times on the fit runs: the at-line assays (60 s,
@@ -64,3 +65,47 @@ def build_export_dataset(root: Path) -> Path:
     data["out_dir"] = str(root / "prepared")
     prepare_dataset(root / "raw", root / "prepared", tags=tags, data=data, plant_name="cdc_line")
     return root / "prepared"
+
+
+TRAIN_TINY = ["model=mechanistic", *TINY_SIZES, "trainer.max_epochs=1"]
+EXPORT_TINY = ["verify.update_steps=30", "verify.forecast_steps=24", "verify.max_runs=1",
+               "num_threads=1"]  # fmt: skip
+EXPORT_STDOUT = "export_stdout.txt"
+
+
+class TwinBuild(NamedTuple):
+    path: Path  # the exported TorchScript twin file; twin.pt2 and twin.aoti.pt2 lie beside it
+    tracking_uri: str  # the SQLite MLflow store holding its registered version
+    dataset: Path  # the prepared dataset it was trained on
+    export_stdout: str  # what `twin export` printed
+
+
+def build_twin_file(folder: Path) -> TwinBuild:
+    """Train a tiny mechanistic twin (1 epoch) on build_export_dataset's runs and export it in
+    its three formats into folder, through the CLI as a user would (4-8 min on 2 busy cores,
+    most of it the AOTInductor compile). The export's output is kept in EXPORT_STDOUT.
+
+    Raises:
+        RuntimeError: `twin train` or `twin export` failed (its output is in the message).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = build_export_dataset(folder)
+    uri = f"sqlite:///{folder / 'store.db'}"
+    out = folder / "twin.pt"
+    for args in (
+        ["train", f"datamodule.path={dataset}", *TRAIN_TINY],
+        ["export", f"data_path={dataset}", f"out={out}", *EXPORT_TINY],
+    ):
+        result = run_twin(folder, uri, *args)
+        if result.returncode != 0:
+            raise RuntimeError(f"twin {args[0]} failed:\n{result.stdout[-3000:]}"
+                               f"\n{result.stderr[-3000:]}")  # fmt: skip
+    (folder / EXPORT_STDOUT).write_text(result.stdout)
+    return TwinBuild(out, uri, dataset, result.stdout)
+
+
+def reuse_twin_build(folder: Path) -> TwinBuild:
+    """A folder build_twin_file made before (TWIN_TEST_TWIN, while developing)."""
+    stdout = folder / EXPORT_STDOUT
+    return TwinBuild(folder / "twin.pt", f"sqlite:///{folder / 'store.db'}", folder / "prepared",
+                     stdout.read_text() if stdout.is_file() else "")  # fmt: skip
