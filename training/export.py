@@ -106,7 +106,8 @@ def run_export(cfg: DictConfig) -> dict:
 
     Raises:
         ConfigError: a bad setting, no such model/run, or a run trained on other data.
-        ExportMismatchError: scripted and eager differ beyond `verify.tolerance`.
+        ExportMismatchError: a format's twin and eager differ beyond `verify.tolerance`.
+        TwinFormatError: torch.export or the AOTInductor build of a PT2 format failed.
     """
     started = time.perf_counter()
     formats = check_formats(cfg.formats)
@@ -145,9 +146,10 @@ def run_export(cfg: DictConfig) -> dict:
     metadata["formats"] = {fmt: _format_record(check) for fmt, check in checks.items()}
     if built:
         metadata["program_shapes"] = PROGRAM_SHAPES
-    write_twin_file(twins["torchscript"], {**metadata, "format": "torchscript"}, out)
+    # twin.pt last: whoever watches it (the service's reload poll) then finds its siblings new.
     for fmt, b in built.items():
         write_bytes_atomically(package(fmt, b, {**metadata, "format": fmt}), paths[fmt])
+    write_twin_file(twins["torchscript"], {**metadata, "format": "torchscript"}, out)
     metadata["export_seconds"] = time.perf_counter() - started
     _log(run_id, version, str(cfg.registered_model_name), paths, metadata)
     for fmt, path in paths.items():

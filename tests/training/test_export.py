@@ -300,3 +300,25 @@ def test_formats_must_be_known_and_include_torchscript():
         check_formats(["torchscript", "onnx"])
     with pytest.raises(ConfigError, match="torchscript is always written"):
         check_formats(["export"])
+
+
+def test_pt2_programs_take_the_smallest_windows_and_one_line(exported, eager):
+    """program_shapes' lower ends: a past window of 2 and 3 rows, a horizon of 1 (padded) and
+    2 rows, a batch of one line: the same as eager."""
+    from training.export_formats import load_pt2_twin
+
+    online, _, _, dataset = eager
+    _, _, out, _ = exported
+    u, y = _test_rows(dataset, 16)
+    # two different lines from the one test run: its start and 5 rows later
+    u, y = torch.stack([u[0, :12], u[0, 5:17]]), torch.stack([y[0, :12], y[0, 5:17]])
+    for name in ("twin.pt2", "twin.aoti.pt2"):
+        twin, _ = load_pt2_twin(out.parent / name)
+        for lines, past, horizon in ((1, 2, 1), (1, 3, 2), (2, 2, 2), (2, 3, 1)):
+            args = (u[:lines, :past], y[:lines, :past], u[:lines, past : past + horizon])
+            with torch.no_grad():
+                got, expected = twin.forecast(*args), online.forecast(*args)
+                state, state_eager = twin.initial_state(*args[:2]), online.initial_state(*args[:2])
+            torch.testing.assert_close(got, expected, rtol=0, atol=SCRIPTED_VS_EAGER)
+            for value, value_eager in zip(state, state_eager, strict=True):
+                torch.testing.assert_close(value, value_eager, rtol=0, atol=SCRIPTED_VS_EAGER)
