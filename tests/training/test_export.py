@@ -128,12 +128,14 @@ def test_metadata_round_trips_through_the_file_and_mlflow(exported, export_datas
     assert len(metadata["detector"]["fit_runs"]) == 3
     assert metadata["verification"]["max_diff"] <= metadata["verification"]["tolerance"]
     client = MlflowClient(tracking_uri=uri)
-    (version,) = client.search_model_versions("name='cdc-line-twin'")
-    assert metadata["registered_version"] == str(version.version)
+    # The store is the session's shared build: the service tests may register more versions.
+    versions = client.search_model_versions("name='cdc-line-twin'")
+    (version,) = [v for v in versions if str(v.version) == metadata["registered_version"]]
     assert metadata["training_run_id"] == version.run_id
     assert version.tags["twin_export.file"] == "twin_export/twin.pt"
     logged = {a.path for a in client.list_artifacts(version.run_id, "twin_export")}
-    assert logged == {"twin_export/twin.pt", "twin_export/twin.pt2", "twin_export/twin.aoti.pt2"}
+    # (a service test may log a newer file to the same run of the shared store)
+    assert {"twin_export/twin.pt", "twin_export/twin.pt2", "twin_export/twin.aoti.pt2"} <= logged
     files = json.loads(version.tags["twin_export.files"])
     assert {fmt: f["file"] for fmt, f in files.items()} == {
         "torchscript": "twin_export/twin.pt", "export": "twin_export/twin.pt2",
