@@ -3,35 +3,41 @@
 Results: benchmarks/gpu_training.md. Needs a CUDA device.
 
     python benchmarks/bench_gpu_training.py rollout [--batches 1024 16384 131072] [--steps 200]
-        [--repeats 5] [--seed 0] [--json rollout.json]
-    python benchmarks/bench_gpu_training.py fit [--epochs 4] [--kind hybrid]
-        [--dataset data/prepared] [--seed 0] [--json fit.json]
+        [--repeats 5] [--methods NAME ...] [--seed 0] [--json rollout.json]
+    python benchmarks/bench_gpu_training.py fit [--epochs 8] [--kind hybrid]
+        [--variants eager graphs fast] [--dataset data/prepared] [--seed 0] [--json fit.json]
 
 `rollout` (issue 9's table): forward + backward of a hybrid model over `--steps` zero-order-
 hold steps of 5 s: loss = mean((states / state std)^2), backpropagated to every parameter.
 Model: the size of issue 9's measurement, 9 states and 3 inputs (API and excipient
 loss-in-weight feeders into a 2-tank blender; SMALL_LINE) + a 64x64 residual network with its
 last layer randomised; inputs nominal x (1 + 0.05 N(0, 1)), new every step; x0 the steady
-state. float32. Methods, in one run:
+state. float32. Methods (`--methods` picks; DEFAULT_METHODS when not given), in one run:
 
 - torchdiffeq rk4 (jump_t), one step per interval: the library baseline.
-- reference: hybrid_twin's RK4 in eager autograd, which is what training ran on a GPU before
-  (training.lit_module without CUDA graphs).
+- reference: hybrid_twin's RK4 in eager autograd, plain steps (training with
+  `lit.cuda_graphs=false solver.torch_compile=false`).
 - own rk4 scripted: the same solver under torch.jit.script.
-- CUDA graph: the reference captured by training.cuda_graphs.CapturedLoss (the fast path of
-  `twin train trainer=gpu`); + recompute: RK4 `recompute: true` (per-interval activation
-  checkpointing) inside the capture, for batches whose activations do not fit; + TF32:
-  network matmuls on TF32 tensor cores (the state stays float32).
+- CUDA graph: the reference captured by training.cuda_graphs.CapturedLoss (plain steps).
+- compiled steps: each RK4 step through torch.compile (`solver.torch_compile`), eagerly.
+- CUDA graph + compiled steps (fast path): both, what `twin train trainer=gpu` runs by default;
+  + TF32: network matmuls on TF32 tensor cores (the state stays float32); + recompute: RK4
+  `recompute: true` (per-interval activation checkpointing), for batches whose activations do
+  not fit.
 
-Per (batch, method): warm-up calls (1: the capture; 2 for TorchScript's profiling runs), then
---repeats timed calls (one where a call takes > 10 s), each synchronised; the median is
-reported, with the peak GPU memory and the loss's and gradients' largest relative
+Per (batch, method): warm-up calls (1: the compile and capture; 2 for TorchScript's profiling
+runs), then --repeats timed calls (one where a call takes > 10 s), each synchronised; the
+median is reported, with the peak GPU memory and the loss's and gradients' largest relative
 difference from the reference (from torchdiffeq where the reference ran out of memory).
-Out-of-memory is recorded, not fatal.
+Out-of-memory and other errors are recorded, not fatal.
 
 `fit`: `twin train trainer=gpu model=<kind>` as train.py builds it (training.build; no
-MLflow), Lightning fit for --epochs on the prepared dataset, once with `lit.cuda_graphs=false`
-and once with true, same seed: wall time of each fit and the final val/loss and val RMSE.
+MLflow), Lightning fit for --epochs on the prepared dataset, same seed, once per variant:
+eager (`lit.cuda_graphs=false solver.torch_compile=false`), graphs (`lit.cuda_graphs=true
+solver.torch_compile=false`), fast (nothing overridden: what `trainer=gpu` runs). Wall time
+of each fit (the compiles and captures included) and the final val/loss and val RMSE. The
+compile's share depends on inductor's disk cache (TORCHINDUCTOR_CACHE_DIR): run `fit
+--variants fast` twice with a new cache folder for a cold and a warm number.
 """
 
 import argparse
@@ -79,6 +85,16 @@ SMALL_LINE = {
 }
 REFERENCE = "reference: own rk4, eager"
 TDE_RK4 = "torchdiffeq rk4 (jump_t)"
+FAST = "CUDA graph + compiled steps (fast path)"
+DEFAULT_METHODS = [
+    TDE_RK4,
+    REFERENCE,
+    "CUDA graph",
+    "compiled steps, no graph",
+    FAST,
+    FAST + " + recompute",
+    FAST + " + TF32",
+]
 # Measured at the smallest batch only: it times as the eager reference does (launch-bound).
 SMALL_BATCH_ONLY = {"own rk4, scripted"}
 SLOW_CALL_S = 10.0  # a method whose call takes longer is timed once
@@ -138,17 +154,20 @@ def methods(field: HybridVectorField) -> dict[str, tuple[Callable[[], Callable],
     """name -> (build: () -> loss_fn(x0, u), tf32)."""
     scale = field.state_normaliser.std.detach().clone()
 
-    def own(recompute: bool = False) -> RolloutLoss:
-        solver = build_solver(field, {"name": "rk4", "recompute": recompute})
-        return RolloutLoss(solver, scale)
+    def own(recompute: bool = False, compiled: bool = False) -> RolloutLoss:
+        config = {"name": "rk4", "recompute": recompute, "torch_compile": compiled}
+        return RolloutLoss(build_solver(field, config), scale)
 
     return {
         TDE_RK4: (lambda: TorchdiffeqLoss(field, scale), False),
         REFERENCE: (lambda: own(), False),
         "own rk4, scripted": (lambda: RolloutLoss(torch.jit.script(own().solver), scale), False),
-        "CUDA graph (fast path)": (lambda: CapturedLoss(lambda: own()), False),
+        "CUDA graph": (lambda: CapturedLoss(lambda: own()), False),
         "CUDA graph + recompute": (lambda: CapturedLoss(lambda: own(True)), False),
-        "CUDA graph + recompute + TF32": (lambda: CapturedLoss(lambda: own(True)), True),
+        "compiled steps, no graph": (lambda: own(compiled=True), False),
+        FAST: (lambda: CapturedLoss(lambda: own(compiled=True)), False),
+        FAST + " + recompute": (lambda: CapturedLoss(lambda: own(True, True)), False),
+        FAST + " + TF32": (lambda: CapturedLoss(lambda: own(compiled=True)), True),
     }
 
 
@@ -170,7 +189,12 @@ def run_rollout(args) -> list[dict]:
     for batch in args.batches:
         x0, u = make_inputs(field, batch, args.steps, args.seed, device)
         truth: tuple[str, Tensor, list[Tensor]] | None = None
-        for name, (build, tf32) in methods(field).items():
+        available = methods(field)
+        unknown = sorted(set(args.methods) - set(available))
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(available)}")
+        for name in args.methods:
+            build, tf32 = available[name]
             if batch != min(args.batches) and name in SMALL_BATCH_ONLY:
                 continue
             row = {"batch": batch, "steps": args.steps, "method": name}
@@ -181,7 +205,7 @@ def run_rollout(args) -> list[dict]:
             try:
                 with Tf32() if tf32 else _nothing():
                     fn = build()
-                    # Warm-up: the capture (graphs), TorchScript's two profiling runs.
+                    # Warm-up: the compile and capture, TorchScript's two profiling runs.
                     for _ in range(2 if "scripted" in name else 1):
                         loss, grads = one_call(fn, field, x0, u)
                     times = []
@@ -247,17 +271,27 @@ def add_ratios(rows: list[dict]) -> None:
                 row[key] = other[0]["median_ms"] / row["median_ms"]
 
 
+FIT_VARIANTS = {
+    "eager": ["lit.cuda_graphs=false", "solver.torch_compile=false"],
+    "graphs": ["lit.cuda_graphs=true", "solver.torch_compile=false"],
+    "fast": [],  # what `twin train trainer=gpu` runs with nothing overridden
+}
+
+
 def run_fit(args) -> list[dict]:
+    import os
+
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from lightning.pytorch import Trainer, seed_everything
     from omegaconf import OmegaConf
+    from torch._dynamo.utils import counters
 
     from training.build import build_training
     from training.config_dir import SHIPPED_CONFIG_DIR
 
     rows = []
-    for cuda_graphs in (False, True):
+    for variant in args.variants:
         overrides = [
             f"model={args.kind}",
             "trainer=gpu" if args.device == "cuda" else "trainer=cpu",
@@ -265,18 +299,19 @@ def run_fit(args) -> list[dict]:
             "trainer.enable_checkpointing=false",
             "trainer.enable_progress_bar=false",
             f"datamodule.path={args.dataset.resolve()}",
-            f"lit.cuda_graphs={str(cuda_graphs).lower()}",
             f"seed={args.seed}",
+            *FIT_VARIANTS[variant],
         ]
         with initialize_config_dir(str(SHIPPED_CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", overrides=overrides)
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         seed_everything(args.seed, workers=True)
-        datamodule, _, lit = build_training(cfg, config)
-        trainer = Trainer(**instantiate(cfg.trainer, _convert_="all"), logger=False)
+        graphs_before = counters["stats"]["unique_graphs"]
         device = torch.device(args.device)
         sync(device)
         start = time.perf_counter()
+        datamodule, _, lit = build_training(cfg, config)
+        trainer = Trainer(**instantiate(cfg.trainer, _convert_="all"), logger=False)
         trainer.fit(lit, datamodule=datamodule)
         sync(device)
         seconds = time.perf_counter() - start
@@ -284,9 +319,14 @@ def run_fit(args) -> list[dict]:
         row = {
             "kind": args.kind,
             "epochs": args.epochs,
-            "cuda_graphs": cuda_graphs,
+            "variant": variant,
+            "overrides": FIT_VARIANTS[variant],
+            "cuda_graphs": cfg.lit.cuda_graphs,
+            "torch_compile": cfg.solver.torch_compile,
             "fit_s": seconds,
             "captures": 0 if lit._captured is None else lit._captured.n_captures,
+            "compiled_graphs": counters["stats"]["unique_graphs"] - graphs_before,
+            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
             "metrics": metrics,
         }
         rows.append(row)
@@ -300,7 +340,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1024, 16384, 131072])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--variants", nargs="+", choices=sorted(FIT_VARIANTS), default=["eager", "graphs", "fast"]
+    )
     parser.add_argument("--kind", default="hybrid")
     parser.add_argument("--dataset", type=Path, default=REPO / "data" / "prepared")
     parser.add_argument("--seed", type=int, default=0)

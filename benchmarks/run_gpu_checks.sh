@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
-# The GPU checks of the training issues in one run on a CUDA machine (results:
-# benchmarks/gpu_training.md): the CUDA-graph tests, a `trainer=gpu` fit with and without
-# CUDA graphs, the rollout benchmark and the training throughput rows. Each part has its own
-# time limit, so one that hangs does not take the others with it; logs and JSON go to $OUT.
-#   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh
+# The GPU checks of the training issues on a CUDA machine (results: benchmarks/gpu_training.md),
+# in two parts that fit one device call each:
+#   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh rollout   # the gpu tests, the rollout table
+#   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh fit       # `twin train trainer=gpu` fits
+# Each step has its own time limit, so one that hangs does not take the others with it; logs and
+# JSON go to $OUT. The fits: eager (the reference), then the default fast path twice with one
+# new inductor/Triton cache (cold: every graph compiled; warm: read from the disk cache, as a
+# second fit of the same model structure on a workstation), then CUDA graphs alone.
 # Needs torch (CUDA), lightning, torchdiffeq, pandas, pyarrow, pytest, hydra-core, omegaconf.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
+PART=${1:-rollout}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
-{ nvidia-smi -L; $PY -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'lightning', lightning.__version__)"; } > "$OUT/gpu.txt" 2>&1
-cat "$OUT/gpu.txt"
-# Warnings of the machine's own library versions must not fail the checks: -o filterwarnings=
-timeout 90 $PY -m pytest -q -m gpu -o filterwarnings= -p no:cacheprovider \
-    tests/training/test_lit_module.py 2>&1 | tee "$OUT/pytest_gpu.log"
-timeout 130 $PY benchmarks/bench_gpu_training.py fit --epochs 3 --json "$OUT/fit.json" \
-    > "$OUT/fit.log" 2>&1; grep '^{' "$OUT/fit.log"; tail -3 "$OUT/fit.log"
-timeout 150 $PY benchmarks/bench_gpu_training.py rollout --repeats 3 --json "$OUT/rollout.json" \
-    2>&1 | tee "$OUT/rollout.log"
-timeout 100 $PY benchmarks/bench_training.py --cuda-only --batches 16 256 --repeats 3 \
-    --warmup 3 --json "$OUT/throughput.json" 2>&1 | grep -v Warning | tee "$OUT/throughput.log"
+{ nvidia-smi -L; $PY -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'lightning', lightning.__version__)"; nproc; } > "$OUT/gpu_$PART.txt" 2>&1
+cat "$OUT/gpu_$PART.txt"
+bench="$PY benchmarks/bench_gpu_training.py"
+if [ "$PART" = rollout ]; then
+    timeout ${ROLLOUT_S:-300} $bench rollout --repeats ${REPEATS:-2} --json "$OUT/rollout.json" \
+        2>&1 | grep -v Warning | tee "$OUT/rollout.log"
+    # Warnings of the machine's own library versions must not fail the checks: -o filterwarnings=
+    timeout ${TESTS_S:-200} $PY -m pytest -q -m gpu -o filterwarnings= -p no:cacheprovider \
+        tests/training/test_lit_module.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
+else
+    # name:variant:time limit (s)
+    for run in ${FITS:-eager:eager:240 fast_cold:fast:150 fast_warm:fast:90 graphs:graphs:90}; do
+        set -- ${run//:/ }
+        TORCHINDUCTOR_CACHE_DIR=/tmp/fit_cache/inductor TRITON_CACHE_DIR=/tmp/fit_cache/triton \
+            timeout $3 $bench fit --epochs ${EPOCHS:-8} --variants $2 \
+            --json "$OUT/fit_$1.json" > "/tmp/fit_$1.log" 2>&1
+        echo "fit $1 exit $?" | tee -a "$OUT/fit.log"; cat "/tmp/fit_$1.log" >> "$OUT/fit.log"
+        grep '^{' "/tmp/fit_$1.log" | cut -c1-700; tail -2 "/tmp/fit_$1.log" | cut -c1-300
+    done
+fi

@@ -3,10 +3,11 @@
 Place in the data flow: `ExtendedKalmanFilter` (hybrid_twin/estimation.py) gives, per grid
 step and line, innovations e = y - y_hat_(k|k-1), their variances s and the mask of sampled
 tags. `fit_monitor` learns from those arrays on normal runs how they really behave (mean and
-spread per tag, correlation between tags, thresholds for a chosen false-alarm rate) and
-returns an `InnovationMonitor`: a scriptable module that holds the result as buffers and whose
-`step` turns one step of innovations into T^2, EWMA statistics, an alarm and per-tag
-contributions. docs/monitoring.md has the equations, the rate definition and the choices.
+spread per tag, correlation between tags, thresholds for a chosen false-alarm rate, set on
+those runs or, split-conformal, on other normal runs) and returns an `InnovationMonitor`: a
+scriptable module that holds the result as buffers and whose `step` turns one step of
+innovations into T^2, EWMA statistics, an alarm and per-tag contributions. docs/monitoring.md
+has the equations, the rate definition and the choices; docs/evaluation.md the split option.
 """
 
 import math
@@ -115,6 +116,9 @@ class InnovationMonitor(nn.Module):
     Attributes:
         fit_level, fit_exceed_rate: set by `fit_monitor` (NaN otherwise): the per-statistic
             level a and the exceedance rate reached on the fitting data.
+        calibration_scale, calibration_exceed_rate: set by `fit_monitor` (NaN otherwise): the
+            factor applied to the in-sample limits (1 for calibration "in_sample") and the
+            exceedance rate on the data that set it (the fitting or the calibration runs).
 
     Raises:
         ShapeError: buffers of inconsistent shapes. ConfigError: values out of range.
@@ -159,6 +163,8 @@ class InnovationMonitor(nn.Module):
         self.register_buffer("t2_limit_empirical", t2_limit_empirical.to(torch.bool).clone())
         self.fit_level = float("nan")
         self.fit_exceed_rate = float("nan")
+        self.calibration_scale = float("nan")
+        self.calibration_exceed_rate = float("nan")
         self.ewma_lambda = float(ewma_lambda)
         self.persistence = int(persistence)
         self.n_tags = n
@@ -232,18 +238,31 @@ def _as_runs(name: str, value: object) -> Tensor:
 
 
 def _check_fit_data(
-    innovation: Tensor, innovation_var: Tensor, mask: Tensor, tags: Sequence[str], min_samples: int
+    innovation: Tensor,
+    innovation_var: Tensor,
+    mask: Tensor,
+    tags: Sequence[str],
+    min_samples: int,
+    label: str = "",
 ) -> None:
+    """label prefixes the argument names in messages ("calibration_data " for that set)."""
     if innovation.numel() == 0:
-        raise MonitorDataError(f"fit_monitor: innovation: empty, shape {tuple(innovation.shape)}")
+        raise MonitorDataError(
+            f"fit_monitor: {label}innovation: empty, shape {tuple(innovation.shape)}"
+        )
+    if innovation.shape[-1] != len(tags):
+        raise ShapeError(
+            f"fit_monitor: {label}innovation: expected {len(tags)} tags (last dim), got "
+            f"{innovation.shape[-1]}"
+        )
     for name, value in (("innovation_var", innovation_var), ("mask", mask)):
         if value.shape != innovation.shape:
             raise ShapeError(
-                f"fit_monitor: {name}: expected the shape of innovation "
+                f"fit_monitor: {label}{name}: expected the shape of innovation "
                 f"{tuple(innovation.shape)}, got {tuple(value.shape)}"
             )
     if mask.dtype != torch.bool:
-        raise ShapeError(f"fit_monitor: mask: expected dtype torch.bool, got {mask.dtype}")
+        raise ShapeError(f"fit_monitor: {label}mask: expected dtype torch.bool, got {mask.dtype}")
     for name, value, bad in (
         ("innovation", innovation, ~torch.isfinite(innovation)),
         (
@@ -256,7 +275,7 @@ def _check_fit_data(
         if where.shape[0] > 0:
             run, step, tag = where[0].tolist()
             raise MonitorDataError(
-                f"fit_monitor: {name}: {where.shape[0]} sampled entries are not "
+                f"fit_monitor: {label}{name}: {where.shape[0]} sampled entries are not "
                 f"{'finite' if name == 'innovation' else 'finite and > 0'}; first at run {run}, "
                 f"step {step}, tag {tags[tag]!r}: {value[run, step, tag].item()}"
             )
@@ -317,6 +336,40 @@ def _sorted_quantile(values: Tensor, p: float) -> float:
     return low + (position - below) * (high - low)
 
 
+# How fit_monitor sets the limits (docs/evaluation.md, "Fault detection"): "in_sample" on the
+# runs that also give the standardisation; "split" scales them on other, held-out normal runs.
+CALIBRATIONS = ("in_sample", "split")
+
+
+def conformal_quantile(scores: Tensor, alpha: float) -> float:
+    """Split-conformal threshold: the ceil((n + 1)(1 - alpha))-th smallest of n scores.
+
+    For a new score exchangeable with these n, P(new > threshold) <= alpha; the plain empirical
+    (1 - alpha) quantile falls short of that by up to 1 / n (Vovk et al. 2005; Lei et al. 2018).
+
+    Args:
+        scores: (n,) calibration scores, finite; alpha: target exceedance rate in (0, 1).
+
+    Returns:
+        The threshold; inf when n < (1 - alpha) / alpha (too few scores for any finite one).
+
+    Raises:
+        ShapeError: scores not 1-D or empty. ConfigError: alpha outside (0, 1).
+    """
+    if scores.dim() != 1 or scores.numel() == 0:
+        raise ShapeError(
+            f"conformal_quantile: scores: expected (n,) with n >= 1, got {tuple(scores.shape)}"
+        )
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"conformal_quantile: alpha: expected in (0, 1), got {alpha}")
+    n = scores.numel()
+    # - 1e-9: an integer (n + 1)(1 - alpha) may come out a hair above it in floating point.
+    rank = math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
+    if rank > n:
+        return float("inf")
+    return float(scores.sort().values[rank - 1])
+
+
 class _Calibration:
     """Thresholds at a per-statistic exceedance level a on the normal series (eager only)."""
 
@@ -370,6 +423,8 @@ def fit_monitor(
     min_eigenvalue: float = 1e-3,
     min_count: int | None = None,
     tags: Sequence[str] | None = None,
+    calibration: str = "in_sample",
+    calibration_data: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> InnovationMonitor:
     """Fit statistics and thresholds on innovations of normal operation.
 
@@ -387,16 +442,25 @@ def fit_monitor(
         min_count: monitored steps with m sampled tags needed for an empirical T^2 quantile
             for count m (else the chi-square quantile); default ceil(10 / false_alarm_rate).
         tags: names for error messages; default "tag0", "tag1", ...
+        calibration: "in_sample": limits exceeded at false_alarm_rate on the fitting data
+            themselves; "split": those limits times one factor, the conformal quantile of the
+            steps of `calibration_data` (`_split_scale`), so that runs the standardisation
+            never saw set how wide the limits are.
+        calibration_data: (innovation, innovation_var, mask) of other normal runs, shaped as
+            above with the same n_tags; required by "split", refused by "in_sample".
 
     Returns:
         An InnovationMonitor; its attributes `fit_exceed_rate` (the rate reached on these
-        data), `fit_level` (per-statistic level a) and buffer `t2_limit_empirical` record how.
+        data), `fit_level` (per-statistic level a), `calibration_scale`,
+        `calibration_exceed_rate` and buffer `t2_limit_empirical` record how.
 
     Raises:
         ShapeError: wrong types, ranks, shapes, mask not bool.
         MonitorDataError: empty data, non-finite sampled innovations, non-positive variances,
-            a tag sampled fewer than 30 times, a tag without spread, nothing monitored.
-        ConfigError: an option out of range.
+            a tag sampled fewer than 30 times, a tag without spread, nothing monitored, too
+            few calibration steps for a finite conformal limit.
+        ConfigError: an option out of range, an unknown calibration, calibration_data
+            missing for "split" or given for "in_sample".
     """
     innovation = _as_runs("innovation", innovation).detach().to(torch.float64)
     innovation_var = _as_runs("innovation_var", innovation_var).detach().to(torch.float64)
@@ -415,25 +479,27 @@ def fit_monitor(
             f"fit_monitor: expected shrinkage in [0, 1) and min_eigenvalue in (0, 1), got "
             f"{shrinkage} and {min_eigenvalue}"
         )
+    _check_calibration(calibration, calibration_data)
     _check_fit_data(innovation, innovation_var, mask, tags, min_samples=30)
     min_count = math.ceil(10.0 / false_alarm_rate) if min_count is None else int(min_count)
 
-    ratio = torch.where(mask, innovation / innovation_var.clamp_min(1e-300).sqrt(), 0.0)
-    counts = mask.sum(dim=(0, 1)).to(torch.float64)
-    mean = ratio.sum(dim=(0, 1)) / counts
-    std = (torch.where(mask, ratio - mean, 0.0).pow(2).sum(dim=(0, 1)) / counts).sqrt()
-    if bool(torch.any(std <= 1e-12)):
-        i = int(torch.nonzero(std <= 1e-12)[0])
-        raise MonitorDataError(f"fit_monitor: innovation: tag {tags[i]!r} has no spread (std 0)")
+    mean, std, corr = _standardisation(
+        innovation, innovation_var, mask, tags, shrinkage, min_eigenvalue
+    )
     z, used = standardise(innovation, innovation_var, mask, mean, std)
-    corr = _correlation(z, used, shrinkage, min_eigenvalue)
-
     series, ewma_rms = _normal_series(z, used, corr, ewma_lambda)
     if series.t2.numel() == 0:
         raise MonitorDataError("fit_monitor: mask: no step has a sampled tag")
-    calibration = _Calibration(series, n_tags, min_count)
-    level = calibration.level_for(false_alarm_rate)
-    limits, ewma_limit = calibration.limits(level)
+    fitted = _Calibration(series, n_tags, min_count)
+    level = fitted.level_for(false_alarm_rate)
+    limits, ewma_limit = fitted.limits(level)
+    fit_rate = fitted.rate(level)
+    scale, exceed_rate = 1.0, fit_rate
+    if calibration == "split":
+        assert calibration_data is not None  # _check_calibration
+        reference = _Reference(mean, std, corr, ewma_rms, ewma_lambda, limits, ewma_limit)
+        scale, exceed_rate = _split_scale(calibration_data, reference, tags, false_alarm_rate)
+        limits, ewma_limit = limits * scale, ewma_limit * scale
 
     dtype = torch.get_default_dtype()
     monitor = InnovationMonitor(
@@ -445,17 +511,113 @@ def fit_monitor(
         ewma_limit,
         ewma_lambda,
         persistence,
-        calibration.empirical,
+        fitted.empirical,
     )
     monitor.fit_level = level
-    monitor.fit_exceed_rate = calibration.rate(level)
+    monitor.fit_exceed_rate = fit_rate
+    monitor.calibration_scale = scale
+    monitor.calibration_exceed_rate = exceed_rate
     return monitor
 
 
+def _check_calibration(calibration: str, calibration_data: object) -> None:
+    if calibration not in CALIBRATIONS:
+        raise ConfigError(
+            f"fit_monitor: calibration: expected one of {', '.join(CALIBRATIONS)}, got "
+            f"{calibration!r}"
+        )
+    if calibration == "split" and calibration_data is None:
+        raise ConfigError(
+            "fit_monitor: calibration 'split' needs calibration_data: the innovations of "
+            "normal runs that the standardisation does not use"
+        )
+    if calibration == "in_sample" and calibration_data is not None:
+        raise ConfigError(
+            "fit_monitor: calibration_data given with calibration 'in_sample', which would "
+            "ignore it; use calibration 'split'"
+        )
+    if calibration_data is not None and (
+        not isinstance(calibration_data, (tuple, list)) or len(calibration_data) != 3
+    ):
+        raise ShapeError(
+            "fit_monitor: calibration_data: expected a tuple (innovation, innovation_var, mask)"
+        )
+
+
+def _standardisation(
+    innovation: Tensor,
+    innovation_var: Tensor,
+    mask: Tensor,
+    tags: Sequence[str],
+    shrinkage: float,
+    min_eigenvalue: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and std per tag of e / sqrt(s) over the sampled steps; shrunk correlation."""
+    ratio = torch.where(mask, innovation / innovation_var.clamp_min(1e-300).sqrt(), 0.0)
+    counts = mask.sum(dim=(0, 1)).to(torch.float64)
+    mean = ratio.sum(dim=(0, 1)) / counts
+    std = (torch.where(mask, ratio - mean, 0.0).pow(2).sum(dim=(0, 1)) / counts).sqrt()
+    if bool(torch.any(std <= 1e-12)):
+        i = int(torch.nonzero(std <= 1e-12)[0])
+        raise MonitorDataError(f"fit_monitor: innovation: tag {tags[i]!r} has no spread (std 0)")
+    z, used = standardise(innovation, innovation_var, mask, mean, std)
+    return mean, std, _correlation(z, used, shrinkage, min_eigenvalue)
+
+
+class _Reference(NamedTuple):
+    """What the fitting runs fixed: standardisation, EWMA scale and the in-sample limits."""
+
+    mean: Tensor
+    std: Tensor
+    corr: Tensor
+    ewma_rms: Tensor
+    ewma_lambda: float
+    t2_limits: Tensor  # (n_tags + 1,)
+    ewma_limit: float
+
+
+def _split_scale(
+    data: tuple[Tensor, Tensor, Tensor], reference: _Reference, tags: Sequence[str], alpha: float
+) -> tuple[float, float]:
+    """Factor c on the reference limits from held-out normal runs, and their exceed rate at it.
+
+    One score per monitored step, max(T^2 / its limit, EWMA stat / its limit), makes the
+    union of the two tests a single threshold c, so the conformal quantile applies (and c may
+    exceed the largest fitting-run value, which a level search on the reference cannot).
+    The guarantee is for steps exchangeable with the calibration steps; steps of one run are
+    not independent, so it is only as good as the calibration runs are typical
+    (docs/evaluation.md, "Fault detection").
+    """
+    names = ("innovation", "innovation_var", "mask")
+    e, v, m = (_as_runs(f"calibration_data {n}", x) for n, x in zip(names, data, strict=True))
+    e, v = e.detach().to(torch.float64), v.detach().to(torch.float64)
+    _check_fit_data(e, v, m, tags, min_samples=0, label="calibration_data ")
+    z, used = standardise(e, v, m, reference.mean, reference.std)
+    series, _ = _normal_series(z, used, reference.corr, reference.ewma_lambda, reference.ewma_rms)
+    n = series.t2.numel()
+    needed = math.ceil((1.0 - alpha) / alpha - 1e-9)
+    if n < needed:
+        raise MonitorDataError(
+            f"fit_monitor: calibration_data: {n} monitored steps; a conformal limit at "
+            f"false_alarm_rate {alpha} needs at least {needed}"
+        )
+    score = torch.maximum(
+        series.t2 / reference.t2_limits[series.count], series.ewma_max / reference.ewma_limit
+    )
+    scale = conformal_quantile(score, alpha)
+    if not scale > 0.0:
+        raise MonitorDataError(
+            f"fit_monitor: calibration_data: conformal limit {scale} is not > 0 (statistics "
+            f"of {n} steps all 0?)"
+        )
+    return scale, float((score > scale).double().mean())
+
+
 def _normal_series(
-    z: Tensor, used: Tensor, corr: Tensor, ewma_lambda: float
+    z: Tensor, used: Tensor, corr: Tensor, ewma_lambda: float, ewma_rms: Tensor | None = None
 ) -> tuple[_NormalSeries, Tensor]:
-    """T^2, count and max EWMA statistic over the monitored steps; per-tag EWMA RMS."""
+    """T^2, count and max EWMA statistic over the monitored steps; per-tag EWMA RMS (its
+    normal-operation value from these data unless `ewma_rms` gives it)."""
     runs, steps, n_tags = z.shape
     t2, _ = masked_hotelling(z.reshape(-1, n_tags), used.reshape(-1, n_tags), corr)
     t2 = t2.reshape(runs, steps)
@@ -469,11 +631,12 @@ def _normal_series(
         seen_history.append(seen)
     ewma_all = torch.stack(history, dim=1)
     seen_all = torch.stack(seen_history, dim=1)
-    # RMS about 0 over the steps after each tag's first sample (before it the EWMA is 0 by
-    # construction and says nothing about its spread).
-    square = torch.where(seen_all, ewma_all.pow(2), torch.zeros_like(ewma_all))
-    ewma_rms = (square.sum(dim=(0, 1)) / seen_all.sum(dim=(0, 1)).clamp_min(1)).sqrt()
-    ewma_rms = ewma_rms.clamp_min(1e-12)
+    if ewma_rms is None:
+        # RMS about 0 over the steps after each tag's first sample (before it the EWMA is 0
+        # by construction and says nothing about its spread).
+        square = torch.where(seen_all, ewma_all.pow(2), torch.zeros_like(ewma_all))
+        ewma_rms = (square.sum(dim=(0, 1)) / seen_all.sum(dim=(0, 1)).clamp_min(1)).sqrt()
+        ewma_rms = ewma_rms.clamp_min(1e-12)
     monitored = used.any(dim=2)
     ewma_max = (ewma_all.abs() / ewma_rms).amax(dim=2)
     series = _NormalSeries(t2[monitored], used.sum(dim=2)[monitored], ewma_max[monitored])

@@ -11,17 +11,23 @@ A vector field is a module with `theta()` -> (1, n_params) and `rhs(x, u, theta)
 each trajectory gets an int status (`SolverStatus`), which eager callers turn into an error
 with `check_status`.
 
-Compiled vector field (optional, every solver: `torch_compile`): eager calls evaluate the vector
-field through `torch.compile` (inductor), which fuses the flowsheet's many small elementwise
-ops on (batch, n_states) tensors into a few kernels, forward and backward. The integrator
-around it is unchanged, so results equal the plain path to rounding (float64: ~1e-15 of their
-scale, tests/hybrid_twin/test_solver_compile.py). TorchScript, `torch.export`, tracing and
-an enclosing `torch.compile` use the plain vector field; a backend that cannot compile (no C++
-compiler) warns once and the solver goes on without. Each new graph costs a one-off compile
-(10-30 s cold on 2 CPU cores, 1-3 s from inductor's disk cache): one per grad mode, per
-requires_grad of the state and per batch size 1 or > 1 (the batch dimension is dynamic). On
-CPU, RK4 forward+backward over 200 steps ran 1.8x (batch 1024) to 3.3x (batch 1) faster than
-scripted and 3.0-7.6x faster than torchdiffeq's rk4 (benchmarks/solvers.md).
+Compiled steps (optional, every solver: `torch_compile`): eager calls hand each step of the
+fixed-step solvers (all its stages and their combination; Dopri5: each evaluation of the vector
+field) to `torch.compile` (inductor), which fuses the flowsheet's many small elementwise ops on
+(batch, n_states) tensors into a few kernels, forward and backward. The arithmetic is the plain
+path's, so results equal it to rounding (float64: ~1e-15 of their scale,
+tests/hybrid_twin/test_solver_compile.py). `torch_compile: true` compiles on any device,
+`cuda` only where the state lives on a CUDA device, `false` never (`build_solver`'s default).
+`cuda` is the training configs' default: on a GPU the plain path is bound by kernel launches,
+and a training step through CUDA graphs replays the fused kernels (benchmarks/gpu_training.md). TorchScript, `torch.export`, tracing and an
+enclosing `torch.compile` use the plain path; a backend that cannot compile (no C++ compiler)
+warns once and the solver goes on without. Each new graph costs a one-off compile (10-30 s cold
+on 2 CPU cores, 1-3 s from inductor's disk cache): one per grad mode, per requires_grad of the
+state and parameters and, on CPU, per batch size 1 or > 1 (the batch dimension is dynamic),
+on CUDA per batch size (inductor then sizes its reductions over the batch). On CPU, RK4
+forward+backward over 200 steps ran 1.8x (batch 1024) to 3.3x (batch 1) faster than scripted
+and 3.0-7.6x faster than torchdiffeq's rk4 (benchmarks/solvers.md; measured when the vector
+field, not the whole step, was the compiled unit).
 
 Pinned states (optional, every solver): `pin_index` (k,) names states a measured signal fixes
 and `pin_values` (batch, time, k) gives their values at t_1..t_time; after integrating
@@ -118,34 +124,60 @@ def _exporting_time_loop(u: Tensor) -> bool:
 @torch.jit.unused
 def _plain_eager_call() -> bool:
     """Not under `torch.export`, `torch.compile` tracing or `torch.jit.trace` (TorchScript never
-    calls this): where `torch_compile` may hand the vector field to `torch.compile`."""
+    calls this): where `torch_compile` may hand a step to `torch.compile`."""
     return not (
         torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
     )
 
 
 def _vector_field_rhs(vector_field: nn.Module, x: Tensor, u: Tensor, theta: Tensor) -> Tensor:
-    """What `torch_compile` compiles: one evaluation of the vector field (module-level, so every
-    solver and field of one structure share the compiled graphs)."""
+    """What Dopri5's `torch_compile` compiles: one evaluation of the vector field (module-level,
+    so every solver and field of one structure share the compiled graphs)."""
     return vector_field.rhs(x, u, theta)
 
 
+def _fixed_step(solver: nn.Module, x: Tensor, u: Tensor, theta: Tensor, h: float) -> Tensor:
+    """What the fixed-step solvers' `torch_compile` compiles: one whole step, every stage."""
+    return solver._step(x, u, theta, h)
+
+
 @functools.cache
-def _compiled_vector_field() -> Callable[..., Tensor]:
-    """`_vector_field_rhs` under `torch.compile`, made on first use (importing dynamo is slow).
+def _compiled(function: Callable[..., Tensor], static: bool = False) -> Callable[..., Tensor]:
+    """`function` under `torch.compile`, made on first use (importing dynamo is slow); static:
+    a graph per batch size (the caller marks the batch dimension dynamic otherwise).
 
     Inductor's CPU code writes tanh as 2 / (1 + exp(-2 x)) - 1 (`cpp.use_decompose_tanh`): the
     residual network's tanh layers then cost a third of the vectorised library tanh, and the
     whole forward pass 1.4x less at batch 1024 (benchmarks/solvers.md); the error stays
     within a few units in the last place of 1. Graph breaks (a user unit dynamo cannot trace)
-    split the graph rather than fail. The caller marks the batch dimension dynamic.
+    split the graph rather than fail. A step has a graph per grad mode, requires_grad pattern,
+    model and (static) batch size, more than dynamo's default limit of 8 per function in a
+    sweep or a benchmark; past the limit dynamo would run the step uncompiled, hence 64.
     """
+    from torch._dynamo import config as dynamo_config
     from torch._inductor import config as inductor_config
 
+    if hasattr(dynamo_config, "recompile_limit"):
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     options = {}
     if hasattr(inductor_config.cpp, "use_decompose_tanh"):
         options["cpp.use_decompose_tanh"] = True
-    return torch.compile(_vector_field_rhs, options=options)
+    return torch.compile(function, dynamic=False if static else None, options=options)
+
+
+def _compiled_vector_field(static: bool = False) -> Callable[..., Tensor]:
+    return _compiled(_vector_field_rhs, static)
+
+
+def _compiled_fixed_step(static: bool = False) -> Callable[..., Tensor]:
+    return _compiled(_fixed_step, static)
+
+
+def _compile_setting(value: object) -> bool | str:
+    """`torch_compile` as given: True, False or "cuda"."""
+    if isinstance(value, bool) or value == "cuda":
+        return value  # type: ignore[return-value]
+    raise ConfigError(f"solver.torch_compile: expected true, false or 'cuda', got {value!r}")
 
 
 def _finish(trajectory: Tensor, status: Tensor, n_steps: Tensor) -> ZOHSolution:
@@ -161,42 +193,71 @@ class AbstractZOHSolver(nn.Module):
 
     Args:
         vector_field: module with theta() and rhs(x, u, theta).
-        torch_compile: evaluate the vector field through `torch.compile` in eager calls (see the
-            module doc); results equal the plain path to rounding. Scripted and exported
-            programs ignore it.
+        torch_compile: True, False or "cuda": run steps through `torch.compile` in eager calls
+            (see the module doc); results equal the plain path to rounding. Scripted and
+            exported programs ignore it.
     """
 
-    def __init__(self, vector_field: nn.Module, torch_compile: bool = False) -> None:
+    def __init__(self, vector_field: nn.Module, torch_compile: bool | str = False) -> None:
         super().__init__()
         self.vector_field = vector_field
-        self.torch_compile = bool(torch_compile)
+        self.torch_compile = _compile_setting(torch_compile)
+
+    @torch.jit.unused
+    def _compiles(self, x: Tensor) -> bool:
+        """Whether this call goes through `torch.compile` (never inside a compiled, exported or
+        traced program: those take the plain path)."""
+        if self.torch_compile is False or (self.torch_compile == "cuda" and not x.is_cuda):
+            return False
+        return _plain_eager_call()
 
     def _rhs(self, x: Tensor, u: Tensor, theta: Tensor) -> Tensor:
-        """dx/dt of the vector field: compiled where `torch_compile` asks for it and applies."""
-        if self.torch_compile and not torch.jit.is_scripting() and _plain_eager_call():
-            return self._compiled_rhs(x, u, theta)
+        """dx/dt of the vector field (Dopri5: compiled where `torch_compile` asks for it)."""
+        if not torch.jit.is_scripting() and self._compiles_rhs() and self._compiles(x):
+            return self._run_compiled(
+                _compiled_vector_field, self.vector_field, self.vector_field.rhs, x, u, theta
+            )
         return self.vector_field.rhs(x, u, theta)
 
     @torch.jit.unused
-    def _compiled_rhs(self, x: Tensor, u: Tensor, theta: Tensor) -> Tensor:
+    def _compiles_rhs(self) -> bool:
+        """Solvers that compile their whole step (the fixed-step ones) say False here."""
+        return True
+
+    @torch.jit.unused
+    def _run_compiled(
+        self,
+        compiled_function: Callable[[bool], Callable[..., Tensor]],
+        owner: nn.Module,
+        plain: Callable[..., Tensor],
+        x: Tensor,
+        u: Tensor,
+        *rest: object,
+    ) -> Tensor:
+        """compiled_function()(owner, x, u, *rest); `plain(x, u, *rest)` if dynamo fails."""
         from torch._dynamo import maybe_mark_dynamic
         from torch._dynamo.exc import TorchDynamoException
 
-        # One graph for every batch size > 1 (batch 1 is specialised by dynamo's rules).
-        maybe_mark_dynamic(x, 0)
-        maybe_mark_dynamic(u, 0)
+        # CPU: one graph for every batch size > 1 (batch 1 is specialised by dynamo's rules).
+        # CUDA: one per batch size, so that inductor sizes its reductions over the batch (the
+        # parameters' gradients) for that batch: with a symbolic batch, the step at batch
+        # 131,072 ran 1.8x slower than the plain one (benchmarks/gpu_training.md).
+        static = x.is_cuda
+        if not static:
+            maybe_mark_dynamic(x, 0)
+            maybe_mark_dynamic(u, 0)
         try:
-            return _compiled_vector_field()(self.vector_field, x, u, theta)
+            return compiled_function(static)(owner, x, u, *rest)
         except TorchDynamoException as error:  # no usable backend (e.g. no C++ compiler)
             self.torch_compile = False
             warnings.warn(
                 f"solver.torch_compile: torch.compile failed ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); this solver evaluates "
-                "the vector field without it from now on",
+                f"{str(error).splitlines()[0] if str(error) else ''}); this solver runs "
+                "without it from now on",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            return self.vector_field.rhs(x, u, theta)
+            return plain(x, u, *rest)
 
     def forward(
         self,
@@ -216,8 +277,8 @@ class AbstractFixedStepSolver(AbstractZOHSolver):
     Args:
         vector_field: module with theta() and rhs(x, u, theta).
         n_substeps: steps per input interval.
-        torch_compile: see `AbstractZOHSolver`; with `recompute` the recomputed stages run
-            compiled too.
+        torch_compile: see `AbstractZOHSolver`: each step (all its stages) is one compiled
+            graph; with `recompute` the recomputed steps run compiled too.
         recompute: eager autograd keeps only each interval's start state and recomputes the
             interval's stages in the backward pass (activation checkpointing): memory per
             trajectory falls from every stage's activations to one state per interval, for
@@ -233,7 +294,7 @@ class AbstractFixedStepSolver(AbstractZOHSolver):
         vector_field: nn.Module,
         n_substeps: int = 1,
         recompute: bool = False,
-        torch_compile: bool = False,
+        torch_compile: bool | str = False,
     ) -> None:
         super().__init__(vector_field, torch_compile)
         self.n_substeps = _positive_int(n_substeps, "n_substeps")
@@ -306,8 +367,15 @@ class AbstractFixedStepSolver(AbstractZOHSolver):
     def _interval(self, x: Tensor, u: Tensor, theta: Tensor, h: float) -> Tensor:
         """x after the n_substeps steps of one input interval."""
         for _ in range(self.n_substeps):
-            x = self._step(x, u, theta, h)
+            if not torch.jit.is_scripting() and self._compiles(x):
+                x = self._run_compiled(_compiled_fixed_step, self, self._step, x, u, theta, h)
+            else:
+                x = self._step(x, u, theta, h)
         return x
+
+    @torch.jit.unused
+    def _compiles_rhs(self) -> bool:
+        return False  # the whole step is compiled instead
 
     @torch.jit.unused
     def _recomputed_interval(self, x: Tensor, u: Tensor, theta: Tensor, h: float) -> Tensor:
@@ -375,7 +443,7 @@ class Dopri5(AbstractZOHSolver):
         first_step_s: float | None = None,
         adaptive: bool = True,
         n_substeps: int = 1,
-        torch_compile: bool = False,
+        torch_compile: bool | str = False,
     ) -> None:
         super().__init__(vector_field, torch_compile)
         if not (rtol > 0 and atol >= 0):

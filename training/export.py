@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from hybrid_twin import ConfigError, TwinError, fit_monitor
+from hybrid_twin.monitoring import CALIBRATIONS
 from training.dataset import PreparedDataset, RunTensors
 from training.export_formats import (
     FORMATS,
@@ -320,6 +321,43 @@ def monitor_fit_runs(dataset: PreparedDataset, fit_split, past_steps: int) -> li
     return runs
 
 
+def monitor_calibration_runs(
+    dataset: PreparedDataset, monitor_cfg, fit_runs: list[RunTensors], past_steps: int
+) -> list[RunTensors]:
+    """The normal runs that set the detector's limits under `monitor.calibration: split` (none
+    under in_sample, the default): the runs of `monitor.calibration_split`, none a fit run.
+
+    Raises:
+        ConfigError: an unknown calibration; no, or a scoring, calibration split; a run in
+            both the fit and the calibration runs; no run left.
+    """
+    calibration = str(monitor_cfg.get("calibration", "in_sample"))
+    if calibration not in CALIBRATIONS:
+        raise ConfigError(f"monitor.calibration: expected one of {', '.join(CALIBRATIONS)}, "
+                          f"got {calibration!r}")
+    split = monitor_cfg.get("calibration_split")
+    if calibration == "in_sample":
+        if split is not None:  # it would be silently ignored
+            raise ConfigError(f"monitor.calibration_split: {split} is set but "
+                              f"monitor.calibration is in_sample; set it to split or null")
+        return []
+    splits = [] if split is None else [split] if isinstance(split, str) else [str(s) for s in split]
+    if not splits or set(splits) & set(SCORING_SPLITS):
+        raise ConfigError(f"monitor.calibration_split: {splits}: calibrate on normal runs of "
+                          f"train or val; {', '.join(SCORING_SPLITS)} score the detector")
+    kind = {run_id: info.get("kind", "normal") for run_id, info in dataset.manifest["runs"].items()}
+    runs = [r for s in splits for r in dataset.load_split(s)
+            if kind[r.run_id] == "normal" and r.u.shape[0] > past_steps + 1]
+    shared = sorted({r.run_id for r in runs} & {r.run_id for r in fit_runs})
+    if shared:
+        raise ConfigError(f"monitor.calibration_split {splits} shares runs {shared} with "
+                          f"monitor.fit_split: split calibration needs runs the fit did not use")
+    if not runs:
+        raise ConfigError(f"monitor.calibration_split: no normal run of {splits} is longer "
+                          f"than {past_steps + 1} rows (past_steps + 1)")
+    return runs
+
+
 def build_online_twin(
     twin: TwinModel, dataset: PreparedDataset, cfg: DictConfig, past_steps: int,
     dtype: torch.dtype,
@@ -332,26 +370,33 @@ def build_online_twin(
     fit_split = cfg.monitor.fit_split
     fit_split = fit_split if isinstance(fit_split, str) else list(fit_split)
     runs = monitor_fit_runs(dataset, fit_split, past_steps)
-    u, y, real = engineering_runs(dataset, runs, dtype)
+    cal_runs = monitor_calibration_runs(dataset, cfg.monitor, runs, past_steps)
+    u, y, real = engineering_runs(dataset, runs + cal_runs, dtype)
     # The filter is the same before and after fitting: script it once for speed.
     steps = run_filter(torch.jit.script(online), u, y, past_steps)[1:]
     innovation = torch.stack([s[6] for s in steps], dim=1)
     innovation_var = torch.stack([s[7] for s in steps], dim=1)
     mask = torch.isfinite(y[:, past_steps:]) & real[:, past_steps:, None]
+    n = len(runs)  # fit runs first, then the calibration runs
     monitor = fit_monitor(
-        innovation, innovation_var, mask,
+        innovation[:n], innovation_var[:n], mask[:n],
         false_alarm_rate=float(cfg.monitor.false_alarm_rate),
         ewma_lambda=float(cfg.monitor.ewma_lambda),
         persistence=int(cfg.monitor.persistence),
         tags=dataset.measurement_tags,
+        calibration="split" if cal_runs else "in_sample",
+        calibration_data=(innovation[n:], innovation_var[n:], mask[n:]) if cal_runs else None,
     )  # fmt: skip
     online.monitor = monitor.to(dtype)
     record = {
         "fit_split": fit_split,
         "fit_runs": [r.run_id for r in runs],
-        "fit_steps": int(real[:, past_steps:].sum()),
+        "fit_steps": int(real[:n, past_steps:].sum()),
         "fit_level": monitor.fit_level,
         "fit_exceed_rate": monitor.fit_exceed_rate,
+        "calibration_runs": [r.run_id for r in cal_runs],
+        "calibration_scale": monitor.calibration_scale,
+        "calibration_exceed_rate": monitor.calibration_exceed_rate,
         "ratio_std": monitor.std.tolist(),
         "q": noise["q"].tolist(),
         "r": noise["r"].tolist(),

@@ -2,10 +2,12 @@
 PCA T^2/SPE baseline fitted on the same normal runs (docs/evaluation.md, "Fault detection").
 
 Data flow: registered version / run (as `twin export` resolves it) -> eager `OnlineTwin` with
-its monitor fitted on the normal runs of `monitor.fit_split` (training.export.build_online_twin)
+its monitor fitted on the normal runs of `monitor.fit_split` and, under `monitor.calibration:
+split`, its limits set on those of `monitor.calibration_split` (training.export.build_online_twin)
 -> scripted once, `run_filter` over every `fault` run and the normal `test` runs in one batch ->
-alarm and contributions per step. PCA on the same fit runs' measurements + inputs -> alarm and
-SPE contributions per step. `data/<prepared>/fault_labels.csv` -> onset/end rows -> per fault
+alarm and contributions per step. PCA on the same normal runs' (fit and calibration)
+measurements + inputs -> alarm and SPE contributions per step.
+`data/<prepared>/fault_labels.csv` -> onset/end rows -> per fault
 kind: detection rate, mean delay, false-alarm rates, isolation -> faults.csv / faults.md, printed,
 and an MLflow run `evaluate-faults-<time>`.
 """
@@ -28,6 +30,7 @@ from training.export import (
     build_online_twin,
     engineering_runs,
     load_eager_twin,
+    monitor_calibration_runs,
     monitor_fit_runs,
     open_model_on_data,
     run_filter,
@@ -296,7 +299,7 @@ def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
 
     scores = {"twin": twin_scores(online, dataset, runs, past_steps, dtype)}
     fit_x = []
-    for r in monitor_fit_runs(dataset, fit_record["fit_split"], past_steps):
+    for r in pca_fit_runs(dataset, cfg, past_steps):
         x, ready = held_matrix(r)
         fit_x.append(x[ready & (np.arange(len(x)) >= past_steps)])
     pca = PCAMonitor(np.concatenate(fit_x), float(cfg.monitor.false_alarm_rate),
@@ -317,11 +320,29 @@ def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
     seconds = time.perf_counter() - started
     print(markdown)
     print(f"evaluate-faults: model run {run_id} (version {version}, "
-          f"{run.data.tags.get('model.kind')}); PCA {pca.pca.n_components_} components, "
+          f"{run.data.tags.get('model.kind')}); twin limits {calibration_summary(fit_record)}; "
+          f"PCA {pca.pca.n_components_} components, "
           f"fit exceed rate {pca.fit_exceed_rate:.4f}; wrote {output_dir / 'faults.csv'} and "
           f"faults.md; {seconds:.1f} s")
     _log(cfg, table, output_dir, run, version, dataset.manifest_sha256, pca, fit_record, seconds)
     return table
+
+
+def pca_fit_runs(dataset: PreparedDataset, cfg: DictConfig, past_steps: int) -> list[RunTensors]:
+    """Every normal run the twin's detector learnt from (its fit and calibration runs): the PCA
+    baseline gets the same data, and sets its limits on them in-sample."""
+    fit = monitor_fit_runs(dataset, cfg.monitor.fit_split, past_steps)
+    return [*fit, *monitor_calibration_runs(dataset, cfg.monitor, fit, past_steps)]
+
+
+def calibration_summary(fit_record: dict) -> str:
+    """How the twin's limits were set, for the printed summary."""
+    if not fit_record.get("calibration_runs"):
+        return (f"in-sample on {len(fit_record['fit_runs'])} fit runs, exceed rate "
+                f"{fit_record['fit_exceed_rate']:.4f}")
+    return (f"split-conformal: {len(fit_record['fit_runs'])} fit runs, scale "
+            f"{fit_record['calibration_scale']:.3f} on {len(fit_record['calibration_runs'])} "
+            f"calibration runs (exceed rate there {fit_record['calibration_exceed_rate']:.4f})")
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -369,11 +390,14 @@ def _log(cfg, table, output_dir, run, version, manifest_sha256, pca, fit_record,
             "false_alarm_rate": float(cfg.monitor.false_alarm_rate),
             "fit_split": str(fit_record["fit_split"]),
             "fit_runs": ",".join(fit_record["fit_runs"]),
+            "calibration": str(cfg.monitor.get("calibration", "in_sample")),
+            "calibration_runs": ",".join(fit_record.get("calibration_runs", [])),
             "pca.variance": float(cfg.pca.variance),
             "pca.components": int(pca.pca.n_components_),
             "isolation_first_alarms": int(cfg.isolation_first_alarms),
         })
-        metrics = {"seconds": seconds}
+        metrics = {"seconds": seconds, "twin_calibration_scale": fit_record["calibration_scale"],
+                   "twin_calibration_exceed_rate": fit_record["calibration_exceed_rate"]}
         for r in table.itertuples():
             kind = str(r.fault_kind).replace(" ", "_").replace("(", "").replace(")", "")
             for name in ("detection_rate", "mean_delay_s", "far_before_onset",

@@ -47,7 +47,7 @@ from training.twin_model import TwinModel
 CHECKPOINT_DIR = "checkpoints"  # under the Hydra output dir; `last.ckpt` is rewritten every epoch
 RUN_ID_KEY = "mlflow_run_id"  # the MLflow run a checkpoint belongs to, inside the checkpoint
 # Config keys a resumed run may change: how it trains (epochs, devices, threads), not what.
-RESUMABLE_KEYS = ("trainer.*", "num_threads", "lit.cuda_graphs")
+RESUMABLE_KEYS = ("trainer.*", "num_threads", "lit.cuda_graphs", "solver.torch_compile")
 
 
 class MlflowEpochMetrics(Callback):

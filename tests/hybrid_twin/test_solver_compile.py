@@ -1,6 +1,7 @@
-"""`torch_compile`: the vector field through torch.compile gives the plain solver's states and
-gradients, one graph serves every batch size > 1, and programs that cannot run it (TorchScript,
-torch.export) or a backend that fails fall back to the plain vector field.
+"""`torch_compile`: each step (fixed-step solvers) or vector-field evaluation (Dopri5) through
+torch.compile gives the plain solver's states and gradients, one graph serves every batch size
+> 1, `cuda` leaves CPU calls plain, and programs that cannot run it (TorchScript,
+torch.export) or a backend that fails fall back to the plain path.
 
 Each first compile of a graph takes seconds to a minute on a cold inductor cache; the tests
 share one field structure, dtype and batch layout so that they share their graphs.
@@ -10,7 +11,7 @@ import pytest
 import torch
 from tolerances import tol
 
-from hybrid_twin import build_solver
+from hybrid_twin import ConfigError, build_solver
 from hybrid_twin import solvers as solvers_module
 
 # Dynamo reads `.grad` of the non-leaf inputs while it traces (x, theta); torch warns about that,
@@ -58,14 +59,16 @@ def _assert_close_to_scale(got, expected, what):
 
 @pytest.fixture
 def compiled_calls(monkeypatch):
-    """Counts the calls that reach the compiled vector field."""
-    compiled, calls = solvers_module._compiled_vector_field(), []
+    """Counts the calls that reach a compiled step or vector field (the batch size of each)."""
+    calls = []
+    for name in ("_compiled_vector_field", "_compiled_fixed_step"):
+        compiled = getattr(solvers_module, name)()
 
-    def counting(*args):
-        calls.append(args[1].shape[0])
-        return compiled(*args)
+        def counting(*args, compiled=compiled):
+            calls.append(args[1].shape[0])
+            return compiled(*args)
 
-    monkeypatch.setattr(solvers_module, "_compiled_vector_field", lambda: counting)
+        monkeypatch.setattr(solvers_module, name, lambda *_, counting=counting: counting)
     return calls
 
 
@@ -78,7 +81,7 @@ def test_compiled_vector_field_gives_the_plain_states_and_gradients(
     assert not compiled_calls
     compiled_solver = build_solver(field, {**config, "torch_compile": True})
     compiled = _states_and_gradients(compiled_solver, field, *hybrid_case[1:])
-    assert len(compiled_calls) >= 8 and compiled_solver.torch_compile  # every evaluation
+    assert len(compiled_calls) >= 8 and compiled_solver.torch_compile  # every step
     _assert_close_to_scale(compiled[0], plain[0], "states")
     assert compiled[1].keys() == plain[1].keys() and len(plain[1]) > 0
     for name, grad in plain[1].items():
@@ -91,6 +94,28 @@ def test_the_built_in_line_traces_into_one_graph(hybrid_case):
         field, x0, u[:, 0], field.theta()
     )
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    solver = build_solver(field, {"name": "rk4", "torch_compile": True})
+    explained = torch._dynamo.explain(solvers_module._fixed_step)(
+        solver, x0, u[:, 0], field.theta(), 5.0
+    )
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_cuda_only_compiling_leaves_cpu_calls_plain(hybrid_case, compiled_calls):
+    field = hybrid_case[0]
+    plain = _states_and_gradients(build_solver(field, "rk4"), field, *hybrid_case[1:])
+    solver = build_solver(field, {"name": "rk4", "torch_compile": "cuda"})
+    got = _states_and_gradients(solver, field, *hybrid_case[1:])
+    assert compiled_calls == []
+    torch.testing.assert_close(got[0], plain[0], rtol=0.0, atol=0.0)
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "CUDA", None])
+def test_an_unknown_torch_compile_setting_is_a_config_error(hybrid_case, value):
+    with pytest.raises(ConfigError, match=r"solver.torch_compile: expected true, false or 'cuda'"):
+        build_solver(hybrid_case[0], {"name": "rk4", "torch_compile": value})
 
 
 def test_one_compiled_graph_serves_every_batch_size_above_one(
@@ -135,7 +160,8 @@ def test_a_backend_that_fails_warns_once_and_the_solver_goes_on_without(hybrid_c
         calls.append(args)
         raise TorchDynamoException("no working C++ compiler\nmore lines")
 
-    monkeypatch.setattr(solvers_module, "_compiled_vector_field", lambda: failing)
+    monkeypatch.setattr(solvers_module, "_compiled_vector_field", lambda *_: failing)
+    monkeypatch.setattr(solvers_module, "_compiled_fixed_step", lambda *_: failing)
     field, x0, u, pin_index, pin_values = hybrid_case
     solver = build_solver(field, {"name": "rk4", "torch_compile": True})
     with torch.no_grad():

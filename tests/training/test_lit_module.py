@@ -55,12 +55,12 @@ def batch(datamodule):
     return next(iter(datamodule.train_dataloader()))
 
 
-def _model(datamodule, kind: str = "hybrid", seed: int = 0, **model_overrides):
+def _model(datamodule, kind: str = "hybrid", seed: int = 0, solver=None, **model_overrides):
     model_config = {**_config("model", kind), **model_overrides}
     return build_twin_model(
         _config("flowsheet", "cdc_line"),
         model_config,
-        {"name": "rk4", "n_substeps": 1},
+        solver or {"name": "rk4", "n_substeps": 1},
         datamodule.input_tags,
         datamodule.measurement_tags,
         datamodule.normalisation,
@@ -296,9 +296,9 @@ def _on(batch, device: str):
     return type(batch)(*(t.to(device) for t in batch))
 
 
-def _random_hybrid(datamodule):
+def _random_hybrid(datamodule, solver=None):
     residual = {**_config("model", "hybrid")["residual"], "zero_init": False}
-    return _model(datamodule, "hybrid", residual=residual)
+    return _model(datamodule, "hybrid", solver=solver, residual=residual)
 
 
 def _step_results(lit, batch) -> dict:
@@ -354,6 +354,47 @@ def test_cuda_graph_steps_give_the_eager_loss_and_gradients(datamodule, kind):
         batch = _on(batch, "cuda")
         _assert_same_step(_step_results(graphed, batch), _step_results(eager, batch))
     assert graphed._captured.n_captures == 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["hybrid", "black_box"])
+def test_the_fast_path_gives_the_reference_loss_and_gradients(datamodule, kind):
+    """`twin train trainer=gpu`: RK4 steps compiled (solver.torch_compile: cuda, the default)
+    and replayed through CUDA graphs, against the reference: the plain steps, eagerly."""
+    from torch._dynamo.utils import counters
+
+    fast_solver = {"name": "rk4", "n_substeps": 1, "torch_compile": "cuda"}
+    if kind == "hybrid":  # the same seed: the same parameters
+        reference_model, fast_model = (
+            _random_hybrid(datamodule),
+            _random_hybrid(datamodule, fast_solver),
+        )
+    else:
+        reference_model, fast_model = (
+            _model(datamodule, kind),
+            _model(datamodule, kind, solver=fast_solver),
+        )
+    reference = _lit(reference_model.cuda(), cuda_graphs=False)
+    fast = _lit(fast_model.cuda(), cuda_graphs=True)
+    graphs_before = counters["stats"]["unique_graphs"]
+    batches = [*datamodule.train_dataloader(), *datamodule.train_dataloader()][:3]
+    for batch in batches:
+        batch = _on(batch, "cuda")
+        got, expected = _step_results(fast, batch), _step_results(reference, batch)
+        # Inductor fuses and reorders the float32 arithmetic of a step: differences of some
+        # float32 roundings per step, accumulated over the window (stated: 1e-4 of the scale).
+        assert got["grads"].keys() == expected["grads"].keys()
+        for key in ("loss", "fit", "y_hat"):
+            scale = float(expected[key].abs().max()) + 1e-12
+            difference = float((got[key] - expected[key]).abs().max()) / scale
+            assert difference <= 1e-4, f"{key}: relative difference {difference:.2e}"
+        for name, grad in expected["grads"].items():
+            scale = float(grad.abs().max()) + 1e-12
+            difference = float((got["grads"][name] - grad).abs().max()) / scale
+            assert difference <= 1e-4, f"d loss / d {name}: relative difference {difference:.2e}"
+    assert fast._captured.n_captures == 1
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the steps were compiled
 
 
 @pytest.mark.gpu
