@@ -19,15 +19,16 @@ path's, so results equal it to rounding (float64: ~1e-15 of their scale,
 tests/hybrid_twin/test_solver_compile.py). `torch_compile: true` compiles on any device,
 `cuda` only where the state lives on a CUDA device, `false` never (`build_solver`'s default).
 `cuda` is the training configs' default: on a GPU the plain path is bound by kernel launches,
-and a training step through CUDA graphs replays the fused kernels (benchmarks/gpu_training.md). TorchScript, `torch.export`, tracing and an
-enclosing `torch.compile` use the plain path; a backend that cannot compile (no C++ compiler)
-warns once and the solver goes on without. Each new graph costs a one-off compile (10-30 s cold
-on 2 CPU cores, 1-3 s from inductor's disk cache): one per grad mode, per requires_grad of the
-state and parameters and, on CPU, per batch size 1 or > 1 (the batch dimension is dynamic),
-on CUDA per batch size (inductor then sizes its reductions over the batch). On CPU, RK4
-forward+backward over 200 steps ran 1.8x (batch 1024) to 3.3x (batch 1) faster than scripted
-and 3.0-7.6x faster than torchdiffeq's rk4 (benchmarks/solvers.md; measured when the vector
-field, not the whole step, was the compiled unit).
+and a training step through CUDA graphs replays the fused kernels (benchmarks/gpu_training.md).
+TorchScript, `torch.export`, tracing and an enclosing `torch.compile` use the plain path; a
+backend that cannot compile (no C++ compiler) warns once and the solver goes on without. Each
+new graph costs a one-off compile (10-30 s cold on 2 CPU cores, 1-3 s from inductor's disk
+cache): one per grad mode, per requires_grad of the state and parameters and, on CPU, per
+batch size 1 or > 1 (the batch dimension is dynamic), on CUDA per batch size (inductor then
+sizes its reductions over the batch). On CPU, RK4 forward+backward over 200 steps ran 1.8x
+(batch 1024) to 3.3x (batch 1) faster than scripted and 3.0-7.6x faster than torchdiffeq's rk4
+(benchmarks/solvers.md; measured when the vector field, not the whole step, was the compiled
+unit).
 
 Pinned states (optional, every solver): `pin_index` (k,) names states a measured signal fixes
 and `pin_values` (batch, time, k) gives their values at t_1..t_time; after integrating
