@@ -3,7 +3,7 @@
 Results: benchmarks/gpu_training.md. Needs a CUDA device.
 
     python benchmarks/bench_gpu_training.py rollout [--batches 1024 16384 131072] [--steps 200]
-        [--repeats 5] [--methods NAME ...] [--seed 0] [--json rollout.json]
+        [--repeats 5] [--methods NAME ...] [--profile N] [--seed 0] [--json rollout.json]
     python benchmarks/bench_gpu_training.py fit [--epochs 8] [--kind hybrid]
         [--variants eager graphs fast] [--dataset data/prepared] [--seed 0] [--json fit.json]
 
@@ -29,7 +29,8 @@ Per (batch, method): warm-up calls (1: the compile and capture; 2 for TorchScrip
 runs), then --repeats timed calls (one where a call takes > 10 s), each synchronised; the
 median is reported, with the peak GPU memory and the loss's and gradients' largest relative
 difference from the reference (from torchdiffeq where the reference ran out of memory).
-Out-of-memory and other errors are recorded, not fatal.
+Out-of-memory and other errors are recorded, not fatal. `--profile N`: one more call per
+method under torch.profiler, its N operators/kernels with the most self device time.
 
 `fit`: `twin train trainer=gpu model=<kind>` as train.py builds it (training.build; no
 MLflow), Lightning fit for --epochs on the prepared dataset, same seed, once per variant:
@@ -217,6 +218,8 @@ def run_rollout(args) -> list[dict]:
                         times.append(time.perf_counter() - start)
                         if times[-1] > SLOW_CALL_S:
                             break
+                    if args.profile:
+                        row["profile"] = profile_call(fn, field, x0, u, device, args.profile)
                 row.update(
                     median_ms=1e3 * statistics.median(times),
                     min_ms=1e3 * min(times),
@@ -245,6 +248,29 @@ def run_rollout(args) -> list[dict]:
             print(json.dumps(row), flush=True)
     add_ratios(rows)
     return rows
+
+
+def profile_call(fn, field, x0, u, device: torch.device, rows: int) -> list[dict]:
+    """One more call under torch.profiler: the `rows` operators and kernels with the most
+    self time on the device (CPU: on the host), with their call counts. Printed too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        one_call(fn, field, x0, u)
+        sync(device)
+    on_device = device.type == "cuda"
+    events = prof.key_averages()
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    top = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:rows]
+    table = [
+        {"name": e.key[:120], "calls": e.count, "self_ms": getattr(e, key, 0.0) / 1e3} for e in top
+    ]
+    total_ms = sum(getattr(e, key, 0.0) for e in events) / 1e3
+    print(f"# profile ({'device' if on_device else 'host'} self time {total_ms:.1f} ms):")
+    for entry in table:
+        print(f"#   {entry['self_ms']:9.2f} ms  {entry['calls']:7d} x  {entry['name']}")
+    return table
 
 
 def sync(device: torch.device) -> None:
@@ -341,6 +367,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument(
+        "--profile", type=int, default=0, help="rollout: profile one more call, print N top ops"
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument(
         "--variants", nargs="+", choices=sorted(FIT_VARIANTS), default=["eager", "graphs", "fast"]

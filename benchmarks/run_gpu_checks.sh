@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of the training issues on a CUDA machine (results: benchmarks/gpu_training.md),
-# in two parts that fit one device call each:
+# in parts that fit one device call each:
 #   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh rollout   # the gpu tests, the rollout table
 #   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh fit       # `twin train trainer=gpu` fits
+#   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh profile   # batch 131,072, top kernels
 # Each step has its own time limit, so one that hangs does not take the others with it; logs and
 # JSON go to $OUT. The fits: eager (the reference), then the default fast path twice with one
 # new inductor/Triton cache (cold: every graph compiled; warm: read from the disk cache, as a
@@ -23,6 +24,11 @@ if [ "$PART" = rollout ]; then
     # Warnings of the machine's own library versions must not fail the checks: -o filterwarnings=
     timeout ${TESTS_S:-200} $PY -m pytest -q -m gpu -o filterwarnings= -p no:cacheprovider \
         tests/training/test_lit_module.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
+elif [ "$PART" = profile ]; then
+    # Where the fast path spends its time at the largest batch (benchmarks/gpu_training.md).
+    timeout ${PROFILE_S:-240} $bench rollout --batches ${BATCHES:-131072} --repeats 2 --profile 25 \
+        --methods "torchdiffeq rk4 (jump_t)" "CUDA graph" "CUDA graph + compiled steps (fast path)" \
+        --json "$OUT/profile.json" 2>&1 | grep -v Warning | tee "$OUT/profile.log"
 else
     # name:variant:time limit (s)
     for run in ${FITS:-eager:eager:240 fast_cold:fast:150 fast_warm:fast:90 graphs:graphs:90}; do
