@@ -8,6 +8,12 @@ each session's rows go out in time order, one at a time). Each request posts ONE
 row, so requests/s = updates/s; the server's own `twin_updates_total` is read before and after
 as a cross-check. wrk's latency is per request, client side, closed loop.
 
+--floor adds, in the same run and against the same server, the web stack's floor at each
+concurrency: wrk GETting /readyz (no body, no model, a ~60-byte JSON answer; the token sent
+but not checked there), i.e. what uvicorn + FastAPI + our middleware do on these cores with
+no work. updates/s divided by that rate is the part of the stack's ceiling the monitoring
+post reaches.
+
     apt-get install wrk
     .venv/bin/python -m tests.serving.twin_file /tmp/serve_twin      # a tiny real twin file
     .venv/bin/python benchmarks/bench_service.py --twin /tmp/serve_twin/twin.pt \\
@@ -122,6 +128,15 @@ def run_level(client, url, runs, clients: int, seconds: int, folder: Path, dt: f
     return parse_wrk(result.stdout, clients, seconds, after - before)
 
 
+def run_floor(url: str, clients: int, seconds: int) -> dict:
+    """wrk GETting /readyz with `clients` connections: the stack's rate with no work."""
+    result = subprocess.run(
+        ["wrk", "-t", str(clients), "-c", str(clients), "-d", f"{seconds}s", "--latency",
+         "--timeout", "5s", "-H", f"Authorization: Bearer {TOKEN}", f"{url}/readyz"],
+        capture_output=True, text=True, check=True)  # fmt: skip
+    return {"floor": "GET /readyz", **parse_wrk(result.stdout, clients, seconds, float("nan"))}
+
+
 def _ms(text: str) -> float:
     value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
@@ -156,6 +171,8 @@ def main() -> None:
     parser.add_argument("--format", default="auto",
                         choices=["auto", "torchscript", "export", "aoti"],
                         help="the service's `format` setting (the format served is printed)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure GET /readyz at each concurrency (the stack's floor)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench_service: wrk not found (apt-get install wrk)")
@@ -179,6 +196,8 @@ def main() -> None:
             for clients in args.clients:
                 print(json.dumps(run_level(client, url, runs, clients, args.seconds, folder,
                                            float(metadata["dt_s"]))), flush=True)
+                if args.floor:
+                    print(json.dumps(run_floor(url, clients, args.seconds)), flush=True)
     finally:
         server.terminate()
         server.wait(30)

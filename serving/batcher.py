@@ -2,8 +2,13 @@
 
 Data flow: a session's route awaits `UpdateBatcher.step(...)` for each grid step -> the item
 joins a queue -> one worker takes every queued item (up to max_batch), gathers their states
-from the `StatePool`, runs the twin's batched `update` once on a dedicated torch thread,
-scatters the new states back and answers each item. A batched update costs far less per line
+from the `StatePool`, runs the twin's batched `update` once, scatters the new states back and
+answers each item. A twin that releases the GIL (TorchScript) runs on a dedicated torch thread,
+so that the event loop parses the next requests on another core meanwhile; one that holds it
+(AOTInductor, exported programs) runs in the event loop itself: on a thread it would gain no
+parallelism and pay for every hand-over, the thread waiting up to the interpreter's switch
+interval (5 ms) for the busy loop to let go (p99 at 16 clients 255 ms on a thread, 36 ms
+inline: benchmarks/service_load.md). A batched update costs far less per line
 than one call per line (2.05 ms for 1 line, 9.1 ms for 16, 22 ms for 64 on the development
 machine: benchmarks/service_load.md), so batching is what lets one core keep up with many
 lines. There is no waiting for a batch to fill: items that arrive while a batch runs form the
@@ -87,9 +92,12 @@ class UpdateBatcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
-    async def run_torch(self, fn, *args):
-        """Run fn(*args) on the update thread (initial states share it with the batches)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def run_torch(self, fn, twin, *args):
+        """fn(twin, *args) on the update thread if the twin releases the GIL, else in the
+        event loop (initial states go the same way as the batches)."""
+        if not twin.releases_gil:
+            return fn(twin, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, twin, *args)
 
     async def step(self, session: Session, timestamp: datetime, inputs: list[float] | None,
                    measurement: list[float], mask: list[bool]) -> StepOutput:  # fmt: skip

@@ -1,9 +1,10 @@
 """`/v1/forecast`, `/v1/model`, `/v1/model/reload`, `/metrics`, `/healthz`, `/readyz`.
 
 Data flow: forecast body (lines of past rows + future inputs) -> one batched `forecast` call
-of the current twin on its own thread (so a long forecast never holds up monitoring updates)
--> predicted measurement tags per future row. The model routes show what is served and swap
-in a newer version (serving/twin_store.py); health and readiness need no token.
+of the current twin on its own thread (a long forecast holds up monitoring updates only where
+the twin's calls hold the GIL: the PT2 formats, serving/batcher.py) -> predicted measurement
+tags per future row. The model routes show what is served and swap in a newer version
+(serving/twin_store.py); health and readiness need no token.
 """
 
 import asyncio

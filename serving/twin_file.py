@@ -87,6 +87,14 @@ class LoadedTwin:
         return DTYPES[self.metadata["dtype"]]
 
     @property
+    def releases_gil(self) -> bool:
+        """Whether a call of the twin's methods lets other Python threads run meanwhile. The
+        TorchScript interpreter releases the GIL; an AOTInductor runner holds it for the whole
+        call, and an exported program runs op by op in Python (measured:
+        benchmarks/service_load.md, "The GIL and the update thread")."""
+        return self.format == "torchscript"
+
+    @property
     def label(self) -> str:
         """A short, stable name for logs and responses: `v<version>-<sha256[:12]>`."""
         return f"v{self.version or 'file'}-{self.sha256[:12]}"
