@@ -9,11 +9,16 @@ Two-stage schedule (hybrid only): for the first `theta_only_epochs` epochs the n
 parameters phi are frozen and only the physical parameters theta (unit parameters and the
 NIR calibration) learn; then theta and phi learn together.
 
+Learning-rate schedule (`lr_schedule`): `none` keeps the optimiser's lr; `cosine` anneals it
+once per epoch over `trainer.max_epochs`, from the configured lr down to COSINE_LR_FLOOR of it
+on the last epoch.
+
 On a CUDA device (one process) training steps run through CUDA graphs (`cuda_graphs`,
 training/cuda_graphs.py): the same `loss_terms`, captured once per batch shape and replayed;
 validation, CPU and DDP steps run eagerly.
 """
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -64,6 +69,32 @@ def loss_terms(
     return fit + residual_penalty * size, fit, size, y_hat, status.to(y_hat.dtype)
 
 
+LR_SCHEDULES = ("none", "cosine")
+COSINE_LR_FLOOR = 0.01  # the cosine schedule's last-epoch lr, as a fraction of optimizer.lr
+LR_SCHEDULE_KEY = "lr_schedule"  # in checkpoints: {"name", "epochs"} the run was trained with
+
+
+class CosineLrFactor:
+    """The cosine schedule's lr / optimizer.lr in epoch e (0-based) of a run of `epochs`:
+
+        floor + (1 - floor) * (1 + cos(pi * e / (epochs - 1))) / 2
+
+    The first epoch trains at the full lr, the last at `floor` of it (so the weights a run ends
+    with come from its smallest steps); one epoch trains at the full lr. A class rather than a
+    closure so that LambdaLR's state_dict (and a checkpoint) can hold it.
+    """
+
+    def __init__(self, epochs: int, floor: float = COSINE_LR_FLOOR) -> None:
+        self.epochs = int(epochs)
+        self.floor = float(floor)
+
+    def __call__(self, epoch: int) -> float:
+        if self.epochs <= 1:
+            return 1.0
+        progress = min(epoch, self.epochs - 1) / (self.epochs - 1)
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class LossTerms(nn.Module):
     """`loss_terms` of a model as a module: what `CapturedLoss` captures."""
 
@@ -87,10 +118,12 @@ class TwinLitModule(LightningModule):
         theta_only_epochs: hybrid only: epochs that train theta alone before theta + phi.
         cuda_graphs: run training steps on a CUDA device through CUDA graphs (same loss and
             gradients, without the kernel-launch bound); ignored on CPU and under DDP.
+        lr_schedule: `none` (the optimiser's lr throughout) or `cosine` (annealed per epoch
+            over trainer.max_epochs to COSINE_LR_FLOOR x lr, see CosineLrFactor).
 
     Raises:
-        ConfigError: a negative penalty or stage length, or a two-stage schedule on a kind
-            without both theta and phi (mechanistic, black_box).
+        ConfigError: a negative penalty or stage length, a two-stage schedule on a kind
+            without both theta and phi (mechanistic, black_box), or an unknown lr_schedule.
     """
 
     def __init__(
@@ -101,8 +134,13 @@ class TwinLitModule(LightningModule):
         residual_penalty: float = 0.0,
         theta_only_epochs: int = 0,
         cuda_graphs: bool = True,
+        lr_schedule: str = "none",
     ) -> None:
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"lit.lr_schedule: expected one of {list(LR_SCHEDULES)}, got {lr_schedule!r}"
+            )
         if residual_penalty < 0 or theta_only_epochs < 0:
             raise ConfigError(
                 f"lit: residual_penalty and theta_only_epochs must be >= 0, got "
@@ -119,6 +157,7 @@ class TwinLitModule(LightningModule):
         self.residual_penalty = float(residual_penalty)
         self.theta_only_epochs = int(theta_only_epochs)
         self.cuda_graphs = bool(cuda_graphs)
+        self.lr_schedule = lr_schedule
         # Not a submodule: the model's parameters must not appear twice in the state dict.
         self._captured: CapturedLoss | None = None
         if model.field.kind == "black_box":
@@ -193,6 +232,9 @@ class TwinLitModule(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.set_stage(self.current_epoch)
+        if self.lr_schedule != "none":  # so a run's metrics show the lr each epoch trained at
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.log("train/lr", lr, on_step=False, on_epoch=True, sync_dist=True)
 
     def training_step(self, batch: Window, batch_idx: int) -> Tensor:
         loss, fit, size, _ = self.losses(batch)
@@ -245,9 +287,65 @@ class TwinLitModule(LightningModule):
                 # Already summed over processes; sync_dist only averages equal values.
                 self.log(f"val/rmse/{tag}", torch.sqrt(sq_error[i] / count[i]), sync_dist=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        """The optimiser, and with `lr_schedule` cosine its per-epoch LambdaLR.
+
+        Raises:
+            ConfigError: cosine with no finite trainer.max_epochs to anneal over.
+        """
         # Frozen theta (black box) stays out; phi is in even if a stage freezes it later.
-        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        if self.lr_schedule == "none":
+            return optimizer  # exactly what training did before schedules existed
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, CosineLrFactor(self._schedule_epochs())
+        )
+        # Stepped after each training epoch: epoch e trains at factor(e), whatever its batches.
+        schedule = {"scheduler": scheduler, "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def _schedule_epochs(self) -> int | None:
+        """The epochs the lr schedule spans (trainer.max_epochs); None for `none`.
+
+        Raises:
+            ConfigError: a schedule with trainer.max_epochs unset or -1 (endless training).
+        """
+        if self.lr_schedule == "none":
+            return None
+        epochs = self.trainer.max_epochs
+        if epochs is None or epochs < 1:
+            raise ConfigError(
+                f"lit.lr_schedule={self.lr_schedule} anneals over trainer.max_epochs, which "
+                f"must be a positive number of epochs, got {epochs}"
+            )
+        return int(epochs)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        epochs = self._schedule_epochs()
+        checkpoint[LR_SCHEDULE_KEY] = {"name": self.lr_schedule, "epochs": epochs}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to resume with another lr schedule than the checkpoint's.
+
+        Why: the restored scheduler continues the checkpoint's epoch count, so another schedule
+        or, for cosine, another trainer.max_epochs would put the lr on a different curve from
+        the next epoch on (a jump, not the annealing the run started). Checkpoints written
+        before schedules existed trained with `none`.
+
+        Raises:
+            ConfigError: the schedule or (cosine) its number of epochs differs; names both.
+        """
+        if self._trainer is None:  # weights loaded outside a fit: no schedule goes on
+            return
+        saved = checkpoint.get(LR_SCHEDULE_KEY, {"name": "none", "epochs": None})
+        now = {"name": self.lr_schedule, "epochs": self._schedule_epochs()}
+        if saved != now:
+            raise ConfigError(
+                f"lit.lr_schedule: the checkpoint trained with schedule {saved['name']!r} over "
+                f"{saved['epochs']} epochs (trainer.max_epochs), this run asks for "
+                f"{now['name']!r} over {now['epochs']}; a resumed run keeps its lr schedule "
+                f"(to train a cosine run longer, start a new run)"
+            )
 
 
 def check_status_of(status: Tensor, states: Tensor) -> None:
