@@ -122,7 +122,7 @@ class UpdateBatcher:
             self._commit(items, outputs)
 
     def _compute(self, twin, items: list[StepItem]) -> list[StepOutput]:
-        """On the torch thread: gather, update, scatter the finite rows, convert."""
+        """Gather, update, scatter the finite rows, convert (where run_torch puts it)."""
         pool = self.registry.pool
         slots = torch.tensor([item.session.slot for item in items])
         x, P, u_held, ewma, run_length = pool.read(slots)
