@@ -1,7 +1,9 @@
 """Shared fixtures: seeded generators and float64 precision, as STYLE.md asks.
 
 The seed comes from TWIN_TEST_SEED (default 0) and is printed in the report header so a
-failure can be replayed with the same draws.
+failure can be replayed with the same draws. Hypothesis draws are seeded too (derandomized,
+no example database): a property test draws the same examples on every machine, so a red CI
+run replays here; HYPOTHESIS_PROFILE=explore draws fresh examples when hunting for bugs.
 """
 
 import os
@@ -10,6 +12,15 @@ import numpy as np
 import pytest
 
 TEST_SEED = int(os.environ.get("TWIN_TEST_SEED", "0"))
+
+try:  # hypothesis is a dev extra; data tests run without it
+    from hypothesis import settings as hypothesis_settings
+except ImportError:
+    pass
+else:
+    hypothesis_settings.register_profile("seeded", derandomize=True, database=None)
+    hypothesis_settings.register_profile("explore", derandomize=False)
+    hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "seeded"))
 
 
 def pytest_report_header(config):
