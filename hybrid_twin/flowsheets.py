@@ -129,6 +129,16 @@ def cascaded_tanks_flowsheet_spec() -> dict[str, object]:
     }
 
 
+def cascaded_tanks_overflow_flowsheet_spec() -> dict[str, object]:
+    """The Cascaded Tanks rig with the tanks' overflow in the prior (hybrid_twin/units/tanks.py,
+    after Rogers et al. 2017): a full tank stops rising and spills, part of the upper tank's
+    spill into the lower one. Otherwise as `cascaded_tanks_flowsheet_spec`."""
+    spec = cascaded_tanks_flowsheet_spec()
+    spec["name"] = "cascaded_tanks_overflow"
+    spec["units"]["tanks"].update({"overflow": True, "overflow_width_v": 0.5})
+    return spec
+
+
 def cascaded_tanks_linear_flowsheet_spec() -> dict[str, object]:
     """A learned linear state-space prior for the Cascaded Tanks rig: two states, starting as
     two first-order lags of 100 s (hybrid_twin/units/linear.py)."""
@@ -153,5 +163,6 @@ def cascaded_tanks_linear_flowsheet_spec() -> dict[str, object]:
 FLOWSHEETS: dict[str, Callable[[], dict[str, object]]] = {
     "cdc_line": cdc_line_flowsheet_spec,
     "cascaded_tanks": cascaded_tanks_flowsheet_spec,
+    "cascaded_tanks_overflow": cascaded_tanks_overflow_flowsheet_spec,
     "cascaded_tanks_linear": cascaded_tanks_linear_flowsheet_spec,
 }

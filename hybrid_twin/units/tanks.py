@@ -11,7 +11,25 @@ States are levels in volts of that sensor, so no length calibration is needed:
 x1 is the upper level (V-equivalent, >= 0), x2 the lower level as the sensor reads it, o the
 sensor reading of an empty lower tank (offset). The sensor saturates at y_sat (10 V on the
 benchmark rig); that is a property of the instrument, so the prior carries it. What the prior
-misses (overflow of either tank, an outflow law not exactly square-root) is left to a residual.
+misses (an outflow law not exactly square-root, and overflow unless modelled) is left to a
+residual.
+
+Overflow (`overflow=True`, after the grey-box model of Rogers, Holmes, Cross and Worden 2017):
+a full tank holds no more; the inflow it cannot hold spills, a fraction k5 of the upper tank's
+spill into the lower tank, the rest and the lower tank's spill out of the rig:
+
+    n1 = k4 u - k1 sqrt(x1)                 s1 = max(n1, 0) ramp(x1 - h1)
+    n2 = k2 sqrt(x1) + k5 s1 - k3 sqrt(x2 - o)   s2 = max(n2, 0) ramp(x2 - h2)
+    dx1/dt = n1 - s1,  dx2/dt = n2 - s2
+
+ramp(d) = max(d / w + 1/2, 0) with w = `overflow_width_v`: the spill ramps in over the last
+w volts below h + w/2, where it takes all of the net inflow and the level stops; above, it
+takes more, so a level carried past (by a solver step, an initial state) falls back. A hard
+switch (w -> 0) would make the field discontinuous, which a fixed-step solver and a gradient
+both handle badly; the ramp's slope is n / w, so one RK4 step of dt stays stable while
+dt n / w < 2.78. h1 (in the upper level's V-equivalent: no sensor reads it), h2 and k5 are
+learnable.
+
 A sensor gain is not a parameter: scaling both levels by a maps k1, k2, k3 to k / sqrt(a) and
 k4 to k4 / a, so a gain would not be identifiable.
 
@@ -34,6 +52,11 @@ TANKS_PARAMS = (
     ParamSpec("k4_pump_gain", "1/s", 0.05, (1e-4, 1.0), True, "pump flow per input volt"),
     ParamSpec("sensor_offset_v", "V", 0.0, (-5.0, 5.0), True, "reading of an empty lower tank"),
 )
+OVERFLOW_PARAMS = (
+    ParamSpec("upper_overflow_v", "V", 10.0, (1.0, 40.0), True, "upper level where it spills"),
+    ParamSpec("lower_overflow_v", "V", 10.0, (1.0, 20.0), True, "lower level where it spills"),
+    ParamSpec("k5_spill_to_lower", "1", 0.5, (0.0, 1.0), True, "upper spill reaching the lower"),
+)
 
 
 class CascadedTanks(AbstractUnit):
@@ -49,12 +72,15 @@ class CascadedTanks(AbstractUnit):
         pump_range_v: valid pump voltage range (low, high), V.
         level_scale_v: typical level, V (state scale).
         saturation_v: the sensor's highest reading, V; None: no saturation.
+        overflow: model the tanks' overflow (module docstring) with three more parameters.
+        overflow_width_v: w, the level band over which the spill ramps in, V.
         params: parameter overrides (k1_upper_outflow, k2_transfer, k3_lower_outflow,
-            k4_pump_gain, sensor_offset_v).
+            k4_pump_gain, sensor_offset_v; with overflow upper_overflow_v, lower_overflow_v,
+            k5_spill_to_lower).
 
     Raises:
-        ConfigError: a nominal pump voltage outside its range, a non-positive scale or
-            saturation, bad parameter overrides.
+        ConfigError: a nominal pump voltage outside its range, a non-positive scale,
+            saturation or overflow width, bad parameter overrides.
     """
 
     accepts_inflow = False  # the pump is the only feed
@@ -67,9 +93,16 @@ class CascadedTanks(AbstractUnit):
         pump_range_v: Sequence[float] = (0.0, 10.0),
         level_scale_v: float = 5.0,
         saturation_v: float | None = 10.0,
+        overflow: bool = False,
+        overflow_width_v: float = 0.5,
         params: Mapping[str, object] | None = None,
     ) -> None:
-        super().__init__(name, components, TANKS_PARAMS, params)
+        specs = TANKS_PARAMS + OVERFLOW_PARAMS if overflow else TANKS_PARAMS
+        super().__init__(name, components, specs, params)
+        if not overflow_width_v > 0:
+            raise ConfigError(f"{name}.overflow_width_v: expected > 0 V, got {overflow_width_v}")
+        self.overflow = bool(overflow)
+        self.overflow_width_v = float(overflow_width_v)
         low, high = (float(v) for v in pump_range_v)
         if not low <= nominal_pump_v <= high:
             raise ConfigError(
@@ -105,8 +138,21 @@ class CascadedTanks(AbstractUnit):
         """See `AbstractUnit.derivative`; `inflow` is ignored and the outlet stream is 0."""
         upper, lower = self._outflows(x, theta)
         d_upper = theta[3] * u - theta[0] * upper
-        d_lower = theta[1] * upper - theta[2] * lower
-        return torch.cat([d_upper, d_lower], dim=1), torch.zeros_like(inflow)
+        if not self.overflow:
+            d_lower = theta[1] * upper - theta[2] * lower
+            return torch.cat([d_upper, d_lower], dim=1), torch.zeros_like(inflow)
+        upper_spill = self._spill(d_upper, x.narrow(1, 0, 1), theta[5])
+        d_lower = theta[1] * upper + theta[7] * upper_spill - theta[2] * lower
+        lower_spill = self._spill(d_lower, x.narrow(1, 1, 1), theta[6])
+        d = torch.cat([d_upper - upper_spill, d_lower - lower_spill], dim=1)
+        return d, torch.zeros_like(inflow)
+
+    def _spill(self, net_inflow: Tensor, level: Tensor, overflow_level: Tensor) -> Tensor:
+        """The part of a positive net inflow a (nearly) full tank cannot hold."""
+        # Not capped at 1 above h + w/2: a level a solver step carried past it spills more
+        # than comes in and falls back (capped, every level above would be an equilibrium).
+        ramp = ((level - overflow_level) / self.overflow_width_v + 0.5).clamp_min(0.0)
+        return net_inflow.clamp_min(0.0) * ramp
 
     def outputs(self, x: Tensor, theta: list[Tensor]) -> Tensor:
         """[lower_level_v], (batch, 1): the sensor reading, saturated."""
@@ -121,8 +167,21 @@ class CascadedTanks(AbstractUnit):
     def steady_state(self, u: Tensor, inflow: Tensor, theta: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Levels where both balances vanish, with the derivative's 1e-6 floor under the roots:
         x1 = (k4 u / k1)^2 - 1e-6, x2 = o + (k2 k4 u / (k1 k3))^2 - 1e-6 (u floored at 0,
-        levels at 0: a pump voltage too small to lift a level above the floor reads empty)."""
+        levels at 0: a pump voltage too small to lift a level above the floor reads empty).
+
+        With overflow a level stops where its spill takes all of the net inflow, h + w/2: the
+        upper tank there spills s1 = k4 u - k1 sqrt(x1), and the lower tank balances
+        k2 sqrt(x1) + k5 s1 against its drain."""
         upper_root = theta[3] * u.clamp_min(0.0) / theta[0]
         upper = (upper_root.pow(2) - 1e-6).clamp_min(0.0)
-        lower = theta[4] + ((theta[1] / theta[2] * upper_root).pow(2) - 1e-6).clamp_min(0.0)
+        if not self.overflow:
+            lower = theta[4] + ((theta[1] / theta[2] * upper_root).pow(2) - 1e-6).clamp_min(0.0)
+            return torch.cat([upper, lower], dim=1), torch.zeros_like(inflow)
+        half_width = 0.5 * self.overflow_width_v
+        upper = torch.minimum(upper, theta[5] + half_width)
+        root = torch.sqrt(upper + 1e-6)
+        upper_spill = (theta[3] * u.clamp_min(0.0) - theta[0] * root).clamp_min(0.0)
+        lower_root = (theta[1] * root + theta[7] * upper_spill) / theta[2]
+        lower = theta[4] + (lower_root.pow(2) - 1e-6).clamp_min(0.0)
+        lower = torch.minimum(lower, theta[6] + half_width)
         return torch.cat([upper, lower], dim=1), torch.zeros_like(inflow)

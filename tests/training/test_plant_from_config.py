@@ -218,3 +218,19 @@ def test_linear_prior_builds_for_every_kind(tiny_tanks_dataset, user_path):
             tiny_tanks_dataset, configs, f"model={kind}", "flowsheet=cascaded_tanks_linear"
         )
         assert model.field.flowsheet.state_names == ["linear.x1", "linear.x2"]
+
+
+def test_overflow_prior_builds_with_its_learnable_overflow_parameters(
+    tiny_tanks_dataset, user_path
+):
+    configs = _user_configs(user_path, {"_target_": "two_tank_prior.TwoTankPrior"})
+    for kind in ("mechanistic", "hybrid"):
+        _, model, _ = _build(
+            tiny_tanks_dataset, configs, f"model={kind}", "flowsheet=cascaded_tanks_overflow"
+        )
+        assert model.field.flowsheet.param_names[-3:] == [
+            "tanks.upper_overflow_v",
+            "tanks.lower_overflow_v",
+            "tanks.k5_spill_to_lower",
+        ]
+        assert model.field.flowsheet.units[0].params.raw.requires_grad
