@@ -276,3 +276,16 @@ def tiny_tanks_dataset(tmp_path_factory) -> Path:
     data = yaml.safe_load((SHIPPED_CONFIG_DIR / "data" / "cascaded_tanks.yaml").read_text())
     prepare_dataset(folder / "raw", folder / "prepared", tags=plant["tags"], data=data)
     return folder / "prepared"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests (`pytest.mark.usefixtures`): their
+    batches are tiny, and a second thread only contends on a shared machine (a hybrid step
+    took 10x longer with 2 threads under load)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from hybrid_twin import ConfigError
 from tests.tolerances import tol
-from training.config_dir import SHIPPED_CONFIG_DIR
+from tests.training.shipped import shipped_config
 from training.datamodule import CDCDataModule
 from training.lit_module import TwinLitModule, masked_mse
 from training.twin_model import build_twin_model
@@ -17,18 +16,7 @@ from training.twin_model import build_twin_model
 WINDOW, PAST = 12, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Batches of 4 x 26 states: a second intra-op thread only contends on a shared machine
-    # (a hybrid step took 10x longer with 2 threads under load).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _config(group: str, name: str) -> dict:
-    return yaml.safe_load((SHIPPED_CONFIG_DIR / group / f"{name}.yaml").read_text())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _datamodule(path) -> CDCDataModule:
@@ -56,9 +44,9 @@ def batch(datamodule):
 
 
 def _model(datamodule, kind: str = "hybrid", seed: int = 0, solver=None, **model_overrides):
-    model_config = {**_config("model", kind), **model_overrides}
+    model_config = {**shipped_config("model", kind), **model_overrides}
     return build_twin_model(
-        _config("flowsheet", "cdc_line"),
+        shipped_config("flowsheet", "cdc_line"),
         model_config,
         solver or {"name": "rk4", "n_substeps": 1},
         datamodule.input_tags,
@@ -173,7 +161,7 @@ def test_stage_one_trains_theta_only_and_stage_two_theta_and_phi(datamodule, bat
         _model(
             datamodule,
             "hybrid",
-            residual={**_config("model", "hybrid")["residual"], "zero_init": False},
+            residual={**shipped_config("model", "hybrid")["residual"], "zero_init": False},
         ),
         theta_only_epochs=1,
         residual_penalty=1e-3,
@@ -228,7 +216,7 @@ def test_scripted_twin_predicts_what_the_eager_twin_predicts(datamodule, batch):
     model = _model(
         datamodule,
         "hybrid",
-        residual={**_config("model", "hybrid")["residual"], "zero_init": False},
+        residual={**shipped_config("model", "hybrid")["residual"], "zero_init": False},
     )
     scripted = torch.jit.script(model)
     with torch.no_grad():
@@ -243,8 +231,8 @@ def test_a_flowsheet_input_missing_from_the_dataset_is_named(datamodule):
     keep = [datamodule.input_tags.index(t) for t in inputs]
     with pytest.raises(ConfigError, match="'BLEND.SPEED_SP' is not among the dataset's u"):
         build_twin_model(
-            _config("flowsheet", "cdc_line"),
-            _config("model", "mechanistic"),
+            shipped_config("flowsheet", "cdc_line"),
+            shipped_config("model", "mechanistic"),
             {"name": "rk4"},
             inputs,
             datamodule.measurement_tags,
@@ -257,8 +245,8 @@ def test_a_dataset_tag_the_flowsheet_does_not_map_is_named(datamodule):
     measurements = [*datamodule.measurement_tags, "DRYER.MOISTURE"]
     with pytest.raises(ConfigError, match="dataset tag 'DRYER.MOISTURE'"):
         build_twin_model(
-            _config("flowsheet", "cdc_line"),
-            _config("model", "mechanistic"),
+            shipped_config("flowsheet", "cdc_line"),
+            shipped_config("model", "mechanistic"),
             {"name": "rk4"},
             datamodule.input_tags,
             measurements,
@@ -297,7 +285,7 @@ def _on(batch, device: str):
 
 
 def _random_hybrid(datamodule, solver=None):
-    residual = {**_config("model", "hybrid")["residual"], "zero_init": False}
+    residual = {**shipped_config("model", "hybrid")["residual"], "zero_init": False}
     return _model(datamodule, "hybrid", solver=solver, residual=residual)
 
 

@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hybrid_twin import ConfigError
-from training.config_dir import SHIPPED_CONFIG_DIR
+from tests.training.shipped import shipped_config
 from training.datamodule import CDCDataModule
 from training.lit_module import TwinLitModule
 from training.twin_model import build_twin_model
@@ -22,16 +21,7 @@ from training.twin_model import build_twin_model
 LR = 1e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _config(group: str, name: str) -> dict:
-    return yaml.safe_load((SHIPPED_CONFIG_DIR / group / f"{name}.yaml").read_text())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +42,8 @@ def datamodule(tiny_cdc_dataset) -> CDCDataModule:
 def _lit(datamodule: CDCDataModule, lr_schedule: str) -> TwinLitModule:
     seed_everything(0)
     model = build_twin_model(
-        _config("flowsheet", "cdc_line"),
-        _config("model", "mechanistic"),
+        shipped_config("flowsheet", "cdc_line"),
+        shipped_config("model", "mechanistic"),
         {"name": "rk4", "n_substeps": 1},
         datamodule.input_tags,
         datamodule.measurement_tags,

@@ -5,19 +5,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from training.config_dir import SHIPPED_CONFIG_DIR
+from tests.training.shipped import shipped_config
 from training.dataset import PreparedDataset
 from training.run_plots import open_loop_traces
 from training.twin_model import build_twin_model
 from training.windows import cut_window
 
 PAST = 6
-
-
-def _config(group: str, name: str) -> dict:
-    return yaml.safe_load((SHIPPED_CONFIG_DIR / group / f"{name}.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +23,11 @@ def dataset(tiny_cdc_dataset):
 @pytest.mark.parametrize("kind", ["mechanistic", "hybrid"])
 def test_each_trace_equals_its_run_simulated_alone(dataset, kind, monkeypatch):
     torch.set_num_threads(1)
-    model_config = _config("model", kind)
+    model_config = shipped_config("model", kind)
     if kind == "hybrid":  # a network with non-zero output, so its size is worth plotting
         model_config["residual"] = {**model_config["residual"], "zero_init": False}
     model = build_twin_model(
-        _config("flowsheet", "cdc_line"),
+        shipped_config("flowsheet", "cdc_line"),
         model_config,
         {"name": "rk4", "n_substeps": 1},
         dataset.input_tags,

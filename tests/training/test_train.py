@@ -16,6 +16,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.training.shipped import shipped_config
 from tests.training.twin_cli import TINY_SIZES, run_twin
 from training.config_dir import SHIPPED_CONFIG_DIR
 from training.datamodule import CDCDataModule
@@ -24,10 +25,6 @@ from training.twin_model import build_twin_model
 # mlflow.pyfunc warns about its own type hints when it is first imported (mlflow 3.17).
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
 TINY = [*TINY_SIZES, "trainer.max_epochs=2"]  # 2 epochs of 2 batches
-
-
-def _config(group: str, name: str) -> dict:
-    return yaml.safe_load((SHIPPED_CONFIG_DIR / group / f"{name}.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +118,10 @@ def test_logged_twin_loads_back_from_the_registry_with_the_in_memory_predictions
 
     dm = CDCDataModule(tiny_cdc_dataset, window_steps=12, past_steps=6, batch_size=4)
     model = build_twin_model(
-        _config("flowsheet", "cdc_line"),
+        shipped_config("flowsheet", "cdc_line"),
         {
-            **_config("model", "hybrid"),
-            "residual": {**_config("model", "hybrid")["residual"], "zero_init": False},
+            **shipped_config("model", "hybrid"),
+            "residual": {**shipped_config("model", "hybrid")["residual"], "zero_init": False},
         },
         {"name": "rk4"},
         dm.input_tags,
