@@ -3,9 +3,11 @@
 Results: benchmarks/gpu_training.md. Needs a CUDA device.
 
     python benchmarks/bench_gpu_training.py rollout [--batches 1024 16384 131072] [--steps 200]
-        [--repeats 5] [--methods NAME ...] [--profile N] [--seed 0] [--json rollout.json]
+        [--repeats 5] [--methods NAME ...] [--profile N] [--fused-config ROWS WARPS] [--seed 0]
+        [--json rollout.json]
+    python benchmarks/bench_gpu_training.py network [--batches ...] [--json network.json]
     python benchmarks/bench_gpu_training.py fit [--epochs 8] [--kind hybrid]
-        [--variants eager graphs fast] [--dataset data/prepared] [--seed 0] [--json fit.json]
+        [--variants eager graphs fast fused] [--dataset data/prepared] [--seed 0] [--json fit.json]
 
 `rollout` (issue 9's table): forward + backward of a hybrid model over `--steps` zero-order-
 hold steps of 5 s: loss = mean((states / state std)^2), backpropagated to every parameter.
@@ -21,21 +23,30 @@ state. float32. Methods (`--methods` picks; DEFAULT_METHODS when not given), in 
 - CUDA graph: the reference captured by training.cuda_graphs.CapturedLoss (plain steps).
 - compiled steps: each RK4 step through torch.compile (`solver.torch_compile`), eagerly.
 - CUDA graph + compiled steps (fast path): both, what `twin train trainer=gpu` runs by default;
-  + TF32: network matmuls on TF32 tensor cores (the state stays float32); + recompute: RK4
-  `recompute: true` (per-interval activation checkpointing), for batches whose activations do
-  not fit.
+  + TF32 matmuls: network matmuls on TF32 tensor cores (the state stays float32); + recompute:
+  RK4 `recompute: true` (per-interval activation checkpointing), for batches whose activations
+  do not fit.
+- ... + fused network: the residual network as one Triton kernel forward and one backward
+  (`model.residual.fused`, hybrid_twin/fused_mlp.py), its products in float32 (ieee), tf32x3
+  or tf32; also with eager steps and with graphs of the plain steps. Each row records
+  `fused_launches`, the fused kernels launched from Python in its warm-up and capture: 0 means
+  the row ran the plain network.
 
 Per (batch, method): warm-up calls (1: the compile and capture; 2 for TorchScript's profiling
 runs), then --repeats timed calls (one where a call takes > 10 s), each synchronised; the
 median is reported, with the peak GPU memory and the loss's and gradients' largest relative
 difference from the reference (from torchdiffeq where the reference ran out of memory).
-Out-of-memory and other errors are recorded, not fatal. `--profile N`: one more call per
-method under torch.profiler, its N operators/kernels with the most self device time.
+Out-of-memory and other errors are recorded, not fatal. `--profile N`: at the largest batch,
+one more call per method under torch.profiler, its N operators/kernels with the most self
+device time. `--fused-config`: the fused kernels' rows per block and warps.
+
+`network`: the residual network alone, one forward + backward per call (`run_network`).
 
 `fit`: `twin train trainer=gpu model=<kind>` as train.py builds it (training.build; no
 MLflow), Lightning fit for --epochs on the prepared dataset, same seed, once per variant:
 eager (`lit.cuda_graphs=false solver.torch_compile=false`), graphs (`lit.cuda_graphs=true
-solver.torch_compile=false`), fast (nothing overridden: what `trainer=gpu` runs). Wall time
+solver.torch_compile=false`), fast (nothing overridden: what `trainer=gpu` runs), fused (the
+fast path with `model.residual.fused=true`). Wall time
 of each fit (the compiles and captures included) and the final val/loss and val RMSE. The
 compile's share depends on inductor's disk cache (TORCHINDUCTOR_CACHE_DIR): run `fit
 --variants fast` twice with a new cache folder for a cold and a warm number.
@@ -52,7 +63,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from hybrid_twin import HybridVectorField, build_flowsheet, build_solver, odeint_zoh
+from hybrid_twin import HybridVectorField, build_flowsheet, build_solver, fused_mlp, odeint_zoh
 from training.cuda_graphs import CapturedLoss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,15 +98,8 @@ SMALL_LINE = {
 REFERENCE = "reference: own rk4, eager"
 TDE_RK4 = "torchdiffeq rk4 (jump_t)"
 FAST = "CUDA graph + compiled steps (fast path)"
-DEFAULT_METHODS = [
-    TDE_RK4,
-    REFERENCE,
-    "CUDA graph",
-    "compiled steps, no graph",
-    FAST,
-    FAST + " + recompute",
-    FAST + " + TF32",
-]
+FUSED = FAST + " + fused network"
+DEFAULT_METHODS = [TDE_RK4, REFERENCE, "CUDA graph", FAST, FUSED, FUSED + ", tf32"]
 # Measured at the smallest batch only: it times as the eager reference does (launch-bound).
 SMALL_BATCH_ONLY = {"own rk4, scripted"}
 SLOW_CALL_S = 10.0  # a method whose call takes longer is timed once
@@ -152,23 +156,50 @@ class Tf32:
 
 
 def methods(field: HybridVectorField) -> dict[str, tuple[Callable[[], Callable], bool]]:
-    """name -> (build: () -> loss_fn(x0, u), tf32)."""
+    """name -> (build: () -> loss_fn(x0, u), tf32). Each build sets the network's fused kernels
+    (`model.residual.fused`) on or off first: one field serves every method."""
     scale = field.state_normaliser.std.detach().clone()
 
     def own(recompute: bool = False, compiled: bool = False) -> RolloutLoss:
         config = {"name": "rk4", "recompute": recompute, "torch_compile": compiled}
         return RolloutLoss(build_solver(field, config), scale)
 
+    def graphed(recompute: bool = False, compiled: bool = False) -> Callable[[], Callable]:
+        return lambda: CapturedLoss(lambda: own(recompute, compiled))
+
+    def plain(build: Callable[[], Callable]) -> Callable[[], Callable]:
+        return fused(build, on=False)
+
+    def fused(
+        build: Callable[[], Callable], precision: str = "ieee", on: bool = True
+    ) -> Callable[[], Callable]:
+        def configured() -> Callable:
+            field.net.fused, field.net.fused_precision = on, precision
+            # Dynamo does not guard on these module attributes: a step compiled for another
+            # setting would be reused (seen: the fused rows timed the plain network's graph).
+            torch._dynamo.reset()
+            return build()
+
+        return configured
+
     return {
-        TDE_RK4: (lambda: TorchdiffeqLoss(field, scale), False),
-        REFERENCE: (lambda: own(), False),
-        "own rk4, scripted": (lambda: RolloutLoss(torch.jit.script(own().solver), scale), False),
-        "CUDA graph": (lambda: CapturedLoss(lambda: own()), False),
-        "CUDA graph + recompute": (lambda: CapturedLoss(lambda: own(True)), False),
-        "compiled steps, no graph": (lambda: own(compiled=True), False),
-        FAST: (lambda: CapturedLoss(lambda: own(compiled=True)), False),
-        FAST + " + recompute": (lambda: CapturedLoss(lambda: own(True, True)), False),
-        FAST + " + TF32": (lambda: CapturedLoss(lambda: own(compiled=True)), True),
+        TDE_RK4: (plain(lambda: TorchdiffeqLoss(field, scale)), False),
+        REFERENCE: (plain(own), False),
+        "own rk4, scripted": (
+            plain(lambda: RolloutLoss(torch.jit.script(own().solver), scale)),
+            False,
+        ),
+        "CUDA graph": (plain(graphed()), False),
+        "CUDA graph + recompute": (plain(graphed(True)), False),
+        "compiled steps, no graph": (plain(lambda: own(compiled=True)), False),
+        FAST: (plain(graphed(compiled=True)), False),
+        FAST + " + recompute": (plain(graphed(True, True)), False),
+        FAST + " + TF32 matmuls": (plain(graphed(compiled=True)), True),
+        "fused network, eager steps": (fused(own), False),
+        "CUDA graph + fused network": (fused(graphed()), False),
+        FUSED: (fused(graphed(compiled=True)), False),
+        FUSED + ", tf32x3": (fused(graphed(compiled=True), "tf32x3"), False),
+        FUSED + ", tf32": (fused(graphed(compiled=True), "tf32"), False),
     }
 
 
@@ -203,6 +234,7 @@ def run_rollout(args) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             fn = None
+            launches = fused_mlp.launches
             try:
                 with Tf32() if tf32 else _nothing():
                     fn = build()
@@ -218,9 +250,12 @@ def run_rollout(args) -> list[dict]:
                         times.append(time.perf_counter() - start)
                         if times[-1] > SLOW_CALL_S:
                             break
-                    if args.profile:
+                    if args.profile and batch == max(args.batches):
                         row["profile"] = profile_call(fn, field, x0, u, device, args.profile)
                 row.update(
+                    # > 0 where the fused network kernels ran (the warm-up and capture launch
+                    # them from Python): a fused row with 0 timed the plain network
+                    fused_launches=fused_mlp.launches - launches,
                     median_ms=1e3 * statistics.median(times),
                     min_ms=1e3 * min(times),
                     peak_gib=torch.cuda.max_memory_allocated() / 2**30
@@ -297,10 +332,70 @@ def add_ratios(rows: list[dict]) -> None:
                 row[key] = other[0]["median_ms"] / row["median_ms"]
 
 
+NETWORK_CONFIGS = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (rows per block, warps)
+
+
+def run_network(args) -> list[dict]:
+    """The residual network alone (what the rollout evaluates 800 times): forward + backward
+    of one evaluation per batch, the plain layers (float32, TF32 matmuls) against the fused
+    kernels for each (rows per block, warps) and precision; mean of 20 calls after 3 warm-ups,
+    and the largest relative difference of the output and gradients from the plain layers."""
+    device = torch.device(args.device)
+    net = build_field(args.seed, device).net
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    defaults = fused_mlp.BLOCK_ROWS, fused_mlp.NUM_WARPS
+    rows = []
+    for batch in args.batches:
+        z = torch.randn(batch, net.n_in, device=device, generator=generator)
+        weight = torch.randn(batch, net.n_out, device=device, generator=generator)
+
+        def call(z: Tensor = z, weight: Tensor = weight) -> list[Tensor]:
+            net.zero_grad(set_to_none=True)
+            leaf = z.clone().requires_grad_(True)
+            y = net(leaf)
+            (y * weight).sum().backward()
+            return [y.detach(), leaf.grad] + [p.grad for p in net.parameters()]
+
+        variants = [("plain", False, None, "ieee"), ("plain, TF32 matmuls", True, None, "ieee")]
+        variants += [
+            (f"fused {block} rows x {warps} warps, {precision}", False, (block, warps), precision)
+            for precision in fused_mlp.PRECISIONS
+            for block, warps in NETWORK_CONFIGS
+        ]
+        truth = None
+        for name, tf32, config, precision in variants:
+            net.fused, net.fused_precision = config is not None, precision
+            if config is not None:
+                fused_mlp.BLOCK_ROWS, fused_mlp.NUM_WARPS = config
+            row = {"batch": batch, "network": name}
+            try:
+                with Tf32() if tf32 else _nothing():
+                    for _ in range(3):
+                        results = call()
+                    sync(device)
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        call()
+                    sync(device)
+                row["ms"] = 1e3 * (time.perf_counter() - start) / 20
+                if truth is None:
+                    truth = [r.clone() for r in results]
+                row["rel_diff"] = max(
+                    relative_difference(r, t) for r, t in zip(results, truth, strict=True)
+                )
+            except Exception as error:  # recorded and reported: one variant must not stop the run
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    fused_mlp.BLOCK_ROWS, fused_mlp.NUM_WARPS = defaults
+    return rows
+
+
 FIT_VARIANTS = {
     "eager": ["lit.cuda_graphs=false", "solver.torch_compile=false"],
     "graphs": ["lit.cuda_graphs=true", "solver.torch_compile=false"],
     "fast": [],  # what `twin train trainer=gpu` runs with nothing overridden
+    "fused": ["model.residual.fused=true"],  # the fast path with the fused network kernels
 }
 
 
@@ -362,13 +457,23 @@ def run_fit(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["rollout", "fit"])
+    parser.add_argument("part", choices=["rollout", "fit", "network"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1024, 16384, 131072])
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--fused-config",
+        type=int,
+        nargs=2,
+        metavar=("ROWS", "WARPS"),
+        help="rollout, fit: the fused kernels' rows per block and warps (hybrid_twin/fused_mlp.py)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument(
-        "--profile", type=int, default=0, help="rollout: profile one more call, print N top ops"
+        "--profile",
+        type=int,
+        default=0,
+        help="rollout: at the largest batch, profile one more call, print N top ops",
     )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument(
@@ -382,9 +487,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: this benchmark measures the GPU path")
+    if args.fused_config:
+        fused_mlp.BLOCK_ROWS, fused_mlp.NUM_WARPS = args.fused_config
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# torch {torch.__version__}, {card}, CUDA {torch.version.cuda}", flush=True)
-    rows = run_rollout(args) if args.part == "rollout" else run_fit(args)
+    run = {"rollout": run_rollout, "fit": run_fit, "network": run_network}[args.part]
+    rows = run(args)
     if args.json:
         payload = {
             "torch": torch.__version__,

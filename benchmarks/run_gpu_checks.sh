@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the training issues on a CUDA machine (results: benchmarks/gpu_training.md),
 # in parts that fit one device call each:
-#   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh rollout   # the gpu tests, the rollout table
+#   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh rollout   # network alone, gpu tests, rollout
 #   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh fit       # `twin train trainer=gpu` fits
 #   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh profile   # batch 131,072, top kernels
 # Each step has its own time limit, so one that hangs does not take the others with it; logs and
@@ -19,15 +19,21 @@ PY=${PY:-python3}
 cat "$OUT/gpu_$PART.txt"
 bench="$PY benchmarks/bench_gpu_training.py"
 if [ "$PART" = rollout ]; then
-    timeout ${ROLLOUT_S:-300} $bench rollout --repeats ${REPEATS:-2} --json "$OUT/rollout.json" \
-        2>&1 | grep -v Warning | tee "$OUT/rollout.log"
+    # The residual network alone: plain layers vs the fused kernels' block shapes and precisions.
+    timeout ${NETWORK_S:-150} $bench network --batches 16384 131072 --json "$OUT/network.json" \
+        2>&1 | grep -v Warning | tee "$OUT/network.log"
     # Warnings of the machine's own library versions must not fail the checks: -o filterwarnings=
     timeout ${TESTS_S:-200} $PY -m pytest -q -m gpu -o filterwarnings= -p no:cacheprovider \
-        tests/training/test_lit_module.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
+        tests/hybrid_twin/test_fused_mlp.py tests/training/test_lit_module.py 2>&1 \
+        | tee "$OUT/pytest_gpu.log" | tail -30
+    # The table (PROFILE=N: at the largest batch also the top N kernels of each method).
+    timeout ${ROLLOUT_S:-360} $bench rollout --repeats ${REPEATS:-2} --profile ${PROFILE:-0} \
+        --json "$OUT/rollout.json" 2>&1 | grep -v Warning | tee "$OUT/rollout.log"
 elif [ "$PART" = profile ]; then
     # Where the fast path spends its time at the largest batch (benchmarks/gpu_training.md).
     timeout ${PROFILE_S:-240} $bench rollout --batches ${BATCHES:-131072} --repeats 2 --profile 25 \
-        --methods "torchdiffeq rk4 (jump_t)" "CUDA graph" "CUDA graph + compiled steps (fast path)" \
+        --methods "torchdiffeq rk4 (jump_t)" "CUDA graph + compiled steps (fast path)" \
+        "CUDA graph + compiled steps (fast path) + fused network" \
         --json "$OUT/profile.json" 2>&1 | grep -v Warning | tee "$OUT/profile.log"
 else
     # name:variant:time limit (s)

@@ -191,13 +191,21 @@ class HybridVectorField(nn.Module):
                 config.residual.hidden,
                 config.residual.zero_init,
                 generator,
+                config.residual.fused,
+                config.residual.fused_precision,
             )
         self.n_readout = len(config.readout)
         self.readout_log_bound = float(config.residual.readout_log_bound)
         self.readout_net: ResidualNet | None = None
         if self.n_readout > 0:  # zero-initialised: no correction until it learns one
             self.readout_net = ResidualNet(
-                self.n_states, self.n_readout, config.residual.hidden, True, generator
+                self.n_states,
+                self.n_readout,
+                config.residual.hidden,
+                True,
+                generator,
+                config.residual.fused,
+                config.residual.fused_precision,
             )
 
     def _update_scale(self) -> None:

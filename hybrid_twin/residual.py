@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from hybrid_twin.errors import ConfigError, unknown_key_message
+from hybrid_twin.fused_mlp import PRECISIONS, fusable, mlp_tanh
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class ResidualConfig:
         zero_init: zero the last layer so the untrained hybrid equals the mechanistic model.
         closure_log_bound: closure form: corrected parameter = theta * exp(c), |c| < this.
         readout_log_bound: readout correction: corrected reading = h(x) * exp(c), |c| < this.
+        fused: on a CUDA device, run the network's forward and backward as one Triton kernel
+            each where `hybrid_twin.fused_mlp.fusable` allows (two hidden layers, widths <= 64,
+            float32): no stored activations, the same results to float32 rounding. Elsewhere
+            (CPU, TorchScript, torch.export) the plain layers run. Off by default: its speed
+            in the training path is not measured yet (benchmarks/gpu_training.md).
+        fused_precision: the fused kernels' float32 products: ieee, tf32x3 or tf32.
     """
 
     hidden: tuple[int, ...] = (64, 64)
@@ -36,6 +43,8 @@ class ResidualConfig:
     zero_init: bool = True
     closure_log_bound: float = 0.5
     readout_log_bound: float = 0.3
+    fused: bool = False
+    fused_precision: str = "ieee"
 
     def __post_init__(self) -> None:
         hidden = tuple(self.hidden)
@@ -49,6 +58,13 @@ class ResidualConfig:
         for name in ("bound", "time_scale_s", "closure_log_bound", "readout_log_bound"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"model.residual.{name}: expected > 0, got {getattr(self, name)}")
+        if not isinstance(self.fused, bool):
+            raise ConfigError(f"model.residual.fused: expected true or false, got {self.fused!r}")
+        if self.fused_precision not in PRECISIONS:
+            raise ConfigError(
+                f"model.residual.fused_precision: expected one of {list(PRECISIONS)}, "
+                f"got {self.fused_precision!r}"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> "ResidualConfig":
@@ -70,6 +86,7 @@ class ResidualNet(nn.Module):
         zero_init: zero the last layer's weights and bias.
         generator: torch.Generator for the initial weights (the library never seeds the global
             generator); PyTorch's Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        fused, fused_precision: see `ResidualConfig`.
     """
 
     def __init__(
@@ -79,6 +96,8 @@ class ResidualNet(nn.Module):
         hidden: Sequence[int] = (64, 64),
         zero_init: bool = True,
         generator: torch.Generator | None = None,
+        fused: bool = False,
+        fused_precision: str = "ieee",
     ) -> None:
         super().__init__()
         widths = [n_in, *hidden, n_out]
@@ -98,7 +117,27 @@ class ResidualNet(nn.Module):
                 layers.append(nn.Tanh())
         self.layers = nn.Sequential(*layers)
         self.n_in, self.n_out = n_in, n_out
+        self.widths = widths
+        self.fused = bool(fused)
+        self.fused_precision = fused_precision
 
     def forward(self, z: Tensor) -> Tensor:
         """z: (batch, n_in) normalised -> (batch, n_out) in (-1, 1)."""
+        if not torch.jit.is_scripting() and self._runs_fused(z):
+            return self._fused_forward(z)
         return torch.tanh(self.layers(z))
+
+    @torch.jit.unused
+    def _runs_fused(self, z: Tensor) -> bool:
+        """The fused kernels: eagerly or inside `torch.compile`, never into an exported or
+        traced program (those must run without Triton)."""
+        return (
+            self.fused
+            and fusable(z, self.widths)
+            and not (torch.compiler.is_exporting() or torch.jit.is_tracing())
+        )
+
+    @torch.jit.unused
+    def _fused_forward(self, z: Tensor) -> Tensor:
+        linears = [layer for layer in self.layers if isinstance(layer, nn.Linear)]
+        return mlp_tanh(z, linears, self.fused_precision)

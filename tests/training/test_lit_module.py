@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hybrid_twin import ConfigError
+from hybrid_twin import ConfigError, fused_mlp
 from tests.tolerances import tol
 from tests.training.shipped import shipped_config
 from training.datamodule import CDCDataModule
@@ -284,9 +284,9 @@ def _on(batch, device: str):
     return type(batch)(*(t.to(device) for t in batch))
 
 
-def _random_hybrid(datamodule, solver=None):
+def _random_hybrid(datamodule, solver=None, **residual_changes):
     residual = {**shipped_config("model", "hybrid")["residual"], "zero_init": False}
-    return _model(datamodule, "hybrid", solver=solver, residual=residual)
+    return _model(datamodule, "hybrid", solver=solver, residual={**residual, **residual_changes})
 
 
 def _step_results(lit, batch) -> dict:
@@ -346,26 +346,32 @@ def test_cuda_graph_steps_give_the_eager_loss_and_gradients(datamodule, kind):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("fused", [False, True], ids=["plain-network", "fused-network"])
 @pytest.mark.parametrize("kind", ["hybrid", "black_box"])
-def test_the_fast_path_gives_the_reference_loss_and_gradients(datamodule, kind):
+def test_the_fast_path_gives_the_reference_loss_and_gradients(datamodule, kind, fused):
     """`twin train trainer=gpu`: RK4 steps compiled (solver.torch_compile: cuda, the default)
-    and replayed through CUDA graphs, against the reference: the plain steps, eagerly."""
+    and replayed through CUDA graphs, with the plain network layers (the default) or the fused
+    network kernels (model.residual.fused), against the reference: the plain steps and layers,
+    eagerly."""
     from torch._dynamo.utils import counters
 
     fast_solver = {"name": "rk4", "n_substeps": 1, "torch_compile": "cuda"}
     if kind == "hybrid":  # the same seed: the same parameters
         reference_model, fast_model = (
-            _random_hybrid(datamodule),
-            _random_hybrid(datamodule, fast_solver),
+            _random_hybrid(datamodule, fused=False),
+            _random_hybrid(datamodule, fast_solver, fused=fused),
         )
     else:
+        residual = shipped_config("model", kind)["residual"]
         reference_model, fast_model = (
-            _model(datamodule, kind),
-            _model(datamodule, kind, solver=fast_solver),
+            _model(datamodule, kind, residual={**residual, "fused": False}),
+            _model(datamodule, kind, solver=fast_solver, residual={**residual, "fused": fused}),
         )
+    assert fast_model.field.net.fused == fused and not reference_model.field.net.fused
     reference = _lit(reference_model.cuda(), cuda_graphs=False)
     fast = _lit(fast_model.cuda(), cuda_graphs=True)
     graphs_before = counters["stats"]["unique_graphs"]
+    launches_before = fused_mlp.launches
     batches = [*datamodule.train_dataloader(), *datamodule.train_dataloader()][:3]
     for batch in batches:
         batch = _on(batch, "cuda")
@@ -383,6 +389,7 @@ def test_the_fast_path_gives_the_reference_loss_and_gradients(datamodule, kind):
             assert difference <= 1e-4, f"d loss / d {name}: relative difference {difference:.2e}"
     assert fast._captured.n_captures == 1
     assert counters["stats"]["unique_graphs"] > graphs_before  # the steps were compiled
+    assert (fused_mlp.launches > launches_before) == fused  # the fused kernels ran, or not
 
 
 @pytest.mark.gpu
