@@ -57,6 +57,10 @@ class CDCDataModule(LightningDataModule):
         val_split: the split Lightning validates on (val/loss, val/rmse): "val" by default;
             "train" simulates the training runs themselves (with eval_full_runs, each from
             row P to its end), for a plant with one estimation record and no run to spare.
+        train_full_runs: if True each train window is a whole run from row P to its end
+            (drawn windows_per_epoch times per epoch, one run per batch since runs differ in
+            length; window_steps and batch_size then apply to no train window): simulation
+            error over whole records, what `initial_state: learned` trains with.
 
     Raises:
         ValueError: a size below its minimum (checked here, before any file is read).
@@ -74,6 +78,7 @@ class CDCDataModule(LightningDataModule):
         eval_window_steps: int | None = None,
         eval_full_runs: bool = False,
         val_split: str = "val",
+        train_full_runs: bool = False,
     ):
         super().__init__()
         for name, value, minimum in (
@@ -94,7 +99,7 @@ class CDCDataModule(LightningDataModule):
         self.save_hyperparameters()
         self._dataset: PreparedDataset | None = None
         self._runs: dict[str, list[RunTensors]] = {}
-        self.train_windows: TrajectoryWindows | None = None
+        self.train_windows: TrajectoryWindows | SequentialWindows | None = None
         self.train_sampler: RandomWindowSampler | None = None
         self.eval_windows: dict[str, SequentialWindows] = {}
 
@@ -162,7 +167,7 @@ class CDCDataModule(LightningDataModule):
             self.setup("fit")
         return DataLoader(
             self.train_windows,
-            batch_size=self.hparams.batch_size,
+            batch_size=1 if self.hparams.train_full_runs else self.hparams.batch_size,
             sampler=self.train_sampler,
             **self._worker_options(),
         )
@@ -226,11 +231,13 @@ class CDCDataModule(LightningDataModule):
             self._runs[split] = runs
         return self._runs[split]
 
-    def _train_windows(self) -> TrajectoryWindows:
+    def _train_windows(self) -> TrajectoryWindows | SequentialWindows:
+        runs, past = self._load("train"), self.hparams.past_steps
         try:
-            windows = TrajectoryWindows(
-                self._load("train"), self.hparams.window_steps, self.hparams.past_steps
-            )
+            if self.hparams.train_full_runs:
+                windows = SequentialWindows(runs, None, past)
+            else:
+                windows = TrajectoryWindows(runs, self.hparams.window_steps, past)
         except DatasetError as exc:
             raise DatasetError(f"split 'train' of {self.hparams.path}: {exc}") from exc
         self._report("train", windows.skipped)

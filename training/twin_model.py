@@ -23,7 +23,7 @@ from hybrid_twin import (
     build_solver,
 )
 
-INITIAL_STATE_METHODS = ("steady_state", "burn_in")
+INITIAL_STATE_METHODS = ("steady_state", "burn_in", "learned")
 
 
 def time_rows(t: Tensor, start: int, length: int) -> Tensor:
@@ -49,6 +49,10 @@ class TwinModel(nn.Module):
         state_floor: (n_states,) smallest state value the readout h(x) sees (-inf: none).
         burn_in: integrate through the past window from its first row's steady state (True)
             or take the steady state at its last row (False).
+        learned_start: every run starts, at its first past row, from one learned state
+            (`start_offset`, in units of the networks' state normalisation) integrated through
+            the past window; for records that all begin from the same unknown state, scored
+            from a run's first rows (the Cascaded Tanks protocol). Overrides `burn_in`.
         readout_columns: (k,) y columns whose reading the field's readout network corrects,
             in the order of its `readout` tags; None: none.
     """
@@ -69,6 +73,7 @@ class TwinModel(nn.Module):
         state_floor: Tensor,
         burn_in: bool = True,
         readout_columns: Tensor | None = None,
+        learned_start: bool = False,
     ) -> None:
         super().__init__()
         self.field = field
@@ -86,6 +91,12 @@ class TwinModel(nn.Module):
         self.register_buffer("readout_columns", columns.to(torch.long))
         self.dt_s = float(dt_s)
         self.burn_in = bool(burn_in)
+        self.learned_start = bool(learned_start)
+        if self.learned_start:
+            # Zero: the normalisation's centre (the nominal steady state, or the data's mean).
+            self.start_offset = nn.Parameter(torch.zeros(len(field.flowsheet.state_names)))
+        else:  # not a parameter, not saved: state dicts of other models keep their keys
+            self.register_buffer("start_offset", torch.zeros(0), persistent=False)
 
     def model_inputs(self, u: Tensor) -> Tensor:
         """Normalised window inputs (batch, T, n_u) -> flowsheet inputs (batch, T, n_inputs)."""
@@ -99,14 +110,20 @@ class TwinModel(nn.Module):
             past_u: (batch, P, n_u) normalised; past_y, past_mask: (batch, P, n_y).
 
         Returns:
-            The steady state at past_u[:, 0] integrated through the past inputs (burn-in) or
-            the steady state at past_u[:, -1]; then states a tag measures directly are set to
-            their last good past value (hopper masses, impeller speed, tablet weight).
+            The learned start (`learned_start`) or the steady state at past_u[:, 0], integrated
+            through the past inputs (burn-in), or the steady state at past_u[:, -1]; then
+            states a tag measures directly are set to their last good past value (hopper
+            masses, impeller speed, tablet weight).
         """
         inputs = self.model_inputs(past_u)
         theta = self.field.theta()
-        if self.burn_in:
-            x = self.field.flowsheet.steady_state(inputs[:, 0], theta)
+        if self.learned_start or self.burn_in:
+            if self.learned_start:
+                normaliser = self.field.state_normaliser
+                start = normaliser.mean + normaliser.std * self.start_offset
+                x = start.unsqueeze(0).repeat(past_u.shape[0], 1)  # contiguous rows (AOTI)
+            else:
+                x = self.field.flowsheet.steady_state(inputs[:, 0], theta)
             # Interval k ends at past row k + 1; the last ends at t_0, whose row the past
             # window lacks: its pinned states are held at the last past value.
             ends = torch.cat([time_rows(past_u, 1, past_u.shape[1] - 1), past_u[:, -1:]], dim=1)
@@ -279,7 +296,7 @@ def build_twin_model(
         measurement_tags: the dataset's y columns.
         stats: (u_mean, u_std, y_mean, y_std) as `CDCDataModule.normalisation` gives them.
         dt_s: the dataset's grid step, s.
-        initial_state: "burn_in" or "steady_state" (docs/training.md).
+        initial_state: "burn_in", "steady_state" or "learned" (docs/training.md).
         generator: seeds the residual network's initial weights.
 
     Raises:
@@ -346,6 +363,7 @@ def build_twin_model(
         dt_s,
         _state_floor(flowsheet.state_specs),
         burn_in=initial_state == "burn_in",
+        learned_start=initial_state == "learned",
         readout_columns=torch.tensor(
             _columns(
                 measurement_tags,

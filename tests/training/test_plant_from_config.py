@@ -39,6 +39,7 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "tracking.plot_split=null",
     "num_threads=1",
+    "solver.torch_compile=cuda",  # the shipped `true` would compile for each tiny run on CPU
 ]
 WRONG_STATE_SIZE = '''
 import torch
