@@ -95,8 +95,9 @@ class TwinModel(nn.Module):
         if self.learned_start:
             # Zero: the normalisation's centre (the nominal steady state, or the data's mean).
             self.start_offset = nn.Parameter(torch.zeros(len(field.flowsheet.state_names)))
-        else:  # not a parameter, not saved: state dicts of other models keep their keys
-            self.register_buffer("start_offset", torch.zeros(0), persistent=False)
+        else:  # a plain attribute (TorchScript needs it typed), in no state dict: a scripted
+            # module's state_dict would carry even a non-persistent buffer
+            self.start_offset = torch.zeros(0)
 
     def model_inputs(self, u: Tensor) -> Tensor:
         """Normalised window inputs (batch, T, n_u) -> flowsheet inputs (batch, T, n_inputs)."""
