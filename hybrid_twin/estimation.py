@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from hybrid_twin.errors import ConfigError, ShapeError
+from hybrid_twin.spd import spd_solve
 
 # Central differences: truncation error ~ h^2 |Phi'''| / 6, rounding ~ eps |Phi| / h; the sum
 # is smallest at h ~ eps^(1/3) (relative), leaving ~ eps^(2/3) relative error in F and H:
@@ -312,8 +313,7 @@ class ExtendedKalmanFilter(nn.Module):
         PHt = P_pred @ jac_used.transpose(1, 2)  # (batch, n, n_tags)
         # Unused tags: zero rows/columns in H P H^T, so S is block diagonal with r_i there.
         S = jac_used @ PHt + torch.diag_embed(self.r.expand_as(y_pred))
-        L, _ = torch.linalg.cholesky_ex(S)
-        gain = torch.cholesky_solve(PHt.transpose(1, 2), L).transpose(1, 2)  # (batch, n, n_tags)
+        gain = spd_solve(S, PHt.transpose(1, 2)).transpose(1, 2)  # (batch, n, n_tags)
         x = x_pred + (gain @ innovation.unsqueeze(2)).squeeze(2)
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         A = eye - gain @ jac_used

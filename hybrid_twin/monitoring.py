@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from hybrid_twin.errors import ConfigError, ShapeError, TwinError
+from hybrid_twin.spd import spd_solve
 
 
 class MonitorDataError(TwinError, ValueError):
@@ -86,9 +87,10 @@ def masked_hotelling(z: Tensor, used: Tensor, corr: Tensor) -> tuple[Tensor, Ten
     eye = torch.eye(n, dtype=z.dtype, device=z.device)
     both = used.unsqueeze(2) & used.unsqueeze(1)
     sub = torch.where(both, corr, eye)
-    L, _ = torch.linalg.cholesky_ex(sub)
-    w = torch.cholesky_solve(z.unsqueeze(2), L).squeeze(2)
-    inverse_diag = torch.diagonal(torch.cholesky_solve(eye.expand_as(sub), L), dim1=1, dim2=2)
+    # One solve for C^-1 z and C^-1: [z | I] as right-hand sides.
+    solved = spd_solve(sub, torch.cat([z.unsqueeze(2), eye.expand_as(sub)], dim=2))
+    w = solved[:, :, 0]
+    inverse_diag = torch.diagonal(solved[:, :, 1:], dim1=1, dim2=2)
     t2 = (z * w).sum(dim=1)
     contributions = torch.where(used, w.pow(2) / inverse_diag, torch.zeros_like(w))
     return t2, contributions

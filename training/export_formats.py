@@ -31,6 +31,7 @@ from torch.export.pt2_archive._package import load_pt2, package_pt2
 from torch.fx.experimental import _config as fx_config
 
 from hybrid_twin import TwinError
+from serving.twin_formats import fast_aoti_program
 
 FORMATS = ("torchscript", "export", "aoti")
 PT2_FORMATS = ("export", "aoti")
@@ -220,7 +221,8 @@ def load_pt2_twin(source: str | Path | bytes) -> tuple[Pt2Twin, dict]:
     except (KeyError, json.JSONDecodeError) as error:
         raise TwinFormatError(f"{where}: {METADATA_FILE} missing or not JSON: {error}") from error
     if contents.aoti_runners:
-        fmt, programs = "aoti", dict(contents.aoti_runners)
+        fmt = "aoti"
+        programs = {name: fast_aoti_program(r) for name, r in contents.aoti_runners.items()}
     else:
         fmt = "export"
         programs = {name: p.module() for name, p in contents.exported_programs.items()}

@@ -261,3 +261,27 @@ def test_auto_skips_a_truncated_pt2_and_reload_of_a_named_format_refuses_it(form
     assert f"twin file {aoti} ({len(good) // 2} bytes) is not a readable PT2 archive" \
         in detail["msg"]  # fmt: skip
     assert after["sha256"] == before["sha256"]
+
+
+def test_the_fast_aoti_call_answers_bit_for_bit_as_the_runner_itself(format_files, metadata, runs):
+    from torch.export.pt2_archive._package import load_pt2
+
+    from serving.twin_formats import _BoxedAotiProgram, fast_aoti_program
+
+    runners = load_pt2(str(format_files["aoti"])).aoti_runners
+    fast = {name: fast_aoti_program(runner) for name, runner in runners.items()}
+    assert all(isinstance(f, _BoxedAotiProgram) for f in fast.values())  # torch 2.13's API
+    u, y = tensors(runs[0][: PAST + 3], metadata)
+    past = (u[:, :PAST].contiguous(), y[:, :PAST].contiguous())
+    row = (u[:, PAST].contiguous(), y[:, PAST].contiguous())
+
+    def answers(program):
+        with torch.no_grad():
+            state = program["initial_state"](*past)
+            update = program["update"](*state, *row, torch.isfinite(row[1]))
+            forecast = program["forecast"](*past, u[:, PAST:].contiguous())
+        return [*state, *update, *(forecast if isinstance(forecast, list | tuple) else [forecast])]
+
+    got, expected = answers(fast), answers(runners)
+    assert len(got) == len(expected) == 5 + 14 + 1
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
