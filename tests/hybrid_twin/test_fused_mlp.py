@@ -65,11 +65,13 @@ print(json.dumps([compare(*case) for case in cases]))
 """
 
 
-def _interpreted(cases: list) -> list[list[float]]:
+def _interpreted(argument: object, script: str = COMPARE) -> object:
+    """`script` run with the json of `argument` in a fresh interpreter under TRITON_INTERPRET=1;
+    the json of its last printed line."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run(
-        [sys.executable, "-c", COMPARE, json.dumps(cases)],
+        [sys.executable, "-c", script, json.dumps(argument)],
         capture_output=True,
         text=True,
         env=environment,
@@ -91,6 +93,66 @@ def test_the_fused_kernels_give_the_plain_output_and_gradients_in_the_interprete
         names = ["output", "d/dz", "dW1", "db1", "dW2", "db2", "dW3", "db3"]
         worst = max(differences)
         assert worst <= 1e-5, f"{case}: {dict(zip(names, differences, strict=True))}"
+
+
+# The training fast path: the built-in line's hybrid (12 -> 64 -> 64 -> 9 residual), float32,
+# RK4 steps through torch.compile. `fusable` admits CUDA tensors only; here the interpreter
+# stands in for the device, so the script lets CPU tensors through.
+COMPILED_STEP = """
+import json, sys, torch
+import hybrid_twin.residual as residual
+from hybrid_twin import HybridVectorField, build_flowsheet, build_solver, fused_mlp
+from hybrid_twin.flowsheets import cdc_line_flowsheet_spec
+
+residual.fusable = lambda z, widths: z.dtype == torch.float32 and len(widths) == 4 and max(
+    widths) <= fused_mlp.MAX_WIDTH
+seed, batch, steps = json.loads(sys.argv[1])
+generator = torch.Generator().manual_seed(seed)
+flowsheet = build_flowsheet(cdc_line_flowsheet_spec())
+config = {"kind": "hybrid", "residual": {"hidden": [64, 64], "zero_init": False}}
+field = HybridVectorField(flowsheet, config, generator=generator)
+nominal = flowsheet.nominal_inputs().float()
+u = nominal * (1.0 + 0.05 * torch.randn(batch, steps, flowsheet.n_inputs, generator=generator))
+with torch.no_grad():
+    x0 = flowsheet.steady_state(u[:, 0], field.theta())
+
+def gradients(solver, fused):
+    field.net.fused = fused
+    field.zero_grad(set_to_none=True)
+    before = fused_mlp.launches
+    states = solver(x0, u, 5.0).states
+    (states / field.state_normaliser.std).pow(2).mean().backward()
+    grads = [p.grad for p in field.parameters() if p.grad is not None]
+    return grads, fused_mlp.launches - before
+
+def difference(got, expected):
+    return max(float((a - b).abs().max() / (b.abs().max() + 1e-30))
+               for a, b in zip(got, expected, strict=True))
+
+plain, _ = gradients(build_solver(field, {"name": "rk4"}), False)
+compiled = build_solver(field, {"name": "rk4", "torch_compile": True})
+fused, fused_launches = gradients(compiled, True)
+unfused, unfused_launches = gradients(compiled, False)  # the same compiled step, setting off
+print(json.dumps({
+    "fused_launches": fused_launches, "fused_difference": difference(fused, plain),
+    "unfused_launches": unfused_launches, "unfused_difference": difference(unfused, plain),
+}))
+"""
+
+
+@needs_triton
+def test_the_compiled_training_step_runs_the_fused_network_and_follows_its_setting(seed):
+    """What the GPU fast path relies on: the RK4 step under torch.compile calls the fused
+    network once per stage (4 per step), its gradients those of the plain eager solver, and
+    turning `fused` off on the same compiled solver recompiles to the plain layers (a GPU
+    benchmark once timed fused rows that had run the plain network, benchmarks/gpu_training.md).
+    float32, 3 steps; measured ~2e-7 of each gradient's scale."""
+    steps = 3
+    result = _interpreted([seed, 70, steps], COMPILED_STEP)
+    assert result["fused_launches"] == 4 * steps, result
+    assert result["unfused_launches"] == 0, result
+    assert result["fused_difference"] <= 1e-5, result
+    assert result["unfused_difference"] <= 1e-5, result
 
 
 def test_on_cpu_and_in_torchscript_the_network_runs_its_plain_layers(rng):
