@@ -30,7 +30,7 @@ parameters become constants, so theta(), the normalisers' arithmetic on paramete
 folded once), export (the torch.export programs of twin.pt2, run by torch), aoti (the
 AOTInductor package twin.aoti.pt2), aoti-frozen (aoti compiled with inductor's freezing; not
 written by twin export). The PT2 modes are built as `twin export` builds them
-(training/export_formats.py) and called through its Pt2Twin (contiguous arguments).
+(training/export_formats.py) and called as the service calls them (serving's ProgramTwin).
 --jacobian: the EKF's transition Jacobian (ExtendedKalmanFilter fd_scheme):
 central (2 n + 1 solver rows, the reference) or forward (n + 1 rows). Configurations run one
 after the other; compare numbers of one invocation only (the machine is shared).
@@ -92,7 +92,7 @@ PT2_MODES = {"export": None, "aoti": {}, "aoti-frozen": {"freezing": True}}
 
 
 def pt2_twin(online, u, y, past_steps: int, mode: str):
-    """(the Pt2Twin of that mode, read back from its bytes as `twin export` does; seconds to
+    """(the ProgramTwin of that mode, read back from its bytes as `twin export` does; seconds to
     build it)."""
     from training.export_formats import (
         compile_programs,

@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI
 from serving.auth import token_dependency
 from serving.batcher import UpdateBatcher
 from serving.errors import install_error_handlers
+from serving.heap import refreeze
 from serving.limits import BodyLimitMiddleware
 from serving.metrics import MetricsMiddleware, ServiceMetrics
 from serving.routes_model import model_router, ops_router
@@ -45,14 +46,21 @@ def build_service(settings: ServeSettings, twin: LoadedTwin) -> Service:
 
 
 async def housekeeping(service: Service) -> None:
-    """Drop idle sessions, and reload when the model_uri's target changed (if polling)."""
+    """Drop idle sessions, reload when the model_uri's target changed (if polling), and
+    re-freeze the heap after a reload (serving/heap.py)."""
     poll = service.settings.reload_poll_s
     expiry = service.settings.sessions.idle_expiry_s
     period = min(x for x in (poll or expiry, expiry / 4, 30.0) if x > 0)
+    frozen_with = service.store.current
     while True:
         await asyncio.sleep(period)
         if service.registry.expire():
             service.metrics.sessions_open.set(len(service.registry))
+        if service.store.current is not frozen_with:
+            # a reload (poll or route) swapped the twin at least a tick ago, so requests that
+            # held the old one are done: let its cycles go, freeze the new one (heap.py)
+            frozen_with = service.store.current
+            refreeze()
         if poll and await service.store.changed_upstream():
             try:
                 twin, changed = await service.store.reload()

@@ -6,6 +6,7 @@ alarms; the routes add sessions and reloads -> `GET /metrics` (text exposition f
 `CollectorRegistry` per app, so two apps in a process (tests) do not share counters.
 """
 
+import gc
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -45,6 +46,11 @@ class ServiceMetrics:
                                ["result"], registry=r)  # fmt: skip
         self.model_info = Gauge("twin_model_info", "the twin served (value 1) and its format",
                                 ["version", "sha256", "format"], registry=r)  # fmt: skip
+        self.heap_frozen = Gauge("twin_heap_frozen_objects",
+                                 "objects the cyclic GC skips (frozen at start-up and after a "
+                                 "reload; 0 where not frozen, serving/heap.py)",
+                                 registry=r)  # fmt: skip
+        self.heap_frozen.set_function(gc.get_freeze_count)
 
     def set_model(self, twin) -> None:
         """Name the twin now served (a LoadedTwin: label, sha256, format)."""

@@ -1,9 +1,10 @@
 """`twin serve`: settings -> the twin loaded -> uvicorn on host:port until stopped.
 
 Data flow: configs/serve.yaml (a plain mapping from the `twin` CLI) -> `load_settings`
-(refuses an unauthenticated non-loopback service) -> torch threads set -> `create_app` ->
-uvicorn, with uvloop and httptools when installed. SIGINT / SIGTERM stop it gracefully:
-not-ready first, then requests in flight finish (up to `graceful_shutdown_s`).
+(refuses an unauthenticated non-loopback service) -> torch threads set -> `create_app` -> the
+loaded heap frozen (serving/heap.py) -> uvicorn, with uvloop and httptools when installed.
+SIGINT / SIGTERM stop it gracefully: not-ready first, then requests in flight finish (up to
+`graceful_shutdown_s`).
 """
 
 import logging
@@ -37,6 +38,7 @@ def run_serve(config: Mapping) -> None:
     import uvicorn
 
     from serving.app import create_app
+    from serving.heap import freeze_long_lived
 
     settings = load_settings(config)
     logging.basicConfig(level=settings.log_level.upper(),
@@ -45,6 +47,8 @@ def run_serve(config: Mapping) -> None:
     # only take cores from the HTTP side.
     torch.set_num_threads(settings.num_threads)
     app = create_app(settings)
+    # torch, the web stack and the twin are loaded: keep them out of full GC passes (heap.py)
+    freeze_long_lived()
     uvicorn.run(
         app,
         host=settings.host,

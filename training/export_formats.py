@@ -3,15 +3,16 @@
 Data flow (inside `twin export`, training/export.py): the eager `OnlineTwin` -> one
 `torch.export` program per online method (`PROGRAMS`), with a dynamic batch, past window and
 horizon -> `twin.pt2` (the programs, any platform torch runs on) and, compiled by AOTInductor
-to C++ for this machine, `twin.aoti.pt2` -> each read back from its bytes (`Pt2Twin`) and
-verified against the eager module exactly as the TorchScript file is. Both are PT2 archives
-(`torch.export.pt2_archive`) holding `metadata.json` as an extra file; docs/export.md.
+to C++ for this machine, `twin.aoti.pt2` -> each read back from its bytes as the service reads
+it (`load_pt2_twin`: serving's `ProgramTwin`) and verified against the eager module exactly as
+the TorchScript file is. Both are PT2 archives (`torch.export.pt2_archive`) holding
+`metadata.json` as an extra file; docs/export.md.
 
 Why a PT2 twin: `torch.jit.script` is deprecated in torch 2.13, and plants keep a validated
 twin for years. Why the compiled one: an online `update` is hundreds of tiny ops; compiled,
 they become a few C++ kernels (benchmarks/online_latency.md).
 
-Calling a PT2 program (what `Pt2Twin` does, and any other caller must do): every tensor
+Calling a PT2 program (what `ProgramTwin` does, and any other caller must do): every tensor
 argument contiguous (an AOTInductor program reads its inputs with the strides it was compiled
 for, and a strided view gives wrong numbers, not an error), and a forecast horizon of at least
 `MIN_HORIZON` rows (the model is causal: pad a shorter one by repeating its last row and keep
@@ -22,16 +23,23 @@ import io
 import json
 import statistics
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.export import Dim
-from torch.export.pt2_archive._package import load_pt2, package_pt2
+from torch.export.pt2_archive._package import package_pt2
 from torch.fx.experimental import _config as fx_config
 
 from hybrid_twin import TwinError
-from serving.twin_formats import fast_aoti_program
+from serving.twin_formats import (
+    ProgramFileError,
+    ProgramTwin,
+    detect_format,
+    load_program_file,
+    read_extra_metadata,
+)
 
 FORMATS = ("torchscript", "export", "aoti")
 PT2_FORMATS = ("export", "aoti")
@@ -159,9 +167,11 @@ def _head(error: Exception, lines: int = 6) -> str:
 
 def package(fmt: str, built: dict, metadata: dict) -> bytes:
     """The PT2 archive of one format, as bytes: `built` is export_programs' (export) or
-    compile_programs' (aoti) result."""
+    compile_programs' (aoti) result. Its metadata.json always says what a reader of the
+    programs needs (`PROGRAM_SHAPES`, the torch that built them), `metadata` the rest."""
     buffer = io.BytesIO()
-    extra = {METADATA_FILE: json.dumps(metadata)}
+    program_facts = {"program_shapes": PROGRAM_SHAPES, "torch_version": torch.__version__}
+    extra = {METADATA_FILE: json.dumps({**program_facts, **metadata})}
     if fmt == "export":
         package_pt2(buffer, exported_programs=built, extra_files=extra)
     elif fmt == "aoti":
@@ -171,65 +181,36 @@ def package(fmt: str, built: dict, metadata: dict) -> bytes:
     return buffer.getvalue()
 
 
-class Pt2Twin:
-    """A PT2 twin file's programs with the OnlineTwin's method names, called as the caller
-    rules of the module docstring say; stateless like the TorchScript twin.
-
-    Args:
-        fmt: "export" or "aoti".
-        programs: name -> callable (an exported program's module, or an AOTInductor runner).
-    """
-
-    def __init__(self, fmt: str, programs: dict) -> None:
-        self.format = fmt
-        self._programs = programs
-
-    def _call(self, name: str, *args: Tensor):
-        out = self._programs[name](*(a.contiguous() for a in args))
-        return tuple(out) if isinstance(out, list | tuple) else (out,)
-
-    def initial_state(self, past_u: Tensor, past_y: Tensor) -> tuple:
-        return self._call("initial_state", past_u, past_y)
-
-    def update(self, *state_and_row: Tensor) -> tuple:
-        return self._call("update", *state_and_row)
-
-    def forecast(self, past_u: Tensor, past_y: Tensor, u: Tensor) -> Tensor:
-        horizon = u.shape[1]
-        if horizon < MIN_HORIZON:
-            u = torch.cat([u, u[:, -1:].expand(-1, MIN_HORIZON - horizon, -1)], dim=1)
-        return self._call("forecast", past_u, past_y, u)[0][:, :horizon]
-
-
-def load_pt2_twin(source: str | Path | bytes) -> tuple[Pt2Twin, dict]:
-    """A PT2 twin file (path or its bytes) as a Pt2Twin and its metadata.
+def load_pt2_twin(source: str | Path | bytes) -> tuple[ProgramTwin, dict]:
+    """A PT2 twin file (path or its bytes) as the service reads it, and its metadata: the
+    service's own `ProgramTwin` (serving/twin_formats.py), so what `twin export` verifies
+    and times is the caller the service runs.
 
     Raises:
-        TwinFormatError: not a readable PT2 archive (truncated, corrupted, an AOTInductor
-            library that does not load here), no metadata.json, or a program missing.
+        TwinFormatError: no such file, not a readable PT2 archive (truncated, corrupted, a
+            TorchScript file), no metadata.json, or programs that do not load here (a program
+            missing, an AOTInductor package of another torch or platform).
     """
     where = f"twin file {source}" if not isinstance(source, bytes) else "twin PT2 bytes"
     try:
-        contents = load_pt2(io.BytesIO(source) if isinstance(source, bytes) else str(source))
-    except Exception as error:  # zipfile, RuntimeError from the AOTI loader, ...
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        fmt = detect_format(data)
+        if fmt not in PT2_FORMATS:
+            raise ProgramFileError(f"it holds the {fmt} format")
+        text = read_extra_metadata(data)
+    except (OSError, ProgramFileError, zipfile.BadZipFile) as error:
         raise TwinFormatError(
             f"{where} is not a readable PT2 archive (truncated or corrupted? re-run `twin "
-            f"export`): {type(error).__name__}: {_head(error, 1)}"
+            f"export`): {error}"
         ) from error
     try:
-        metadata = json.loads(contents.extra_files[METADATA_FILE])
-    except (KeyError, json.JSONDecodeError) as error:
+        metadata = json.loads(text or "")
+    except json.JSONDecodeError as error:
         raise TwinFormatError(f"{where}: {METADATA_FILE} missing or not JSON: {error}") from error
-    if contents.aoti_runners:
-        fmt = "aoti"
-        programs = {name: fast_aoti_program(r) for name, r in contents.aoti_runners.items()}
-    else:
-        fmt = "export"
-        programs = {name: p.module() for name, p in contents.exported_programs.items()}
-    missing = [name for name in PROGRAMS if name not in programs]
-    if missing:
-        raise TwinFormatError(f"{where}: no program {missing} (has {sorted(programs)})")
-    return Pt2Twin(fmt, programs), metadata
+    try:
+        return load_program_file(data, fmt, metadata), metadata
+    except ProgramFileError as error:
+        raise TwinFormatError(f"{where} ({fmt} format): {error}") from error
 
 
 def measure_latency(twin, u: Tensor, y: Tensor, past_steps: int, steps: int) -> dict:

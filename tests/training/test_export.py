@@ -266,6 +266,8 @@ def test_each_pt2_format_runs_in_a_process_that_imports_only_torch_as_eager(
 
 
 def test_pt2_twin_applies_the_caller_rules_strided_rows_and_a_one_row_horizon(exported, eager):
+    """Through `load_pt2_twin`, which export's verification uses: the service's ProgramTwin."""
+    from serving.twin_formats import ProgramTwin
     from training.export_formats import load_pt2_twin
 
     online, _, _, dataset = eager
@@ -273,6 +275,7 @@ def test_pt2_twin_applies_the_caller_rules_strided_rows_and_a_one_row_horizon(ex
     u, y = _test_rows(dataset, 4)
     for name in ("twin.pt2", "twin.aoti.pt2"):
         twin, metadata = load_pt2_twin(out.parent / name)
+        assert isinstance(twin, ProgramTwin)
         assert metadata["format"] == twin.format == name.split(".")[1].replace("pt2", "export")
         with torch.no_grad():
             # a horizon of one row (padded inside), from strided views (made contiguous)
