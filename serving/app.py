@@ -57,8 +57,9 @@ async def housekeeping(service: Service) -> None:
         if service.registry.expire():
             service.metrics.sessions_open.set(len(service.registry))
         if service.store.current is not frozen_with:
-            # a reload (poll or route) swapped the twin at least a tick ago, so requests that
-            # held the old one are done: let its cycles go, freeze the new one (heap.py)
+            # a reload (poll or route) swapped the twin: let the old one's cycles go and freeze
+            # the new one (heap.py). A batch still on the old twin at this moment (TorchScript's
+            # thread) keeps its cycles until the next reload; refcounting frees the rest.
             frozen_with = service.store.current
             refreeze()
         if poll and await service.store.changed_upstream():
