@@ -4,6 +4,7 @@
 #   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh rollout   # network alone, gpu tests, rollout
 #   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh fit       # `twin train trainer=gpu` fits
 #   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh profile   # batch 131,072, top kernels
+#   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh fused     # did the fused network run?
 # Each step has its own time limit, so one that hangs does not take the others with it; logs and
 # JSON go to $OUT. The fits: eager (the reference), then the default fast path twice with one
 # new inductor/Triton cache (cold: every graph compiled; warm: read from the disk cache, as a
@@ -35,6 +36,15 @@ elif [ "$PART" = profile ]; then
         --methods "torchdiffeq rk4 (jump_t)" "CUDA graph + compiled steps (fast path)" \
         "CUDA graph + compiled steps (fast path) + fused network" \
         --json "$OUT/profile.json" 2>&1 | grep -v Warning | tee "$OUT/profile.log"
+elif [ "$PART" = fused ]; then
+    # The open question of benchmarks/gpu_training.md: in the compiled, graphed steps the fused
+    # rows timed the plain network. fused_launches == 0 in a fused row means it did again.
+    timeout ${ROLLOUT_S:-300} $bench rollout --batches ${BATCHES:-131072} --repeats 2 \
+        --methods "CUDA graph + compiled steps (fast path)" \
+        "CUDA graph + compiled steps (fast path) + fused network" "fused network, eager steps" \
+        --json "$OUT/fused_rollout.json" 2>&1 | grep -v Warning | tee "$OUT/fused_rollout.log"
+    timeout ${NETWORK_S:-200} $bench network --batches 131072 --json "$OUT/network_131072.json" \
+        2>&1 | grep -v Warning | tee "$OUT/network_131072.log"
 else
     # name:variant:time limit (s)
     for run in ${FITS:-eager:eager:240 fast_cold:fast:150 fast_warm:fast:90 graphs:graphs:90}; do
