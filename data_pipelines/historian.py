@@ -106,12 +106,13 @@ def read_historian(
         dst_policy=dst_policy,
         timestamp_format=timestamp_format,
     )
-    lower = {n.lower(): n for n in names}
+    lower = {n.strip().lower(): n for n in names}  # " tag" after a comma-space separator
     if "tag" in lower and "value" in lower:
         return _long_table(table, parsed, lower, name)
     if "tag" in lower:  # a long export that lost its value column, not a tag called "tag"
         raise DataValidationError(f"{name}: a `tag` column but no `value` column; found {names}")
-    return _wide_table(table, parsed, [n for n in names if n != ts_col], name)
+    columns = [(position, n) for position, n in enumerate(names, start=1) if n != ts_col]
+    return _wide_table(table, parsed, columns, name)
 
 
 def read_tag_dictionary_units(path: Path) -> list[UnitClaim]:
@@ -153,7 +154,8 @@ def _read_table(path: Path) -> pa.Table:
         # Dictionary-encoded while parsing where values repeat (tags, quality, units); the rest,
         # timestamps included, as plain text so that no cell is lost to type guessing.
         types = {
-            n: (_TEXT if n.lower() in ("tag", "quality", "unit") else pa.string()) for n in header
+            n: (_TEXT if n.strip().lower() in ("tag", "quality", "unit") else pa.string())
+            for n in header
         }
         # only an empty cell is "no value": "N/A" or "NULL" are texts a person should see
         options = pcsv.ConvertOptions(
@@ -190,11 +192,7 @@ def _long_table(table: pa.Table, parsed, lower: dict, file: str) -> HistorianTab
     n = table.num_rows
     values, value_text = _parse_values(table.column(lower["value"]), f"{file} column 'value'")
     tag = _as_categorical(table.column(lower["tag"]))
-    quality = (
-        _as_categorical(table.column(lower["quality"]))
-        if "quality" in lower
-        else pd.Categorical.from_codes(np.full(n, -1), categories=pd.Index([], dtype=str))
-    )
+    quality = _as_categorical(table.column(lower["quality"])) if "quality" in lower else _no_text(n)
     frame = _frame(np.arange(1, n + 1, dtype=np.int64), parsed, tag, values, quality, value_text)
     claims = []
     if "unit" in lower:
@@ -202,21 +200,25 @@ def _long_table(table: pa.Table, parsed, lower: dict, file: str) -> HistorianTab
     return HistorianTable(file, "long", frame, claims, 0)
 
 
-def _wide_table(table: pa.Table, parsed, columns: list[str], file: str) -> HistorianTable:
-    """Wide layout: one row per timestamp, one column per tag; empty cells are not samples."""
+def _wide_table(
+    table: pa.Table, parsed, columns: list[tuple[int, str]], file: str
+) -> HistorianTable:
+    """Wide layout: one row per timestamp, one column per tag; empty cells are not samples.
+
+    `columns` are the tag columns as (1-based position in the header, name)."""
     n, m = table.num_rows, len(columns)
     tags, claims = [], []
-    for j, column in enumerate(columns):
+    for position, column in columns:
         match = _UNIT_HEADER.match(column)
         tags.append(match["tag"] if match else column)
         if match:
-            claims.append(UnitClaim(file, f"header column {j + 2}", match["tag"], match["unit"]))
+            claims.append(UnitClaim(file, f"header column {position}", match["tag"], match["unit"]))
     twice = sorted({t for t in tags if tags.count(t) > 1})
     if twice:
         raise DataValidationError(f"{file}: tags {twice} head more than one column")
     values = np.empty((n, m), dtype=np.float64)
     texts = np.full((n, m), None, dtype=object)
-    for j, column in enumerate(columns):
+    for j, (_, column) in enumerate(columns):
         values[:, j], text = _parse_values(table.column(column), f"{file} column {column!r}")
         if text is not None:
             texts[:, j] = text
@@ -260,6 +262,8 @@ def _parse_values(column: pa.ChunkedArray, where: str) -> tuple[np.ndarray, np.n
         array holding the cell text where it is not a number and None elsewhere.
     """
     kind = column.type
+    if pa.types.is_null(kind):  # Parquet's type of a column with no value at all
+        return np.full(len(column), np.nan), None
     if pa.types.is_floating(kind) or pa.types.is_integer(kind):
         return _floats(pc.cast(column, pa.float64())), None
     if pa.types.is_dictionary(kind):
@@ -269,9 +273,13 @@ def _parse_values(column: pa.ChunkedArray, where: str) -> tuple[np.ndarray, np.n
     ):
         raise DataValidationError(f"{where}: type {kind} is neither number nor text")
     try:  # fast path: the arrow cast fails as a whole on the first non-number
-        return _floats(pc.cast(column, pa.float64())), None
+        values = _floats(pc.cast(column, pa.float64()))
+        if not np.isnan(values).any():
+            return values, None
     except pa.ArrowInvalid:
         pass
+    # Some cell is not a number, or is a text arrow reads as NaN ("nan", "NaN"): a value
+    # written as text, which is told apart from an empty cell.
     strings = column.to_pandas()
     numbers = pd.to_numeric(strings, errors="coerce")
     text_mask = numbers.isna().to_numpy() & strings.notna().to_numpy()
@@ -283,7 +291,14 @@ def _floats(column: pa.ChunkedArray) -> np.ndarray:
     return column.to_numpy().astype(np.float64, copy=False)
 
 
+def _no_text(n: int) -> pd.Categorical:
+    """n cells that hold no text (a column the file does not have, or all null)."""
+    return pd.Categorical.from_codes(np.full(n, -1), categories=pd.Index([], dtype=str))
+
+
 def _as_categorical(column: pa.ChunkedArray) -> pd.Categorical:
+    if pa.types.is_null(column.type):  # Parquet's type of a column with no value at all
+        return _no_text(len(column))
     if not pa.types.is_dictionary(column.type):
         column = pc.dictionary_encode(column)
     combined = column.unify_dictionaries().combine_chunks() if column.num_chunks else column

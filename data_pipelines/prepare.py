@@ -8,7 +8,7 @@ before anything is read, so a misspelt key fails at once with the valid keys lis
 
 import math
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -70,7 +70,7 @@ class DataConfig:
             if f.type is float and f.name in values:
                 values[f.name] = _number(f.name, values[f.name])
         if "good_quality" in values:
-            values["good_quality"] = tuple(str(q) for q in values["good_quality"])
+            values["good_quality"] = _good_quality(values["good_quality"])
         if "split" in values:
             values["split"] = _check_split(values["split"])
         config = cls(**values)
@@ -230,6 +230,16 @@ def find_historian_files(raw_dir: Path, pattern: str) -> list[Path]:
             "data.historian_glob"
         )
     return found
+
+
+def _good_quality(value: object) -> tuple[str, ...]:
+    """The quality strings that mark a good sample; a lone string is one of them."""
+    # Iterating a string would accept its letters: 'Good' would reject every 'Good' row.
+    if isinstance(value, str):
+        return (value,)
+    if value is None or isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise ConfigError(f"data.good_quality must be a list of quality strings, got {value!r}")
+    return tuple(str(q) for q in value)
 
 
 def _check_split(split: Mapping) -> dict:

@@ -54,6 +54,11 @@ def read_runs(path: Path, *, timezone: str) -> pd.DataFrame:
     missing = [c for c in ("run_id", "start", "end") if c not in table.columns]
     if missing:
         raise DataValidationError(f"{name}: missing columns {missing}; found {list(table.columns)}")
+    if table.empty:
+        raise DataValidationError(
+            f"{name}: no runs, the file has a header only; give one row per run, or remove "
+            "the file to take the whole export as one run"
+        )
     runs = pd.DataFrame(
         {"row": np.arange(1, len(table) + 1), "run_id": table["run_id"].str.strip()}
     )
@@ -62,13 +67,19 @@ def read_runs(path: Path, *, timezone: str) -> pd.DataFrame:
             pa.array(table[column].str.strip().replace("", None)),
             file=name,
             timezone=timezone,
-            dst_policy="raise",
+            dst_policy="reject",  # flagged here, so the message fits a run boundary
         )
         bad = np.flatnonzero(parsed.error != 0)
         if bad.size:
+            why = {
+                2: f"is ambiguous in {timezone} (the hour repeats when DST ends); give it "
+                "with a UTC offset",
+                3: f"does not exist in {timezone} (clocks skip that hour when DST starts); "
+                "give it with a UTC offset",
+            }.get(int(parsed.error[bad[0]]), "is not a timestamp")
             raise DataValidationError(
                 f"{name} row {bad[0] + 1} run {runs['run_id'][bad[0]]}: {column} "
-                f"{table[column][bad[0]]!r} is not a timestamp"
+                f"{table[column][bad[0]]!r} {why}"
             )
         runs[f"{column}_ns"] = parsed.ns
     runs["kind"] = _choice(table, "kind", "normal", KINDS, name)

@@ -21,7 +21,8 @@ from data_pipelines.errors import DataValidationError
 TIMESTAMP_ERRORS = ("unparseable_timestamp", "ambiguous_local_time", "nonexistent_local_time")
 DST_POLICIES = ("raise", "reject")
 NAT = np.iinfo(np.int64).min
-_HAS_OFFSET = r"(?:Z|[+-]\d{2}(?::?\d{2})?)$"
+# An offset follows a time of day: a date alone ("2025-03-01") ends in "-01", no offset.
+_HAS_OFFSET = r"[T ]\d[\d:.,]*(?:Z|[+-]\d{2}(?::?\d{2})?)$"
 
 
 class ParsedTimestamps(NamedTuple):

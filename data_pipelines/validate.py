@@ -94,16 +94,21 @@ def check_tags(table: HistorianTable, dictionary: TagDictionary) -> np.ndarray:
         dictionary: the plant's tags.
 
     Returns:
-        int64 array, one dictionary index per category of `table.frame["tag"]`.
+        int64 array, one dictionary index per category of `table.frame["tag"]` (-1 for a
+        category no row holds that is not in the dictionary).
 
     Raises:
         DataValidationError: naming the file, the first row of the unknown tag, the tag, and
             the dictionary tags spelled like it.
     """
     categories = list(table.frame["tag"].cat.categories)
-    for name in categories:
+    codes = table.frame["tag"].cat.codes.to_numpy()
+    # Only tags some row holds: a Parquet category no row uses, or the empty column a
+    # trailing comma makes in a wide CSV, is not in the export.
+    for code in np.unique(codes[codes >= 0]):
+        name = categories[code]
         if name not in dictionary:
-            first = int(np.argmax(table.frame["tag"].to_numpy() == name))
+            first = int(np.argmax(codes == code))
             row = int(table.frame["row"].iloc[first])
             close = dictionary.close_matches(name)
             hint = f"; did you mean {close}?" if close else ""
@@ -111,7 +116,10 @@ def check_tags(table: HistorianTable, dictionary: TagDictionary) -> np.ndarray:
                 f"{table.file} row {row} tag {name!r}: unknown tag, not in the tag "
                 f"dictionary ({len(dictionary)} tags){hint}"
             )
-    return np.array([dictionary.names.index(name) for name in categories], dtype=np.int64)
+    return np.array(
+        [dictionary.names.index(name) if name in dictionary else -1 for name in categories],
+        dtype=np.int64,
+    )
 
 
 def check_units(claims: list[UnitClaim], dictionary: TagDictionary) -> None:
@@ -171,9 +179,10 @@ def validate(
     _mark_out_of_range(samples, dictionary, tables, out_of_range)
     if runs is None:
         ok = samples.reason == 0
+        # The run spans the first to the last valid sample, so the grid starts at the first.
         runs = single_run(
-            int(samples.ns[ok].min(initial=0) if ok.any() else 0),
-            int(samples.ns[ok].max(initial=0) if ok.any() else 0),
+            int(samples.ns[ok].min()) if ok.any() else 0,
+            int(samples.ns[ok].max()) if ok.any() else 0,
         )
     run = assign_runs(samples.ns, runs)
     samples.reason[(samples.reason == 0) & (run < 0)] = CODE["outside_runs"]
@@ -259,7 +268,8 @@ def _mark_duplicates(s: Samples) -> None:
     order = np.lexsort((s.ns[cand], s.tag[cand]))  # stable: ties stay in file order
     sorted_idx = cand[order]
     tag, ns = s.tag[sorted_idx], s.ns[sorted_idx]
-    dup = np.r_[False, (tag[1:] == tag[:-1]) & (ns[1:] == ns[:-1])]
+    dup = np.zeros(len(sorted_idx), dtype=bool)  # no candidates (every row bad): none
+    dup[1:] = (tag[1:] == tag[:-1]) & (ns[1:] == ns[:-1])
     start = np.maximum.accumulate(np.where(dup, 0, np.arange(len(dup))))
     s.reason[sorted_idx[dup]] = CODE["duplicate_timestamp"]
     s.ref[sorted_idx[dup]] = sorted_idx[start[dup]]
