@@ -4,6 +4,7 @@ Sits between the feeders and the press; the NIR probe sees the composition of it
 
     H(F, w)  = H_ref (F / F_ref)^a (w_ref / w)^b         total hold-up at steady state [kg]
     k        = N F / (3600 H(F, w))                      per-tank outflow rate [1/s]
+                                                         (1/k smoothly floored at 2 s)
     dm_1/dt  = in / 3600 - k m_1,  dm_i/dt = k (m_(i-1) - m_i)     per component [kg/s]
     dw/dt    = (w_sp - w) / tau_drive                    impeller speed [rpm/s]
 
@@ -24,7 +25,13 @@ from torch import Tensor
 
 from hybrid_twin.errors import ConfigError
 from hybrid_twin.specs import InputSpec, OutputSpec, ParamSpec, StateSpec
-from hybrid_twin.units.base import AbstractUnit, positive_int, tank_state_specs, tanks_in_series
+from hybrid_twin.units.base import (
+    AbstractUnit,
+    floored_residence_s,
+    positive_int,
+    tank_state_specs,
+    tanks_in_series,
+)
 
 BLENDER_PARAMS = (
     ParamSpec(
@@ -107,13 +114,16 @@ class TanksInSeriesBlender(AbstractUnit):
 
         Written as k = N F_ref / (3600 H_ref) (F / F_ref)^(1 - a) (w / w_ref)^b, which stays
         finite as F or w go to 0 (a <= 1, b >= 0); the floors keep F and w strictly positive
-        even where float32's softplus underflows (a millionth of their width).
+        even where float32's softplus underflows (a millionth of their width). 1/k has the
+        line's smooth 2 s floor (`floored_residence_s`): the bounds of H_ref, a and b alone
+        allow k of several 1/s at a high throughput and speed, where a 5 s RK4 step diverges.
         """
         holdup_ref, flow_ref, speed_ref = theta[0], theta[1], theta[2]
         flow = F.softplus(throughput_kg_h, beta=self.flow_beta) + self.flow_epsilon
         speed = F.softplus(speed_rpm, beta=self.speed_beta) + self.speed_epsilon
         rate = torch.pow(flow / flow_ref, 1.0 - theta[3]) * torch.pow(speed / speed_ref, theta[4])
-        return rate * flow_ref * (self.n_tanks / 3600.0) / holdup_ref
+        rate = rate * flow_ref * (self.n_tanks / 3600.0) / holdup_ref
+        return 1.0 / floored_residence_s(1.0 / rate)
 
     def mean_residence_time_s(
         self, throughput_kg_h: Tensor, speed_rpm: Tensor, theta: list[Tensor]

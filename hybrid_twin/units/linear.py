@@ -82,9 +82,10 @@ class LinearStateSpace(AbstractUnit):
                 width = max((float(high) - float(low)) / 2.0, 1e-12)
                 value = scales[0] / width / tau if i == 0 else 0.0
                 specs.append(ParamSpec(f"b_{i + 1}_{j + 1}", "state/(input s)", value))
-        for k in range(len(outs)):
+        for k in range(len(outs)):  # B carries the first output's scale; C the ratio to it
             for i in range(n):
-                specs.append(ParamSpec(f"c_{k + 1}_{i + 1}", "output/state", float(i == n - 1)))
+                gain = scales[k] / scales[0] if i == n - 1 else 0.0
+                specs.append(ParamSpec(f"c_{k + 1}_{i + 1}", "output/state", gain))
         for k, signal in enumerate(outs):
             specs.append(ParamSpec(f"d_{k + 1}", signal["unit"], float(signal["nominal"])))
         super().__init__(name, components, specs, params)

@@ -9,7 +9,8 @@ Last unit of the line; its outlet stream is the tablets leaving the line.
     turret  = out * 1e6 / (W * stations * 60)       turret speed [rpm]
 
 The feed frame (n small tanks in series, mean residence tau_frame) adds the last delay and
-mixing before compression; x_api is the API mass fraction of its last tank. The press's weight
+mixing before compression; x_api is the API mass fraction of its last tank (each tank's
+residence tau_frame / n has the line's smooth 2 s floor, units/base.py). The press's weight
 control loop drives the fill depth so tablet weight W follows its setpoint with time constant
 tau_W; at a fixed punch gap a heavier fill compacts harder, hence the power law for force.
 
@@ -33,7 +34,13 @@ from torch import Tensor
 
 from hybrid_twin.errors import ConfigError, unknown_key_message
 from hybrid_twin.specs import InputSpec, OutputSpec, ParamSpec, StateSpec
-from hybrid_twin.units.base import AbstractUnit, positive_int, tank_state_specs, tanks_in_series
+from hybrid_twin.units.base import (
+    AbstractUnit,
+    floored_residence_s,
+    positive_int,
+    tank_state_specs,
+    tanks_in_series,
+)
 
 PRESS_PARAMS = (
     ParamSpec(
@@ -182,6 +189,10 @@ class TabletPress(AbstractUnit):
             for c in self.components
         ]
 
+    def _tank_residence_s(self, theta: list[Tensor]) -> Tensor:
+        """tau_frame / n, with the line's smooth 2 s floor (several frame tanks could go below)."""
+        return floored_residence_s(theta[0] / self.n_frame_tanks)
+
     def _frame(self, x: Tensor) -> Tensor:
         frame = (self.n_frame_tanks, self.n_components)
         return x.narrow(1, 0, self.n_tank_states).unflatten(1, frame)
@@ -201,7 +212,7 @@ class TabletPress(AbstractUnit):
     ) -> tuple[Tensor, Tensor]:
         """See `AbstractUnit.derivative`."""
         weight = x.narrow(1, self.n_tank_states, 1)
-        rate = self.n_frame_tanks / theta[0]
+        rate = 1.0 / self._tank_residence_s(theta)
         d_mass, out_kg_s = tanks_in_series(self._frame(x), inflow * (1.0 / 3600.0), rate)
         d_weight = (u.narrow(1, 0, 1) - weight) / theta[1]
         parts = [d_mass.flatten(1), d_weight]
@@ -226,7 +237,7 @@ class TabletPress(AbstractUnit):
             dose = theta[2]
         api_lc = weight * api_fraction * 100.0 / dose
         force = theta[3] * torch.pow(weight / theta[4], theta[5])
-        out_kg_h = last_kg * (self.n_frame_tanks * 3600.0) / theta[0]
+        out_kg_h = last_kg * 3600.0 / self._tank_residence_s(theta)
         turret = out_kg_h * (1e6 / (60.0 * self.stations)) / weight
         holdup = frame.flatten(1).sum(dim=1, keepdim=True)
         return torch.cat([weight, api_lc, force, turret, holdup], dim=1)
@@ -238,7 +249,7 @@ class TabletPress(AbstractUnit):
     def steady_state(self, u: Tensor, inflow: Tensor, theta: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Each frame tank holds in * tau_frame / (3600 n); weight at its setpoint; recipe dose
         W_sp F_api,sp / sum_c F_c,sp."""
-        tank = inflow * theta[0] / (3600.0 * self.n_frame_tanks)
+        tank = inflow * self._tank_residence_s(theta) / 3600.0
         tanks = tank.unsqueeze(1).expand(-1, self.n_frame_tanks, -1).flatten(1)
         parts = [tanks, u.narrow(1, 0, 1)]
         if self.recipe:

@@ -126,10 +126,8 @@ class CascadedTanks(AbstractUnit):
         self.output_specs = (OutputSpec("lower_level_v", "V", "level sensor reading"),)
 
     def _outflows(self, x: Tensor, theta: list[Tensor]) -> tuple[Tensor, Tensor]:
-        # sqrt of a level floored at 0: a learned correction may push a level below empty,
-        # where no water drains; the 1e-6 keeps the gradient finite at an empty tank.
-        upper = torch.sqrt(x.narrow(1, 0, 1).clamp_min(0.0) + 1e-6)
-        lower = torch.sqrt((x.narrow(1, 1, 1) - theta[4]).clamp_min(0.0) + 1e-6)
+        upper = _drain_root(x.narrow(1, 0, 1))
+        lower = _drain_root(x.narrow(1, 1, 1) - theta[4])
         return upper, lower
 
     def derivative(
@@ -165,23 +163,39 @@ class CascadedTanks(AbstractUnit):
         return torch.cat([total, pad], dim=1)
 
     def steady_state(self, u: Tensor, inflow: Tensor, theta: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Levels where both balances vanish, with the derivative's 1e-6 floor under the roots:
-        x1 = (k4 u / k1)^2 - 1e-6, x2 = o + (k2 k4 u / (k1 k3))^2 - 1e-6 (u floored at 0,
-        levels at 0: a pump voltage too small to lift a level above the floor reads empty).
+        """Levels where both balances vanish, inverting the derivative's `_drain_root`:
+        x1 = L(k4 u / k1), x2 = o + L(k2 k4 u / (k1 k3)) with L(r) = (r + 1e-3)^2 - 1e-6
+        (u floored at 0: with the pump off both tanks are empty).
 
         With overflow a level stops where its spill takes all of the net inflow, h + w/2: the
         upper tank there spills s1 = k4 u - k1 sqrt(x1), and the lower tank balances
         k2 sqrt(x1) + k5 s1 against its drain."""
         upper_root = theta[3] * u.clamp_min(0.0) / theta[0]
-        upper = (upper_root.pow(2) - 1e-6).clamp_min(0.0)
+        upper = _level_of_root(upper_root)
         if not self.overflow:
-            lower = theta[4] + ((theta[1] / theta[2] * upper_root).pow(2) - 1e-6).clamp_min(0.0)
+            lower = theta[4] + _level_of_root(theta[1] / theta[2] * upper_root)
             return torch.cat([upper, lower], dim=1), torch.zeros_like(inflow)
         half_width = 0.5 * self.overflow_width_v
         upper = torch.minimum(upper, theta[5] + half_width)
-        root = torch.sqrt(upper + 1e-6)
+        root = _drain_root(upper)
         upper_spill = (theta[3] * u.clamp_min(0.0) - theta[0] * root).clamp_min(0.0)
         lower_root = (theta[1] * root + theta[7] * upper_spill) / theta[2]
-        lower = theta[4] + (lower_root.pow(2) - 1e-6).clamp_min(0.0)
+        lower = theta[4] + _level_of_root(lower_root)
         lower = torch.minimum(lower, theta[6] + half_width)
         return torch.cat([upper, lower], dim=1), torch.zeros_like(inflow)
+
+
+def _drain_root(level: Tensor) -> Tensor:
+    """sqrt(level) of Torricelli's law, 0 at and below empty, with a finite slope there.
+
+    A learned correction may push a level below empty, where no water drains: the level is
+    floored at 0. sqrt(h + 1e-6) - 1e-3 keeps the gradient finite (500 at h = 0) and is
+    exactly 0 at an empty tank, so an empty tank stays empty (plain sqrt(h + 1e-6) would drain
+    it below 0 at k * 1e-3 V/s forever).
+    """
+    return torch.sqrt(level.clamp_min(0.0) + 1e-6) - 1e-3
+
+
+def _level_of_root(root: Tensor) -> Tensor:
+    """The level whose `_drain_root` is `root` (>= 0), V."""
+    return (root + 1e-3).pow(2) - 1e-6

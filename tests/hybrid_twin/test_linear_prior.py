@@ -4,7 +4,7 @@ import pytest
 import torch
 from tolerances import tol
 
-from hybrid_twin import FLOWSHEETS, ConfigError, build_flowsheet, integrate_zoh
+from hybrid_twin import FLOWSHEETS, UNITS, ConfigError, build_flowsheet, integrate_zoh
 
 
 def test_steady_state_is_an_equilibrium_and_reads_the_initial_unit_gain(float64):
@@ -56,3 +56,21 @@ def test_linear_prior_without_outputs_names_the_key():
     spec["units"]["linear"]["outputs"] = {}
     with pytest.raises(ConfigError, match="linear.outputs: expected at least one"):
         build_flowsheet(spec)
+
+
+def test_each_output_starts_with_its_own_scale_as_gain(float64):
+    unit = UNITS["linear_state_space"](
+        "linear",
+        ["water"],
+        inputs={"pump_v": {"unit": "V", "nominal": 2.8, "range": [0.0, 10.0]}},
+        outputs={
+            "level_v": {"unit": "V", "nominal": 5.6, "scale": 2.2},
+            "flow_l_min": {"unit": "l/min", "nominal": 1.0, "scale": 22.0},
+        },
+    )
+    theta = unit.theta()
+    half_range_up = torch.tensor([[2.8 + 5.0]])  # one input scale above nominal
+    x, _ = unit.steady_state(half_range_up, torch.zeros(1, 1), theta)
+    torch.testing.assert_close(
+        unit.outputs(x, theta), torch.tensor([[5.6 + 2.2, 1.0 + 22.0]]), rtol=0.0, atol=1e-9
+    )
