@@ -47,30 +47,50 @@ def build_service(settings: ServeSettings, twin: LoadedTwin) -> Service:
 
 async def housekeeping(service: Service) -> None:
     """Drop idle sessions, reload when the model_uri's target changed (if polling), and
-    re-freeze the heap after a reload (serving/heap.py)."""
+    re-freeze the heap after a reload (serving/heap.py). A pass that fails on an unexpected
+    error is logged with its traceback and counted (twin_housekeeping_errors_total); the next
+    pass runs as usual, so that expiry and polling never stop."""
     poll = service.settings.reload_poll_s
     expiry = service.settings.sessions.idle_expiry_s
     period = min(x for x in (poll or expiry, expiry / 4, 30.0) if x > 0)
     frozen_with = service.store.current
     while True:
         await asyncio.sleep(period)
-        if service.registry.expire():
-            service.metrics.sessions_open.set(len(service.registry))
-        if service.store.current is not frozen_with:
-            # a reload (poll or route) swapped the twin: let the old one's cycles go and freeze
-            # the new one (heap.py). A batch still on the old twin at this moment (TorchScript's
-            # thread) keeps its cycles until the next reload; refcounting frees the rest.
-            frozen_with = service.store.current
-            refreeze()
-        if poll and await service.store.changed_upstream():
-            try:
-                twin, changed = await service.store.reload()
-            except (ValueError, OSError) as error:  # TwinFileError, IncompatibleTwinError
-                service.metrics.reloads.labels("failed").inc()
-                log.error("reload poll: %s", error)
-                continue
-            service.metrics.reloads.labels("changed" if changed else "unchanged").inc()
-            service.metrics.set_model(twin)
+        try:
+            frozen_with = await housekeeping_pass(service, frozen_with)
+        except Exception:
+            service.metrics.housekeeping_errors.inc()
+            log.exception("housekeeping pass failed (the next one runs in %g s)", period)
+
+
+async def housekeeping_pass(service: Service, frozen_with: LoadedTwin) -> LoadedTwin:
+    """One pass of `housekeeping`; returns the twin the heap is now frozen with."""
+    if service.registry.expire():
+        service.metrics.sessions_open.set(len(service.registry))
+    if service.store.current is not frozen_with:
+        # a reload (poll or route) swapped the twin: let the old one's cycles go and freeze
+        # the new one (heap.py). A batch still on the old twin at this moment (TorchScript's
+        # thread) keeps its cycles until the next reload; refcounting frees the rest.
+        frozen_with = service.store.current
+        refreeze()
+    if service.settings.reload_poll_s and await service.store.changed_upstream():
+        await poll_reload(service)
+    return frozen_with
+
+
+async def poll_reload(service: Service) -> None:
+    """Reload the changed model_uri; a file that cannot be served is logged and counted."""
+    try:
+        twin, changed = await service.store.reload()
+    except (ValueError, OSError) as error:  # TwinFileError, IncompatibleTwinError
+        service.metrics.reloads.labels("failed").inc()
+        log.error("reload poll: %s", error)
+        return
+    except Exception:
+        service.metrics.reloads.labels("failed").inc()
+        raise  # not a file's fault: the pass logs it with its traceback
+    service.metrics.reloads.labels("changed" if changed else "unchanged").inc()
+    service.metrics.set_model(twin)
 
 
 def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastAPI:
@@ -120,14 +140,16 @@ def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastA
     app.state.service = service
     auth = token_dependency(settings.tokens)
     install_error_handlers(app)
-    app.include_router(ops_router(service, auth))
-    app.include_router(model_router(service), dependencies=[Depends(auth)])
-    app.include_router(sessions_router(service), dependencies=[Depends(auth)])
+    routers = [ops_router(service, auth), model_router(service), sessions_router(service)]
+    app.include_router(routers[0])
+    for router in routers[1:]:
+        app.include_router(router, dependencies=[Depends(auth)])
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(auth)])
     async def openapi() -> dict:
         return app.openapi()
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics,
+                       routes=[route for router in routers for route in router.routes])  # fmt: skip
     return app

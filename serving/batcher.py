@@ -12,7 +12,9 @@ inline: benchmarks/service_load.md). A batched update costs far less per line
 than one call per line (2.05 ms for 1 line, 9.1 ms for 16, 22 ms for 64 on the development
 machine: benchmarks/service_load.md), so batching is what lets one core keep up with many
 lines. There is no waiting for a batch to fill: items that arrive while a batch runs form the
-next one, so a lone client pays no delay.
+next one, so a lone client pays no delay. Each item names the twin it runs on (a post takes
+the twin served when it starts, for all its rows): around a hot reload, the items taken
+together run as one call per twin.
 
 Consistency: a session has at most one item in flight (its route holds the session lock and
 awaits each step), every item of a batch has its own slot, and the state of a row is written
@@ -29,13 +31,14 @@ import torch
 
 from serving.metrics import ServiceMetrics
 from serving.sessions import Session, SessionRegistry
+from serving.twin_file import LoadedTwin
 from serving.twin_store import TwinStore
 
 
 @dataclass(eq=False)
 class StepItem:
-    """One grid step of one session. inputs None: a bridged gap row (inputs held, nothing
-    measured)."""
+    """One grid step of one session, on `twin`. inputs None: a bridged gap row (inputs held,
+    nothing measured)."""
 
     session: Session
     timestamp: datetime
@@ -43,6 +46,7 @@ class StepItem:
     measurement: list[float]
     mask: list[bool]
     future: asyncio.Future
+    twin: LoadedTwin
 
 
 @dataclass
@@ -66,8 +70,8 @@ class UpdateBatcher:
     """One queue, one worker coroutine, one torch thread for the monitoring updates.
 
     Args:
-        store: where the current twin is read, once per batch (a reload between batches
-            takes effect at the next one; a batch in flight finishes on its twin).
+        store: the twin served, for a step queued without one (a reload takes effect for the
+            steps queued after it; a batch in flight finishes on its twin).
         registry: the sessions and their state pool.
         metrics: batch sizes, updates and alarms are counted here.
         max_batch: most rows in one update call.
@@ -100,10 +104,14 @@ class UpdateBatcher:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, twin, *args)
 
     async def step(self, session: Session, timestamp: datetime, inputs: list[float] | None,
-                   measurement: list[float], mask: list[bool]) -> StepOutput:  # fmt: skip
-        """Queue one grid step of `session` and wait for its output."""
+                   measurement: list[float], mask: list[bool],
+                   twin: LoadedTwin | None = None) -> StepOutput:  # fmt: skip
+        """Queue one grid step of `session` on `twin` (default: the one served now) and wait
+        for its output."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(StepItem(session, timestamp, inputs, measurement, mask, future))
+        item = StepItem(session, timestamp, inputs, measurement, mask, future,
+                        twin or self.store.current)  # fmt: skip
+        self._queue.put_nowait(item)
         return await future
 
     async def _run(self) -> None:
@@ -111,15 +119,18 @@ class UpdateBatcher:
             items = [await self._queue.get()]
             while len(items) < self.max_batch and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            twin = self.store.current
-            try:
-                outputs = await self.run_torch(self._compute, twin, items)
-            except Exception as error:  # a bug of ours or the file's: fail these rows only
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                continue
-            self._commit(items, outputs)
+            for twin, group in _by_twin(items):  # one group, except around a reload
+                await self._run_batch(twin, group)
+
+    async def _run_batch(self, twin: LoadedTwin, items: list[StepItem]) -> None:
+        try:
+            outputs = await self.run_torch(self._compute, twin, items)
+        except Exception as error:  # a bug of ours or the file's: fail these rows only
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        self._commit(items, outputs)
 
     def _compute(self, twin, items: list[StepItem]) -> list[StepOutput]:
         """Gather, update, scatter the finite rows, convert (where run_torch puts it)."""
@@ -169,3 +180,11 @@ class UpdateBatcher:
                 session.alarm = output.alarm
             if not item.future.done():
                 item.future.set_result(output)
+
+
+def _by_twin(items: list[StepItem]) -> list[tuple[LoadedTwin, list[StepItem]]]:
+    """The items grouped by the twin they run on, in the order each twin first appears."""
+    groups: dict[int, tuple[LoadedTwin, list[StepItem]]] = {}
+    for item in items:
+        groups.setdefault(id(item.twin), (item.twin, []))[1].append(item)
+    return list(groups.values())

@@ -29,7 +29,7 @@ class BodyLimitMiddleware:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return  # no one to answer: MetricsMiddleware counts it as 499
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:

@@ -8,13 +8,16 @@ alarms; the routes add sessions and reloads -> `GET /metrics` (text exposition f
 
 import gc
 import time
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.routing import BaseRoute, Match
 
 # Request latency buckets around the 20 ms p99 target, finer below it.
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer
 
 
 class ServiceMetrics:
@@ -44,6 +47,9 @@ class ServiceMetrics:
                                         "sessions dropped after idle_expiry_s", registry=r)
         self.reloads = Counter("twin_model_reloads", "model reload attempts by result",
                                ["result"], registry=r)  # fmt: skip
+        self.housekeeping_errors = Counter(
+            "twin_housekeeping_errors", "housekeeping passes (idle expiry, reload poll) that "
+            "failed on an unexpected error, logged with its traceback", registry=r)  # fmt: skip
         self.model_info = Gauge("twin_model_info", "the twin served (value 1) and its format",
                                 ["version", "sha256", "format"], registry=r)  # fmt: skip
         self.heap_frozen = Gauge("twin_heap_frozen_objects",
@@ -61,18 +67,35 @@ class ServiceMetrics:
 class MetricsMiddleware:
     """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware): counts and
     times each HTTP request under its route template (`/v1/sessions/{session_id}`, never the
-    raw path, so ids do not multiply the series); unmatched paths count as `unmatched`."""
+    raw path, so ids do not multiply the series); unmatched paths count as `unmatched`. A
+    request the client dropped before any answer counts as status 499 (nginx's "client closed
+    request"), not as a failure of the service.
 
-    def __init__(self, app, metrics: ServiceMetrics) -> None:
+    Args:
+        app: the ASGI app inside.
+        metrics: where requests are counted.
+        routes: the app's routes (full paths), to name the route of a request answered before
+            routing: a 413 of the body limit, a client gone during the upload.
+    """
+
+    def __init__(self, app, metrics: ServiceMetrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = tuple(routes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = [500]
+        status = [None]
+        disconnected = [False]
+
+        async def receive_noting_disconnect():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected[0] = True
+            return message
 
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":
@@ -80,10 +103,31 @@ class MetricsMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_noting_disconnect, send_status)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            code = status[0] or (CLIENT_CLOSED if disconnected[0] else 500)
+            path = route_template(scope, self.routes)
             method = scope["method"]
-            self.metrics.requests.labels(method, path, str(status[0])).inc()
+            self.metrics.requests.labels(method, path, str(code)).inc()
             self.metrics.latency.labels(method, path).observe(time.perf_counter() - started)
+
+
+def route_template(scope, routes: Sequence[BaseRoute]) -> str:
+    """The template of the route a request matched; for one answered before routing, the one
+    of `routes` it would have matched; `unmatched` where none would."""
+    route = scope.get("route") or _route_for(scope, routes)
+    return getattr(route, "path", None) or "unmatched"
+
+
+def _route_for(scope, routes: Sequence[BaseRoute]) -> BaseRoute | None:
+    """The route a router would take (as Starlette's does: a full match first, else one of
+    the path with another method). Run only for requests that did not reach the router (a
+    404 path, a refused upload): one regex per route, 11 routes."""
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return partial

@@ -8,9 +8,10 @@ tags per future row. The model routes show what is served and swap in a newer ve
 """
 
 import asyncio
+import json
 
 import torch
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serving.errors import field_error
@@ -75,10 +76,12 @@ def model_router(service: Service) -> APIRouter:
 
     @router.post("/model/reload", response_model=ReloadResponse, responses=errors(401, 409, 422),
                  summary="load the configured model again (hot reload)")
-    async def reload() -> FastJSONResponse:
-        """Load `model_uri` again (the alias' version now, or the file as it is now) and swap
-        it in without stopping: requests in flight finish on the old twin. Refused (the old
-        one stays) if it cannot be read or has other tags, states, dt or dtype."""
+    async def reload(request: Request) -> FastJSONResponse:
+        """Load the configured `model_uri` again (the alias' version now, or the file as it is
+        now) and swap it in without stopping: requests in flight finish on the old twin.
+        Takes no body (another model needs its own service). Refused (the old one stays) if
+        it cannot be read or has other tags, tag units, states, dt or dtype."""
+        check_no_body(await request.body())
         previous = service.store.current.label
         try:
             twin, changed = await service.store.reload()
@@ -94,6 +97,28 @@ def model_router(service: Service) -> APIRouter:
                                  "current": service.model_body()})  # fmt: skip
 
     return router
+
+
+def check_no_body(raw: bytes) -> None:
+    """Refuse a reload body: the route reloads the configured model_uri only, and silently
+    ignoring a `model_uri` sent would reload something other than the client asked for.
+    Nothing, or an empty JSON object, is accepted.
+
+    Raises:
+        HTTPException: 422 naming the first field sent (or the body, if not an object).
+    """
+    if not raw.strip():
+        return
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if body == {}:
+        return
+    loc = ["body", next(iter(body))] if isinstance(body, dict) else ["body"]
+    raise field_error(422, loc, "POST /v1/model/reload takes no body: it reloads the "
+                      "configured model_uri; another model needs a service started on it",
+                      "extra_forbidden")  # fmt: skip
 
 
 def ops_router(service: Service, auth) -> APIRouter:

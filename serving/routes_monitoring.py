@@ -4,11 +4,12 @@ Data flow: a past window -> the twin's `initial_state` -> a session; each posted
 time order -> one batched `update` (serving/batcher.py), gaps bridged by predicted rows ->
 state estimate, predicted tags, T^2 / EWMA statistics, alarm and top contributing tags. The
 session's lock is held for a whole post, so two posts to one session run one after the
-other, and every row is checked against the session's last timestamp before any row runs.
+other; every row is placed on the session's time grid (`grid_steps`) before any row runs; a
+post runs on one twin, and one refused midway is undone (the session restored as it was).
 """
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import torch
 from fastapi import APIRouter, Path
@@ -32,33 +33,53 @@ def row_values(row) -> tuple[list[float], list[float], list[bool]]:
     return inputs, [math.nan if v is None else v for v in sampled], [v is not None for v in sampled]
 
 
-def grid_steps(rows, last, dt_s: float, max_gap: int, where: list) -> list[int]:
-    """Grid steps from the previous row to each row (1 = the next row; > 1 = a gap).
+def grid_index(timestamp: datetime, origin: datetime, dt_s: float) -> int:
+    """The point of a session's time grid (origin + n * dt_s) nearest `timestamp`: n =
+    round((timestamp - origin) / dt_s), halves rounded up, computed in whole microseconds so
+    that it is exact however long the session runs."""
+    dt_us = round(dt_s * 1e6)
+    delta_us = (timestamp - origin) // timedelta(microseconds=1)
+    return (2 * delta_us + dt_us) // (2 * dt_us)
+
+
+def grid_steps(rows, origin: datetime, taken: int, dt_s: float, max_gap: int,
+               where: list) -> list[int]:  # fmt: skip
+    """Grid steps each row advances the session (1 = the next grid point; > 1 = a gap).
+
+    A row lands on the session's grid point nearest its timestamp (`grid_index`) and advances
+    from the point the row before it reached (the first row: from `taken`, the steps the
+    session has run). Counted on the grid, not from the previous row, jitter in the rows'
+    timestamps does not add up: the twin's time stays within dt_s / 2 of the plant's.
 
     Raises:
-        HTTPException: 409 for a first row not after `last` by at least dt_s / 2, 422 for a
-            later row not after the row before it, or a gap above max_gap steps.
+        HTTPException: 409 for a first row not at least dt_s / 2 after the session's grid
+            point (it would land on it), 422 for a later row that lands on or before the row
+            before it, or a gap above max_gap steps.
     """
+    dt = timedelta(seconds=dt_s)
     steps = []
     for i, row in enumerate(rows):
-        delta = (row.timestamp - last).total_seconds()
-        k = round(delta / dt_s)
+        reached = grid_index(row.timestamp, origin, dt_s)
+        k = reached - taken
         loc = [*where, i, "timestamp"]
+        point = origin + taken * dt
         if k < 1:
             before = "the session's last row" if i == 0 else f"row {i - 1}"
             raise field_error(
                 409 if i == 0 else 422, loc,
-                f"{row.timestamp.isoformat()} is not after {before} at {last.isoformat()} by at "
-                f"least dt_s/2 = {dt_s / 2:g} s: rows go in time order, one per dt_s = {dt_s:g} s",
+                f"{row.timestamp.isoformat()} is on grid point {reached} of the session (every "
+                f"dt_s = {dt_s:g} s from {origin.isoformat()}), not after {before}'s point "
+                f"{taken} at {point.isoformat()}: rows go in time order, each at least "
+                f"dt_s/2 = {dt_s / 2:g} s after the grid point of the one before",
                 "timestamp_not_after_last" if i == 0 else "timestamp_out_of_order",
             )  # fmt: skip
         if k > max_gap:
             raise field_error(
-                422, loc, f"a gap of {k} grid steps since {last.isoformat()} exceeds "
+                422, loc, f"a gap of {k} grid steps since {point.isoformat()} exceeds "
                 f"limits.max_gap_steps = {max_gap}: close the session and start a new one",
                 "gap_too_long")  # fmt: skip
         steps.append(k)
-        last = row.timestamp
+        taken = reached
     return steps
 
 
@@ -108,20 +129,18 @@ def sessions_router(service: Service) -> APIRouter:
         check_consecutive(body.past, schemas.dt_s, ["body", "past"])
         try:
             registry.check_room(body.line_id)
-        except LineBusyError as error:
-            raise field_error(409, ["body", "line_id"], str(error), "line_busy") from None
-        except SessionLimitError as error:
-            raise field_error(429, ["body"], str(error), "too_many_sessions") from None
+        except (LineBusyError, SessionLimitError) as error:
+            raise _no_room(error) from None
         columns = [row_values(row) for row in body.past]
         u, y = [c[0] for c in columns], [c[1] for c in columns]
         state = await batcher.run_torch(_initial_state, service.store.current, u, y)
         if state is None:
             raise field_error(422, ["body", "past"], "the initial state estimated from these "
                               "rows is not finite: check the values", "state_not_finite")
-        try:
+        try:  # the line or the last slot may have been taken while the state ran
             session = registry.add(body.line_id, body.past[-1].timestamp, state)
-        except (LineBusyError, SessionLimitError) as error:  # taken while the state ran
-            raise field_error(409, ["body", "line_id"], str(error), "line_busy") from None
+        except (LineBusyError, SessionLimitError) as error:
+            raise _no_room(error) from None
         service.metrics.sessions_open.set(len(registry))
         async with session.lock:
             return FastJSONResponse(service.session_body(session), status_code=201)
@@ -140,33 +159,52 @@ def sessions_router(service: Service) -> APIRouter:
     async def post_observations(
         body: schemas.ObservationBatch, session_id: str = SESSION_ID
     ) -> FastJSONResponse:
-        """Run the twin over new rows, in time order: one result per row."""
+        """Run the twin over new rows, in time order: one result per row. All of them or
+        none: a post refused midway leaves the session as it was."""
         session = open_session(session_id)
         async with session.lock:
             if session.closed:
                 open_session(session_id)  # raises 404: closed while this post waited
             rows = body.observations
-            steps = grid_steps(rows, session.last_timestamp, schemas.dt_s,
+            steps = grid_steps(rows, session.grid_origin, session.n_updates, schemas.dt_s,
                                limits.max_gap_steps, ["body", "observations"])  # fmt: skip
-            n_y = len(schemas.measurement_tags)
-            nothing, no_mask = [math.nan] * n_y, [False] * n_y
-            results = []
-            for i, (row, k) in enumerate(zip(rows, steps, strict=True)):
-                for j in range(1, k):  # bridge a gap: inputs held, nothing measured
-                    filler = session.last_timestamp + dt
-                    output = await batcher.step(session, filler, None, nothing, no_mask)
-                    if not output.ok:
-                        raise _diverged(i, j)
-                inputs, measurement, mask = row_values(row)
-                output = await batcher.step(session, row.timestamp, inputs, measurement, mask)
-                if not output.ok:
-                    raise _diverged(i, k)
-                results.append(service.result_body(output, row.timestamp, k))
+            twin = service.store.current  # the whole post runs on the twin served now
+            # One step is stored only if its state is finite (batcher.py): only a longer post
+            # can leave something to undo, and it pays for the copy of the state.
+            undo = registry.snapshot(session) if sum(steps) > 1 else None
+            try:
+                results = await run_rows(session, twin, rows, steps)
+            except Exception:  # no step of this post is in flight once one has failed
+                if undo is not None:
+                    registry.restore(session, undo)
+                raise
             session.last_result = results[-1]
             body_out = {"session_id": session.session_id, "line_id": session.line_id,
-                        "model_version": output.model_version, "n_updates": session.n_updates,
+                        "model_version": twin.label, "n_updates": session.n_updates,
                         "results": results}  # fmt: skip
         return FastJSONResponse(body_out)
+
+    async def run_rows(session: Session, twin, rows, steps: list[int]) -> list[dict]:
+        """Each row's steps through the batcher, a gap's missing grid points bridged first.
+
+        Raises:
+            HTTPException: 422 at the first step whose state is not finite (not stored).
+        """
+        n_y = len(schemas.measurement_tags)
+        nothing, no_mask = [math.nan] * n_y, [False] * n_y
+        results = []
+        for i, (row, k) in enumerate(zip(rows, steps, strict=True)):
+            for j in range(1, k):  # bridge a gap: inputs held, nothing measured
+                point = session.grid_origin + (session.n_updates + 1) * dt
+                output = await batcher.step(session, point, None, nothing, no_mask, twin)
+                if not output.ok:
+                    raise _diverged(i, j)
+            inputs, measurement, mask = row_values(row)
+            output = await batcher.step(session, row.timestamp, inputs, measurement, mask, twin)
+            if not output.ok:
+                raise _diverged(i, k)
+            results.append(service.result_body(output, row.timestamp, k))
+        return results
 
     @router.get("/{session_id}", response_model=SessionInfo, responses=errors(401, 404, 422),
                 summary="read a session's current state")
@@ -190,8 +228,17 @@ def sessions_router(service: Service) -> APIRouter:
     return router
 
 
+def _no_room(error: LineBusyError | SessionLimitError):
+    """The registry's refusal as an answer: the line is monitored (409) or no slot is free
+    (429)."""
+    if isinstance(error, LineBusyError):
+        return field_error(409, ["body", "line_id"], str(error), "line_busy")
+    return field_error(429, ["body"], str(error), "too_many_sessions")
+
+
 def _diverged(i: int, step: int):
     return field_error(
         422, ["body", "observations", i],
-        f"step {step} of this row made the state estimate non-finite: the row was not applied "
-        "(rows before it were); check its values", "state_not_finite")  # fmt: skip
+        f"step {step} of this row made the state estimate non-finite: nothing of this post "
+        "was applied (the session is as before it); check the row's values",
+        "state_not_finite")  # fmt: skip

@@ -118,14 +118,6 @@ class ModelInfo(BaseModel):
     metadata: dict[str, Any]
 
 
-class ReloadRequest(BaseModel):
-    model_config = STRICT
-    model_uri: str | None = Field(
-        None, min_length=1, max_length=1000,
-        description="a twin file path or models:/<name>@<alias>; default: the configured one",
-    )  # fmt: skip
-
-
 class ReloadResponse(BaseModel):
     changed: bool
     previous: str

@@ -4,7 +4,8 @@ Data flow: `POST /v1/sessions` -> the twin's `initial_state` -> `SessionRegistry
 of the `StatePool`) -> each observation row updates that slot in place through the batcher ->
 `DELETE` or idle expiry frees the slot. Memory is bounded by construction: `max_sessions`
 slots are allocated once, and a full registry first drops sessions idle past `idle_expiry_s`,
-then refuses. Each session's `lock` orders its posts: one row at a time, in time order.
+then refuses. Each session's `lock` orders its posts: one row at a time, in time order; a post
+refused midway puts its session back from a `SessionSnapshot` taken when it started.
 """
 
 import asyncio
@@ -58,7 +59,11 @@ class StatePool:
 
 @dataclass(eq=False)
 class Session:
-    """One line's monitoring session (its filter state lives in the pool's row `slot`)."""
+    """One line's monitoring session (its filter state lives in the pool's row `slot`).
+
+    Its time grid starts at `grid_origin` (the last past row's timestamp) with one point every
+    dt_s: `n_updates` steps run means the state is at grid point origin + n_updates * dt_s.
+    """
 
     session_id: str
     line_id: str
@@ -71,6 +76,22 @@ class Session:
     last_used: float = 0.0
     closed: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    grid_origin: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.grid_origin is None:
+            self.grid_origin = self.last_timestamp
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """Everything a post may change of a session, kept to put back if the post is refused."""
+
+    state: tuple[Tensor, ...]
+    n_updates: int
+    last_timestamp: datetime
+    alarm: bool
+    last_result: dict | None
 
 
 class SessionRegistry:
@@ -168,3 +189,19 @@ class SessionRegistry:
     def state_of(self, session: Session) -> tuple[Tensor, ...]:
         """The session's state tuple (each field batch 1), a copy."""
         return self.pool.read(torch.tensor([session.slot]))
+
+    def snapshot(self, session: Session) -> SessionSnapshot:
+        """The session as it is now (its state copied), for `restore`."""
+        return SessionSnapshot(self.state_of(session), session.n_updates,
+                               session.last_timestamp, session.alarm,
+                               session.last_result)  # fmt: skip
+
+    def restore(self, session: Session, snapshot: SessionSnapshot) -> None:
+        """Put the session back as `snapshot` found it. Call with its lock held and none of
+        its steps in flight: then no batch reads or writes its pool row meanwhile (a batch
+        touches only its items' rows)."""
+        self.pool.write(torch.tensor([session.slot]), snapshot.state)
+        session.n_updates = snapshot.n_updates
+        session.last_timestamp = snapshot.last_timestamp
+        session.alarm = snapshot.alarm
+        session.last_result = snapshot.last_result

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -45,10 +46,59 @@ REQUIRED_KEYS = ("dt_s", "dtype", "input_tags", "measurement_tags", "state_names
 PER_FILE_KEYS = frozenset({"format"})
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _seconds(value) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value >= 1e-3
+
+
+def _names(value) -> bool:
+    return (isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            and len(set(value)) == len(value))  # fmt: skip
+
+
+def _strings_by_name(value, or_null: bool = False) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) or (or_null and v is None)
+                                           for v in value.values())  # fmt: skip
+
+
+def _objects_or_null_by_name(value) -> bool:
+    return isinstance(value, dict) and all(v is None or isinstance(v, dict)
+                                           for v in value.values())  # fmt: skip
+
+
+def _bounds_by_name(value) -> bool:
+    def bounds(v) -> bool:
+        return isinstance(v, list) and len(v) == 2 and all(b is None or _count(b) for b in v)
+
+    return isinstance(value, dict) and all(bounds(v) for v in value.values())
+
+
+# metadata.json fields the service reads -> (check, what it expects); the optional ones
+# (not in REQUIRED_KEYS) may be absent.
+FIELD_TYPES = {
+    "dt_s": (_seconds, "a number of seconds >= 0.001"),
+    "dtype": (lambda v: isinstance(v, str) and v in DTYPES, f"one of {list(DTYPES)}"),
+    "input_tags": (_names, "a list of distinct, non-empty strings"),
+    "measurement_tags": (_names, "a list of distinct, non-empty strings"),
+    "state_names": (_names, "a list of distinct, non-empty strings"),
+    "units": (_strings_by_name, "an object of tag -> unit (a string)"),
+    "past_steps": (_count, "an integer >= 1"),
+    "files": (lambda v: _strings_by_name(v, or_null=True), "an object of format -> file name"),
+    "formats": (_objects_or_null_by_name, "an object of format -> its measurements (object)"),
+    "program_shapes": (_bounds_by_name, "an object of name -> [lowest, highest] (integers "
+                       ">= 1 or null)"),
+}  # fmt: skip
+
+
 class TwinFileError(ValueError):
-    """A twin file cannot be served: missing, truncated, corrupted, without metadata, of
-    another format_version, with a checksum other than the one expected, a PT2 archive without
-    a program, or an AOTInductor package that does not load on this machine."""
+    """A twin file cannot be served: missing, truncated, corrupted, without metadata or with a
+    metadata field of the wrong type, of another format_version, with a checksum other than
+    the one expected, a PT2 archive without a program, or an AOTInductor package that does not
+    load on this machine."""
 
 
 @dataclass(frozen=True)
@@ -100,12 +150,18 @@ class LoadedTwin:
         return f"v{self.version or 'file'}-{self.sha256[:12]}"
 
     @property
-    def interface(self) -> tuple:
-        """What sessions and schemas depend on: a hot reload must keep it unchanged."""
+    def interface(self) -> dict:
+        """What sessions and schemas depend on: a hot reload must keep it unchanged. The units
+        of the input and measurement tags are part of it: the request schemas state them,
+        and the plant's values arrive in them."""
         m = self.metadata
-        return (m["dtype"], float(m["dt_s"]), tuple(m["input_tags"]),
-                tuple(m["measurement_tags"]), tuple(m["state_names"]),
-                min_past_rows(m))  # fmt: skip
+        tags = [*m["input_tags"], *m["measurement_tags"]]
+        return {"dtype": m["dtype"], "dt_s": float(m["dt_s"]),
+                "input_tags": tuple(m["input_tags"]),
+                "measurement_tags": tuple(m["measurement_tags"]),
+                "state_names": tuple(m["state_names"]),
+                "tag_units": {tag: m["units"].get(tag) for tag in tags},
+                "min_past_rows": min_past_rows(m)}  # fmt: skip
 
 
 def load_twin_file(
@@ -127,7 +183,8 @@ def load_twin_file(
     Raises:
         TwinFileError: missing file, checksum mismatch, not a TorchScript or PT2 archive, no
             or unreadable metadata.json, another format_version, a missing method, program or
-            key, a format other than expected or than its metadata says, an AOTInductor
+            key, a key of the wrong type (FIELD_TYPES), a format other than expected or than
+            its metadata says, an AOTInductor
             package compiled by another torch or that does not load here.
     """
     path = Path(path)
@@ -210,11 +267,26 @@ def _metadata(path: Path, text: str) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if missing:
         raise TwinFileError(f"twin file {path}: {METADATA_FILE} lacks {missing}")
-    if metadata["dtype"] not in DTYPES:
-        raise TwinFileError(
-            f"twin file {path}: dtype {metadata['dtype']!r}, expected one of {list(DTYPES)}"
-        )
+    check_field_types(path, metadata)
     return metadata
+
+
+def check_field_types(path: Path, metadata: dict) -> None:
+    """Refuse metadata.json fields the service reads that hold the wrong type of value (a
+    null tag list, a unit that is not a string), before anything uses them.
+
+    Raises:
+        TwinFileError: naming the file, the field, its value (shortened) and what it should be.
+    """
+    for key, (valid, expected) in FIELD_TYPES.items():
+        if key not in REQUIRED_KEYS and metadata.get(key) is None:
+            continue  # an optional field absent (or null): its default applies
+        value = metadata.get(key)
+        if not valid(value):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise TwinFileError(
+                f"twin file {path}: {METADATA_FILE} field {key!r} is {shown}, expected {expected}"
+            )
 
 
 def peek_twin_file(path: Path) -> tuple[str, dict, str] | None:
@@ -227,6 +299,10 @@ def peek_twin_file(path: Path) -> tuple[str, dict, str] | None:
     except (OSError, ProgramFileError, zipfile.BadZipFile, zlib.error, ValueError):
         return None
     if not isinstance(metadata, dict):
+        return None
+    try:
+        check_field_types(path, metadata)
+    except TwinFileError:
         return None
     return fmt, metadata, hashlib.sha256(data).hexdigest()
 

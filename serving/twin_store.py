@@ -5,7 +5,8 @@ Data flow: `model_uri` (a file path or a models:/ URI) + `format` (auto or one o
 Every request reads `current` once and keeps that object to its end, so swapping in a newer
 version (one assignment) never disturbs a request in flight: batches and forecasts already
 started finish on the old twin, the next ones run on the new. A reload that would change the
-interface (tags, state names, dt, dtype) is refused: open sessions hold states of that shape.
+interface (tags and their units, state names, dt, dtype) is refused: open sessions hold states
+of that shape, and the request schemas state the units clients send.
 """
 
 import asyncio
@@ -20,7 +21,24 @@ log = logging.getLogger("serving")
 
 
 class IncompatibleTwinError(ValueError):
-    """A newer twin whose tags, states, dt or dtype differ from the one being served."""
+    """A newer twin whose tags, tag units, states, dt or dtype differ from the one served."""
+
+
+def interface_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two `LoadedTwin.interface`s, one entry per part ("tag_units:
+    PRESS.WEIGHT_SP 'mg' -> 'g'"); empty when they are the same."""
+    changes = []
+    for part, was in old.items():
+        now = new.get(part)
+        if now == was:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+            changes.append(f"{part}: " + ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}"
+                                                   for k in keys))  # fmt: skip
+        else:
+            changes.append(f"{part}: {was!r} -> {now!r}")
+    return changes
 
 
 def load_twin(uri: str, tracking_uri: str | None, setting: str = "auto") -> LoadedTwin:
@@ -63,17 +81,18 @@ class TwinStore:
 
         Raises:
             TwinFileError: the new file cannot be loaded (the old twin stays).
-            IncompatibleTwinError: its interface differs (the old twin stays).
+            IncompatibleTwinError: its interface differs, each difference named (the old
+                twin stays).
         """
         uri = uri or self.model_uri
         async with self._lock:
             new = await asyncio.to_thread(load_twin, uri, self.tracking_uri, self.setting)
             old = self.current
-            if new.interface != old.interface:
+            changes = interface_changes(old.interface, new.interface)
+            if changes:
                 raise IncompatibleTwinError(
-                    f"model {uri}: its interface (dtype, dt_s, input tags, measurement tags, "
-                    f"state names, fewest past rows) differs from the served {old.label}: "
-                    f"{new.interface} vs {old.interface}; start a new service for it"
+                    f"model {uri}: its interface differs from the served {old.label}'s: "
+                    f"{'; '.join(changes)}; start a new service for it"
                 )
             if new.sha256 == old.sha256:
                 return old, False

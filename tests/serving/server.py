@@ -2,19 +2,26 @@
 
 A test talks to it over HTTP with httpx, as a plant system would. The token goes through the
 environment (TWIN_SERVE_TOKENS), never argv; the server's output goes to a log file whose
-tail is shown when it fails to become ready.
+tail is shown when it fails to become ready. `in_process` runs the same app in the test's own
+event loop instead, for tests that reach into the service while it answers.
 """
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NamedTuple
 
 import httpx
+from fastapi import FastAPI
 
+from serving.app import create_app
+from serving.service import Service
+from serving.settings import load_settings
 from tests.training.twin_cli import TWIN
 
 TOKEN = "test-token-0123456789"
@@ -84,3 +91,30 @@ def stop_server(server: Server) -> int:
             os.kill(server.process.pid, signal.SIGKILL)
             server.process.wait(10)
     return server.process.returncode
+
+
+class InProcess(NamedTuple):
+    client: httpx.AsyncClient
+    service: Service
+    app: FastAPI
+
+
+@contextlib.asynccontextmanager
+async def in_process(model_uri: Path, **settings) -> AsyncIterator[InProcess]:
+    """The app `twin serve` runs, started (lifespan) in this event loop, with an httpx client
+    that calls it through ASGI (no socket) carrying the token, and its `Service`: for tests
+    that reach into the batcher, the registry or the housekeeping while it answers.
+
+    Args:
+        model_uri: the twin file (served as TorchScript unless `format` says otherwise).
+        settings: configs/serve.yaml keys (sessions={"max_sessions": 1}, ...).
+    """
+    config = {"model_uri": str(model_uri), "format": "torchscript", "tokens": [TOKEN],
+              **settings}  # fmt: skip
+    app = create_app(load_settings(config, environ={}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process",
+                                     headers={"Authorization": f"Bearer {TOKEN}"},
+                                     timeout=60) as client:  # fmt: skip
+            yield InProcess(client, app.state.service, app)

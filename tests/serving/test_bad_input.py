@@ -1,9 +1,14 @@
 """Each class of bad input gets a 4xx whose body names the field, never a 5xx."""
 
+import asyncio
 import json
 from datetime import datetime, timedelta
 
 import pytest
+import torch
+
+from tests.serving.reference import replay
+from tests.serving.server import in_process
 
 PAST = 6
 
@@ -105,6 +110,81 @@ def test_an_oversize_body_is_413_before_it_is_parsed(server, session):
     response = _post(server, f"/v1/sessions/{sid}/observations", body)
     assert response.status_code == 413
     assert _loc(response) == ["body"] and "max_body_bytes" in response.json()["detail"][0]["msg"]
+
+
+def test_a_refused_upload_is_counted_under_the_route_it_was_for(server, session):
+    sid, rows = session
+    body = {"observations": rows[:1], "padding": "x" * 300_000}
+    assert _post(server, f"/v1/sessions/{sid}/observations", body).status_code == 413
+    with server.client() as client:
+        metrics = client.get("/metrics").text
+    refused = [x for x in metrics.splitlines() if x.startswith("twin_http_requests_total")
+               and 'status="413"' in x]  # fmt: skip
+    assert refused and all('route="/v1/sessions/{session_id}/observations"' in x
+                           for x in refused), refused  # fmt: skip
+
+
+def test_a_client_gone_during_the_upload_counts_as_499_not_500(twin_build):
+    upload = iter([{"type": "http.request", "body": b'{"line_id": "LINE-', "more_body": True},
+                   {"type": "http.disconnect"}])  # fmt: skip
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/sessions",
+             "raw_path": b"/v1/sessions", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"in-process"), (b"content-type", b"application/json")],
+             "server": ("in-process", 80), "client": ("127.0.0.1", 50000)}  # fmt: skip
+
+    async def scenario() -> tuple[list, str]:
+        async with in_process(twin_build.path) as served:
+            answered = []
+
+            async def receive() -> dict:
+                return next(upload)
+
+            async def send(message: dict) -> None:
+                answered.append(message)
+
+            await served.app(scope, receive, send)
+            return answered, (await served.client.get("/metrics")).text
+
+    answered, metrics = asyncio.run(scenario())
+    assert answered == []  # nobody to answer
+    counted = [x for x in metrics.splitlines()
+               if x.startswith('twin_http_requests_total{method="POST"')]  # fmt: skip
+    assert counted == [
+        'twin_http_requests_total{method="POST",route="/v1/sessions",status="499"} 1.0'
+    ], counted
+
+
+def test_a_post_refused_midway_leaves_the_session_as_it_was(server, twin, metadata, runs):
+    rows = runs[0][: PAST + 60]
+    good, later = rows[PAST], rows[PAST + 1 :]
+    # inputs at limits.max_abs_value: accepted by the schema, the state blows up a few steps on
+    blown = [{**row, "inputs": dict.fromkeys(row["inputs"], 1e6)} for row in later]
+    with server.client() as client:
+        sid = client.post(
+            "/v1/sessions", json={"line_id": "LINE-undo", "past": rows[:PAST]}
+        ).json()["session_id"]
+        path = f"/v1/sessions/{sid}/observations"
+        assert client.post(path, json={"observations": [good]}).status_code == 200
+        before = client.get(f"/v1/sessions/{sid}").json()
+        refused = client.post(path, json={"observations": blown})
+        after = client.get(f"/v1/sessions/{sid}").json()
+        retry = client.post(path, json={"observations": later[:2]})
+        client.delete(f"/v1/sessions/{sid}")
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["detail"][0]
+    assert error["type"] == "state_not_finite" and error["loc"][:2] == ["body", "observations"]
+    assert error["loc"][2] > 0, "rows before the refused one ran: the case under test"
+    assert after == before  # steps, last timestamp, state and its spread, alarm, last result
+    assert "nothing of this post was applied" in error["msg"]
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["n_updates"] == 3
+    # the filter state (held inputs, EWMA, run length too) is the one from before the post
+    (*_, last), result = replay(twin, metadata, rows[:PAST], [good, *later[:2]]), retry.json()
+    got = result["results"][-1]
+    for values, want in ((got["state"], last[0][0]), (got["ewma_stat"], last[10][0])):
+        torch.testing.assert_close(torch.tensor(list(values.values()), dtype=torch.float64),
+                                   want, rtol=1e-9, atol=1e-9)  # fmt: skip
 
 
 def test_an_oversize_chunked_body_without_length_is_413(server, session):

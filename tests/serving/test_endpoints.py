@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 import torch
@@ -123,6 +123,38 @@ def test_a_gap_is_bridged_by_predicted_rows_with_the_inputs_held(server, twin, m
     assert [r["steps"] for r in results] == [1, 3]
     assert n_updates == 4
     _close([results[1]["state"][n] for n in metadata["state_names"]], expected[1][0][0])
+
+
+def _at(row: dict, origin: str, seconds: float) -> dict:
+    stamp = datetime.fromisoformat(origin) + timedelta(seconds=seconds)
+    return {**row, "timestamp": stamp.isoformat()}
+
+
+def test_rows_land_on_the_sessions_time_grid_so_jitter_does_not_add_up(server, metadata,
+                                                                        runs):  # fmt: skip
+    rows, dt = runs[0][: PAST + 40], metadata["dt_s"]
+    origin = rows[PAST - 1]["timestamp"]
+    # a row every 7.4 s with dt_s = 5 s: 1 or 2 grid steps each, 296 s = 59.2 steps in all
+    jittered = [_at(row, origin, 7.4 * k) for k, row in enumerate(rows[PAST:], start=1)]
+    with server.client() as client:
+        sid = _create(client, "LINE-grid", rows[:PAST])["session_id"]
+        path = f"/v1/sessions/{sid}/observations"
+        response = client.post(path, json={"observations": jittered})
+        # the last row (296 s) is on grid point 59 (295 s); one at 297.4 s still is
+        same_point = client.post(path, json={"observations": [_at(rows[0], origin, 297.4)]})
+        # halves round up: at least dt_s / 2 after the session's point is the next point
+        half_past = client.post(path, json={"observations": [_at(rows[1], origin,
+                                                                 59 * dt + dt / 2)]})  # fmt: skip
+        client.delete(f"/v1/sessions/{sid}")
+    assert response.status_code == 200, response.text
+    assert response.json()["n_updates"] == 59
+    assert [r["steps"] for r in response.json()["results"][:5]] == [1, 2, 1, 2, 1]
+    assert same_point.status_code == 409
+    error = same_point.json()["detail"][0]
+    assert error["type"] == "timestamp_not_after_last"
+    assert "grid point 59" in error["msg"] and "dt_s/2 = 2.5 s" in error["msg"], error["msg"]
+    assert half_past.status_code == 200, half_past.text
+    assert half_past.json()["n_updates"] == 60
 
 
 def _shifted(row: dict, tag: str, by: float) -> dict:

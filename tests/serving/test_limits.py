@@ -1,10 +1,11 @@
 """Sessions are bounded: a full registry refuses (429), idle sessions expire and free slots."""
 
+import asyncio
 import time
 
 import pytest
 
-from tests.serving.server import start_server, stop_server
+from tests.serving.server import in_process, start_server, stop_server
 
 PAST = 6
 
@@ -40,3 +41,29 @@ def test_a_full_registry_refuses_then_idle_sessions_expire(small_server, runs):
         assert _create(client, "L4", runs).status_code == 201
     assert gone.status_code == 404
     assert "twin_sessions_expired_total 2.0" in metrics
+
+
+def test_a_create_that_loses_the_last_slot_to_a_concurrent_one_is_429(twin_build, runs):
+    async def scenario() -> list:
+        async with in_process(twin_build.path, sessions={"max_sessions": 1}) as served:
+            batcher = served.service.batcher
+            run_torch, arrived, both_checked = batcher.run_torch, [], asyncio.Event()
+
+            async def after_both_checked(fn, twin, *args):
+                # each create found the slot free; the state of either takes it first
+                arrived.append(fn)
+                if len(arrived) == 2:
+                    both_checked.set()
+                await both_checked.wait()
+                return await run_torch(fn, twin, *args)
+
+            batcher.run_torch = after_both_checked
+            return await asyncio.gather(*(
+                served.client.post("/v1/sessions", json={"line_id": line,
+                                                         "past": runs[0][:PAST]})
+                for line in ("LINE-a", "LINE-b")))  # fmt: skip
+
+    answers = asyncio.run(scenario())
+    assert sorted(a.status_code for a in answers) == [201, 429], [a.text for a in answers]
+    (refused,) = [a.json()["detail"][0] for a in answers if a.status_code == 429]
+    assert refused["loc"] == ["body"] and refused["type"] == "too_many_sessions"

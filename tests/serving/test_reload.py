@@ -1,8 +1,13 @@
 """Hot reload: a newer twin swapped in under load without a failed request; a bad or
-incompatible one refused with the old one kept; the registry alias followed by polling."""
+incompatible one (a metadata field of the wrong type, other tag units) refused with the old
+one kept; a post on one twin; the housekeeping loop outliving an unexpected error; the
+registry alias followed by polling."""
 
+import asyncio
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -14,7 +19,7 @@ import torch
 from mlflow import MlflowClient
 
 from tests.serving.reference import replay
-from tests.serving.server import start_server, stop_server
+from tests.serving.server import in_process, start_server, stop_server
 
 PAST, ROWS, SESSIONS = 6, 16, 4
 CLOSE = {"rtol": 1e-9, "atol": 1e-9}
@@ -121,6 +126,113 @@ def test_a_broken_or_incompatible_file_is_refused_and_the_old_twin_kept(file_ser
     assert incompatible.status_code == 409
     assert "interface" in incompatible.json()["detail"][0]["msg"]
     assert before == after
+
+
+def _reload_refused(client, served: Path, **changes):
+    """The reload answer for the served file rewritten with `changes`, and the label after."""
+    good = served.read_bytes()
+    try:
+        rewrite(served, served.with_name("changed.pt"), **changes)
+        os.replace(served.with_name("changed.pt"), served)
+        return client.post("/v1/model/reload"), _label(client)
+    finally:
+        served.write_bytes(good)
+
+
+def test_a_metadata_field_of_the_wrong_type_is_refused_naming_it(file_server):
+    server, served = file_server
+    with server.client() as client:
+        before = _label(client)
+        answer, after = _reload_refused(client, served, input_tags=None)
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["detail"][0]
+    assert error["loc"] == ["model_uri"] and error["type"] == "twin_file"
+    assert str(served) in error["msg"] and "field 'input_tags' is None" in error["msg"]
+    assert after == before
+
+
+def test_a_twin_whose_tag_units_changed_is_incompatible(file_server):
+    server, served = file_server
+    with server.client() as client:
+        before = _label(client)
+        units = {**client.get("/v1/model").json()["metadata"]["units"], "PRESS.WEIGHT_SP": "g"}
+        answer, after = _reload_refused(client, served, units=units)
+    assert answer.status_code == 409, answer.text
+    assert "tag_units: PRESS.WEIGHT_SP 'mg' -> 'g'" in answer.json()["detail"][0]["msg"]
+    assert after == before
+
+
+def test_reload_refuses_a_body_naming_its_field(file_server):
+    server, _ = file_server
+    with server.client() as client:
+        asked = client.post("/v1/model/reload", json={"model_uri": "/elsewhere/twin.pt"})
+        empty = client.post("/v1/model/reload", json={})
+    assert asked.status_code == 422, asked.text
+    assert asked.json()["detail"][0]["loc"] == ["body", "model_uri"]
+    assert "takes no body" in asked.json()["detail"][0]["msg"]
+    assert empty.status_code == 200 and empty.json()["changed"] is False
+
+
+def test_a_post_runs_all_its_rows_on_the_twin_it_started_with(twin_build, runs):
+    rows = runs[0][: PAST + 4]
+
+    async def scenario() -> tuple:
+        async with in_process(twin_build.path) as served:
+            client, service = served.client, served.service
+            sid = (
+                await client.post("/v1/sessions", json={"line_id": "LINE-v", "past": rows[:PAST]})
+            ).json()["session_id"]
+            v1 = service.store.current
+            v2 = dataclasses.replace(v1, version="2")  # a newer export of the same weights
+            ran_on, commit = [], service.batcher._commit
+
+            def commit_then_reload(items, outputs) -> None:
+                ran_on.extend(o.model_version for o in outputs)
+                commit(items, outputs)
+                service.store.current = v2  # a reload lands between two steps of the post
+
+            service.batcher._commit = commit_then_reload
+            path = f"/v1/sessions/{sid}/observations"
+            first = await client.post(path, json={"observations": rows[PAST : PAST + 3]})
+            second = await client.post(path, json={"observations": rows[PAST + 3 :]})
+            return v1.label, v2.label, ran_on, first.json(), second.json()
+
+    v1, v2, ran_on, first, second = asyncio.run(scenario())
+    assert ran_on == [v1, v1, v1, v2]
+    assert first["model_version"] == v1 and len(first["results"]) == 3
+    assert second["model_version"] == v2
+
+
+def test_housekeeping_survives_an_unexpected_error_and_goes_on_expiring(twin_build, runs,
+                                                                         caplog):  # fmt: skip
+    async def scenario() -> tuple:
+        async with in_process(twin_build.path, reload_poll_s=0.05,
+                              sessions={"idle_expiry_s": 0.2}) as served:  # fmt: skip
+            client, service = served.client, served.service
+
+            async def changed() -> bool:
+                return True
+
+            async def broken_reload(uri=None):
+                raise TypeError("'NoneType' object is not iterable")  # a bug, not a bad file
+
+            service.store.changed_upstream, service.store.reload = changed, broken_reload
+            await asyncio.sleep(0.3)  # a pass every 0.05 s, each failing
+            created = await client.post(
+                "/v1/sessions", json={"line_id": "LINE-idle", "past": runs[0][:PAST]}
+            )
+            await asyncio.sleep(0.6)  # idle past 0.2 s: a later pass drops it
+            return created.status_code, len(service.registry), (await client.get("/metrics")).text
+
+    with caplog.at_level(logging.ERROR, logger="serving"):
+        created, still_open, metrics = asyncio.run(scenario())
+    assert created == 201 and still_open == 0
+    assert "twin_sessions_expired_total 1.0" in metrics
+    (errors,) = [x for x in metrics.splitlines() if x.startswith("twin_housekeeping_errors_total")]
+    assert float(errors.split()[-1]) >= 4  # every pass failed, and the loop went on
+    assert 'twin_model_reloads_total{result="failed"}' in metrics
+    logged = [r for r in caplog.records if r.message.startswith("housekeeping pass failed")]
+    assert logged and logged[0].exc_info[0] is TypeError  # with its traceback
 
 
 @pytest.fixture(scope="module")

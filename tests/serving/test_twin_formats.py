@@ -4,6 +4,7 @@ Fast unit tests (no trained twin, no server): tests/serving/toy_twin.py writes t
 real twin's three files, served, are in tests/serving/test_formats.py.
 """
 
+import re
 import shutil
 
 import pytest
@@ -24,6 +25,7 @@ from tests.serving.toy_twin import (
     export_bytes,
     fake_aoti_bytes,
     write_export_set,
+    write_torchscript,
 )
 
 # aoti fastest (but a fake that cannot load), then export, then torchscript
@@ -207,6 +209,21 @@ def test_metadata_naming_another_format_than_the_file_holds_is_refused(tmp_path)
     with pytest.raises(TwinFileError, match="metadata.json says format 'aoti', the file holds "
                                             "export"):
         load_twin_file(path)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("input_tags", None), ("measurement_tags", "Y1"), ("state_names", ["x1", "x1"]),
+    ("units", {"U1": 3}), ("dt_s", "5"), ("dtype", ["float64"]), ("past_steps", 0),
+    ("files", ["twin.pt"]), ("program_shapes", {"past_rows": 2}),
+])  # fmt: skip
+def test_a_metadata_field_of_the_wrong_type_is_refused_naming_the_file_and_field(
+    tmp_path, field, value
+):
+    path = write_torchscript(tmp_path / "twin.pt", {**METADATA, field: value})
+    named = rf"twin file {re.escape(str(path))}: metadata.json field '{field}' is .*, expected "
+    for load in (load_twin_file, load_twin_path):  # load_twin_path reads `files` first
+        with pytest.raises(TwinFileError, match=named):
+            load(path)
 
 
 def test_an_unknown_format_setting_is_refused_naming_the_choices():
