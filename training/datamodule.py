@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from hybrid_twin import ConfigError
 from training.dataset import DatasetError, Normalisation, PreparedDataset, RunTensors
 from training.windows import RandomWindowSampler, SequentialWindows, TrajectoryWindows
 
@@ -25,6 +26,9 @@ _EVAL_SPLITS_OF_STAGE = {
     "test": ("test",),
     None: ("val", "test"),
 }
+# Splits model selection (val/loss, the `monitor` sweeps minimise) may see: the test runs are
+# held out of training and model selection (docs/evaluation.md).
+VAL_SPLITS = ("val", "train")
 
 
 def _require(name: str, value: object, minimum: int, allow_none: bool = False) -> None:
@@ -64,6 +68,7 @@ class CDCDataModule(LightningDataModule):
 
     Raises:
         ValueError: a size below its minimum (checked here, before any file is read).
+        ConfigError: a val_split other than val or train.
     """
 
     def __init__(
@@ -91,9 +96,10 @@ class CDCDataModule(LightningDataModule):
         ):
             _require(name, value, minimum)
         _require("eval_window_steps", eval_window_steps, 1, allow_none=True)
-        if val_split not in ("train", "val", "test"):
-            raise ValueError(
-                f"CDCDataModule: val_split must be 'train', 'val' or 'test', got {val_split!r}"
+        if val_split not in VAL_SPLITS:
+            raise ConfigError(
+                f"datamodule.val_split: expected one of {list(VAL_SPLITS)}, got {val_split!r} "
+                f"(test runs are held out of training and model selection)"
             )
         path = str(path)  # a plain string in the saved hyperparameters and MLflow params
         self.save_hyperparameters()

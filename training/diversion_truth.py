@@ -342,14 +342,14 @@ def run_evaluate_diversion(cfg: DictConfig) -> pd.DataFrame:
     from hydra.core.hydra_config import HydraConfig
 
     started = time.perf_counter()
-    run_id, version, run, dataset, dtype, past_steps = open_model_on_data(cfg)
+    run_id, version, run, dataset, dtype, past_steps, model_uri = open_model_on_data(cfg)
     settings = DiversionSettings.from_config(cfg, dataset)
     try:
         sim = validate_sim_config(OmegaConf.to_container(cfg.sim, resolve=True))
     except ValueError as error:
         raise ConfigError(f"sim: {error}") from error
-    online, fit_record = build_online_twin(load_eager_twin(run_id, dataset), dataset, cfg,
-                                           past_steps, dtype)  # fmt: skip
+    online, fit_record = build_online_twin(load_eager_twin(run_id, dataset, model_uri), dataset,
+                                           cfg, past_steps, dtype)  # fmt: skip
     runs = [r for r in dataset.load_split(str(cfg.fault_split)) if r.u.shape[0] > past_steps + 1]
     labels = load_labels(dataset, [r.run_id for r in runs])
     per_run = diversion_per_run(online, dataset, runs, labels, sim, int(cfg.seed), settings,

@@ -35,7 +35,7 @@ from training.simulation_eval import (
     simulation_markdown,
     summarise,
 )
-from training.tracking import git_commit, tracking_uri
+from training.tracking import git_commit, run_model_uri, tracking_uri
 
 BASELINES = ("mechanistic", "black_box")
 MODES = ("forecast", "simulation")
@@ -250,12 +250,19 @@ def _training_runs(cfg: DictConfig, kind: str, manifest_sha256: str) -> list[Run
     return runs
 
 
-def load_twin(run_id: str) -> torch.jit.ScriptModule:
-    """The scripted TwinModel a training run logged (its pyfunc model's artifact)."""
+def load_twin(run_id: str, model_uri: str | None = None) -> torch.jit.ScriptModule:
+    """The scripted TwinModel of a training run (its pyfunc model's artifact).
+
+    Args:
+        run_id: the training run.
+        model_uri: which of its models: a registered version's `models:/<name>/<version>`
+            (resolve_model); None = the newest model the run logged.
+    """
     # mlflow.pyfunc warns on import (its own type hints): load it only when needed.
     import mlflow.pyfunc
 
-    return mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model().twin
+    uri = run_model_uri(run_id) if model_uri is None else model_uri
+    return mlflow.pyfunc.load_model(uri).unwrap_python_model().twin
 
 
 def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:

@@ -41,7 +41,7 @@ from training.export_formats import (
     package,
 )
 from training.online_twin import UPDATE_OUTPUTS, OnlineTwin, placeholder_monitor
-from training.tracking import tracking_uri
+from training.tracking import run_model_uri, tracking_uri
 from training.twin_model import TwinModel, build_twin_model
 
 FORMAT_VERSION = 1
@@ -59,6 +59,16 @@ class TwinFileError(TwinError, ValueError):
     """A twin file cannot be read: missing, truncated, corrupted or without metadata."""
 
 
+class ResolvedModel(NamedTuple):
+    """Which trained twin a stage runs (`resolve_model`)."""
+
+    run_id: str  # the training run
+    version: str | None  # its registered version, if any
+    # The weights: the version's own model (a resumed run registers several versions from one
+    # run), or the run's newest model when only a run id was asked for.
+    model_uri: str
+
+
 class ModelOnData(NamedTuple):
     """A trained twin's run and the prepared dataset it was trained on (`open_model_on_data`)."""
 
@@ -68,6 +78,7 @@ class ModelOnData(NamedTuple):
     dataset: PreparedDataset
     dtype: torch.dtype  # cfg.dtype
     past_steps: int  # rows the twin was trained to start from
+    model_uri: str  # where its weights are (ResolvedModel.model_uri)
 
 
 def check_trained_on(run, dataset: PreparedDataset, data_path: object, where: str = "") -> None:
@@ -94,12 +105,13 @@ def open_model_on_data(cfg: DictConfig) -> ModelOnData:
     if str(cfg.dtype) not in DTYPES:
         raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     mlflow.set_tracking_uri(tracking_uri())
-    run_id, version = resolve_model(cfg)
+    run_id, version, model_uri = resolve_model(cfg)
     dataset = PreparedDataset.open(cfg.data_path)
     run = mlflow.get_run(run_id)
     check_trained_on(run, dataset, cfg.data_path)
     past_steps = int(run.data.params["datamodule.past_steps"])
-    return ModelOnData(run_id, version, run, dataset, DTYPES[str(cfg.dtype)], past_steps)
+    dtype = DTYPES[str(cfg.dtype)]
+    return ModelOnData(run_id, version, run, dataset, dtype, past_steps, model_uri)
 
 
 def run_export(cfg: DictConfig) -> dict:
@@ -112,8 +124,8 @@ def run_export(cfg: DictConfig) -> dict:
     """
     started = time.perf_counter()
     formats = check_formats(cfg.formats)
-    run_id, version, run, dataset, dtype, past_steps = open_model_on_data(cfg)
-    twin = load_eager_twin(run_id, dataset)
+    run_id, version, run, dataset, dtype, past_steps, model_uri = open_model_on_data(cfg)
+    twin = load_eager_twin(run_id, dataset, model_uri)
     online, fit_record = build_online_twin(twin, dataset, cfg, past_steps, dtype)
     held_out = verification_data(dataset, cfg.verify, past_steps, dtype)
     build_started = time.perf_counter()
@@ -188,15 +200,24 @@ def _format_record(check: dict) -> dict:
     return {key: check[key] for key in keys}
 
 
-def resolve_model(cfg: DictConfig) -> tuple[str, str | None]:
-    """(training run id, registered version or None) from `model`, `run_id` or the latest."""
+def resolve_model(cfg: DictConfig) -> ResolvedModel:
+    """The twin `run_id`, `model_uri` or the latest registered version names.
+
+    A version's weights are loaded from the version itself: a resumed run registers a version
+    per `twin train`, and `runs:/<run id>/model` holds only the newest of them.
+
+    Raises:
+        ConfigError: a model_uri not of `registered_model_name` or not in the registry, or no
+            registered version at all.
+    """
     client = mlflow.MlflowClient()
     name = str(cfg.registered_model_name)
     versions = client.search_model_versions(f"name='{name}'")
     if cfg.run_id:
         run_id = str(cfg.run_id)
         mine = [v for v in versions if v.run_id == run_id]
-        return run_id, (str(max(mine, key=lambda v: int(v.version)).version) if mine else None)
+        newest = str(max(mine, key=lambda v: int(v.version)).version) if mine else None
+        return ResolvedModel(run_id, newest, run_model_uri(run_id))
     if cfg.model_uri:
         prefix = f"models:/{name}/"
         ref = str(cfg.model_uri)
@@ -208,21 +229,29 @@ def resolve_model(cfg: DictConfig) -> tuple[str, str | None]:
             known = sorted(int(v.version) for v in versions)
             raise ConfigError(f"model_uri: {ref} not in the registry at {tracking_uri()}; "
                               f"versions: {known}")
-        return found[0].run_id, wanted
+        return ResolvedModel(found[0].run_id, wanted, f"{prefix}{wanted}")
     if not versions:
         raise ConfigError(
             f"no registered version of {name!r} at {tracking_uri()}: run `twin train`, or "
             "give model_uri=models:/<name>/<version> or run_id=<run id>"
         )
     latest = max(versions, key=lambda v: int(v.version))
-    return latest.run_id, str(latest.version)
+    return ResolvedModel(latest.run_id, str(latest.version), f"models:/{name}/{latest.version}")
 
 
-def load_eager_twin(run_id: str, dataset: PreparedDataset) -> TwinModel:
+def load_eager_twin(
+    run_id: str, dataset: PreparedDataset, model_uri: str | None = None
+) -> TwinModel:
     """The run's TwinModel as an eager module: rebuilt from its `config.yaml`, weights from
-    its scripted twin (state_dict keys are the same)."""
+    its scripted twin (state_dict keys are the same).
+
+    Args:
+        model_uri: which of the run's models holds the weights (`resolve_model`); None = the
+            newest model the run logged.
+    """
     import mlflow.pyfunc
 
+    model_uri = run_model_uri(run_id) if model_uri is None else model_uri
     config = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="config.yaml")).read_text())
     twin = build_twin_model(
@@ -235,7 +264,7 @@ def load_eager_twin(run_id: str, dataset: PreparedDataset) -> TwinModel:
         dataset.dt_s,
         config["initial_state"],
     )
-    scripted = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model().twin
+    scripted = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().twin
     # Buffers the code builds from the config (e.g. `readout_columns`, added after some runs
     # were logged) may be absent from older files: they keep their rebuilt value. A missing
     # parameter or an unknown key means the code and the run disagree.
@@ -244,7 +273,8 @@ def load_eager_twin(run_id: str, dataset: PreparedDataset) -> TwinModel:
     missing = [k for k in result.missing_keys if k in parameters]
     if missing or result.unexpected_keys:
         raise ConfigError(
-            f"run {run_id}: its weights do not fit the model its config.yaml builds now: "
+            f"run {run_id} ({model_uri}): its weights do not fit "
+            f"the model its config.yaml builds now: "
             f"missing parameters {missing}, unexpected keys {result.unexpected_keys}"
         )
     return twin.eval()

@@ -284,8 +284,8 @@ def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
     from hydra.core.hydra_config import HydraConfig
 
     started = time.perf_counter()
-    run_id, version, run, dataset, dtype, past_steps = open_model_on_data(cfg)
-    twin = load_eager_twin(run_id, dataset)
+    run_id, version, run, dataset, dtype, past_steps, model_uri = open_model_on_data(cfg)
+    twin = load_eager_twin(run_id, dataset, model_uri)
     online, fit_record = build_online_twin(twin, dataset, cfg, past_steps, dtype)
 
     manifest_runs = dataset.manifest["runs"]

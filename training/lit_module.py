@@ -2,8 +2,9 @@
 
 Data flow: `CDCDataModule` batches (windows.Window) -> `TwinModel.simulate` -> masked MSE on
 normalised measurements + a penalty on the residual network's output size -> AdamW. Per
-epoch it logs train/loss, val/loss and the val RMSE of each tag in the tag's unit. It reads
-no files and knows no config format: train.py builds it from plain values.
+epoch it logs train/loss, val/loss (the masked MSE pooled over every sampled val entry) and
+the val RMSE of each tag in the tag's unit. It reads no files and knows no config format:
+train.py builds it from plain values.
 
 Two-stage schedule (hybrid only): for the first `theta_only_epochs` epochs the network
 parameters phi are frozen and only the physical parameters theta (unit parameters and the
@@ -167,6 +168,8 @@ class TwinLitModule(LightningModule):
                 parameter.requires_grad_(False)
         self.register_buffer("_val_sq_error", torch.zeros(len(self.measurement_tags)))
         self.register_buffer("_val_count", torch.zeros(len(self.measurement_tags)))
+        # val/loss's numerator, normalised; not persistent, so older checkpoints still load.
+        self.register_buffer("_val_sq_error_normalised", torch.zeros(()), persistent=False)
 
     def phi_parameters(self) -> list[nn.Parameter]:
         """The networks' parameters: residual and readout correction (none: mechanistic)."""
@@ -262,26 +265,28 @@ class TwinLitModule(LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sq_error.zero_()
         self._val_count.zero_()
+        self._val_sq_error_normalised.zero_()
 
     def validation_step(self, batch: Window, batch_idx: int) -> Tensor:
         loss, _, _, y_hat = self.losses(batch)
-        self.log(
-            "val/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            batch_size=batch.u.shape[0],
-            prog_bar=True,
-            sync_dist=True,
-        )
-        error = torch.where(batch.mask, (y_hat - batch.y) * self.model.y_std, 0.0)
-        self._val_sq_error += error.pow(2).sum(dim=(0, 1)).detach()
+        error = torch.where(batch.mask, y_hat - batch.y, 0.0).detach()
+        self._val_sq_error_normalised += error.pow(2).sum()
+        self._val_sq_error += (error * self.model.y_std).pow(2).sum(dim=(0, 1))
         self._val_count += batch.mask.sum(dim=(0, 1))
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        sq_error = self.trainer.strategy.reduce(self._val_sq_error.clone(), reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._val_count.clone(), reduce_op="sum")
+        """val/loss, the masked MSE (normalised) pooled over every sampled entry of the epoch,
+        and val/rmse/<tag> in the tag's unit, summed over DDP processes before dividing: a
+        mean of per-batch values would depend on how the windows fall into batches."""
+        reduce = self.trainer.strategy.reduce
+        sq_error = reduce(self._val_sq_error.clone(), reduce_op="sum")
+        count = reduce(self._val_count.clone(), reduce_op="sum")
+        sq_error_normalised = reduce(self._val_sq_error_normalised.clone(), reduce_op="sum")
+        # As masked_mse: nothing sampled gives 0. Already summed over processes; sync_dist
+        # only averages equal values.
+        loss = sq_error_normalised / count.sum().clamp_min(1)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         for i, tag in enumerate(self.measurement_tags):
             if count[i] > 0:  # a tag never sampled in val has no RMSE, not a 0 one
                 # Already summed over processes; sync_dist only averages equal values.

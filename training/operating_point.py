@@ -72,7 +72,8 @@ def parse_problem(
 
     Raises:
         ConfigError: an unknown decision variable, feeder or tag, bounds not low < start < high,
-            a time off the twin's grid, an empty or nonpositive range; names the key.
+            a time off the twin's grid, an objective that starts at or after the horizon, an
+            empty or nonpositive range; names the key.
     """
     nominal = dict(line.nominal_setpoints)
     nominal[THROUGHPUT] = sum(nominal[f.setpoint] for f in line.feeders.values())
@@ -105,6 +106,7 @@ def parse_problem(
             f"{where}.objective.tag: {objective['tag']!r} is not predicted; "
             f"tags: {', '.join(twin.measurement_tags)}"
         )
+    from_row = _objective_start_row(objective, steps, twin.dt_s, where)
     profiles = draw_profiles(dist, twin.dt_s, steps, f"{where}.disturbances")
     return OperatingProblem(
         bounds,
@@ -113,12 +115,26 @@ def parse_problem(
         profiles,
         twin.dt_s,
         steps,
-        _rows(float(objective["from_min"]) * 60.0, twin.dt_s, f"{where}.objective.from_min"),
+        from_row,
         str(objective["tag"]),
         float(objective["target"]),
         int(raw["optimiser"]["iterations"]),
         float(raw["optimiser"]["learning_rate"]),
     )
+
+
+def _objective_start_row(objective: Mapping, steps: int, dt_s: float, where: str) -> int:
+    """The first row `objective.from_min` counts; it must leave rows before the horizon, else
+    the objective is the mean of no rows (NaN), which optimise_settings would only report as
+    a non-finite objective."""
+    key = f"{where}.objective.from_min"
+    from_row = _rows(float(objective["from_min"]) * 60.0, dt_s, key)
+    if from_row >= steps:
+        raise ConfigError(
+            f"{key}: {float(objective['from_min']):g} min is not before {where}.horizon_min "
+            f"({steps * dt_s / 60:g} min): the objective would count no row"
+        )
+    return from_row
 
 
 def draw_profiles(
@@ -138,8 +154,11 @@ def draw_profiles(
         if not low <= high:
             raise ConfigError(f"{where}.{key}: expected [low, high], got {list(raw[key])}")
         ranges[key] = (low, high)
-    if not -1.0 < ranges["size"][0] and ranges["size"][1] < 1.0:
-        raise ConfigError(f"{where}.size: a relative change of the delivered flow in (-1, 1)")
+    if not (-1.0 < ranges["size"][0] and ranges["size"][1] < 1.0):
+        raise ConfigError(
+            f"{where}.size: expected a relative change of the delivered flow in (-1, 1), got "
+            f"{list(raw['size'])}"
+        )
     if int(raw["n_profiles"]) < 1:
         raise ConfigError(f"{where}.n_profiles: at least 1, got {raw['n_profiles']}")
     profiles = []

@@ -95,13 +95,13 @@ def load_scenario_twin(cfg: DictConfig, dataset: PreparedDataset | None) -> Scen
     from training.evaluate import load_twin
     from training.export import check_trained_on, resolve_model
 
-    run_id, version = resolve_model(cfg.twin)
+    run_id, version, model_uri = resolve_model(cfg.twin)
     run = mlflow.get_run(run_id)
     check_trained_on(run, dataset, dataset.root, where="twin: ")
     units = {t: dataset.manifest["tags"][t]["unit"] for t in dataset.manifest["tags"]}
     kind = run.data.tags.get("model.kind")
     return twin_from_model(
-        load_twin(run_id), dataset.input_tags, dataset.measurement_tags, units,
+        load_twin(run_id, model_uri), dataset.input_tags, dataset.measurement_tags, units,
         int(run.data.params["datamodule.past_steps"]),
         f"run {run_id} ({kind}, {cfg.twin.registered_model_name} v{version})",
     )  # fmt: skip

@@ -19,6 +19,7 @@ import yaml
 PARAMS_PER_BATCH = 100
 MAX_PARAM_CHARS = 6000
 DEFAULT_DB_NAME = "mlflow.db"
+MODEL_ARTIFACT = "model"  # the name `twin train` logs its pyfunc model under (twin_pyfunc.py)
 
 
 def tracking_uri(project_dir: Path | None = None) -> str:
@@ -32,6 +33,12 @@ def tracking_uri(project_dir: Path | None = None) -> str:
         return configured
     folder = Path.cwd() if project_dir is None else Path(project_dir)
     return f"sqlite:///{(folder / DEFAULT_DB_NAME).resolve()}"
+
+
+def run_model_uri(run_id: str) -> str:
+    """`runs:/<run id>/model`: the newest model the run logged. A resumed run logs one per
+    `twin train`, so a registered version's own weights are at `models:/<name>/<version>`."""
+    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
 
 def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:

@@ -14,7 +14,7 @@ from the checkpoint and registers a new version (docs/training.md, "Resuming a r
 import pickle
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -50,20 +50,41 @@ RUN_ID_KEY = "mlflow_run_id"  # the MLflow run a checkpoint belongs to, inside t
 RESUMABLE_KEYS = ("trainer.*", "num_threads", "lit.cuda_graphs", "solver.torch_compile")
 
 
+VAL_PREFIX = "val/"  # the metrics validation logs (lit_module.py)
+
+
 class MlflowEpochMetrics(Callback):
     """Logs every epoch-level metric Lightning collected to the active MLflow run (rank 0),
-    with the epoch as the step, and writes that run's id into every checkpoint."""
+    with the epoch as the step, and writes that run's id into every checkpoint.
+
+    val/* metrics are logged only for the epochs that validated: Lightning keeps the last
+    values in `callback_metrics`, so an epoch without validation (check_val_every_n_epoch > 1)
+    would re-log them as if they were new.
+    """
+
+    def __init__(self) -> None:
+        self._val_metrics: dict[str, float] = {}  # this epoch's validation, not yet logged
+
+    def on_validation_end(self, trainer: Trainer, pl_module) -> None:
+        if trainer.sanity_checking:  # a check of the code path, not a measurement
+            return
+        self._val_metrics = _metrics(trainer, lambda name: name.startswith(VAL_PREFIX))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
-        if not trainer.is_global_zero or mlflow.active_run() is None:
-            return
-        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-        mlflow.log_metrics(metrics, step=trainer.current_epoch)
+        metrics = _metrics(trainer, lambda name: not name.startswith(VAL_PREFIX))
+        metrics.update(self._val_metrics)
+        self._val_metrics = {}
+        if trainer.is_global_zero and mlflow.active_run() is not None:
+            mlflow.log_metrics(metrics, step=trainer.current_epoch)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
         run = mlflow.active_run()
         if trainer.is_global_zero and run is not None:  # rank 0 writes the file
             checkpoint[RUN_ID_KEY] = run.info.run_id
+
+
+def _metrics(trainer: Trainer, wanted: Callable[[str], bool]) -> dict[str, float]:
+    return {name: float(v) for name, v in trainer.callback_metrics.items() if wanted(name)}
 
 
 class Resume(NamedTuple):

@@ -21,6 +21,7 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from training.tracking import MODEL_ARTIFACT
 from training.twin_model import TwinModel
 
 ARTIFACT_KEY = "twin"
@@ -96,7 +97,7 @@ def log_twin(
     path = Path(workdir) / "twin.pt"
     scripted.save(str(path))
     return mlflow.pyfunc.log_model(
-        name="model",
+        name=MODEL_ARTIFACT,
         python_model=TwinPyfunc(),
         artifacts={ARTIFACT_KEY: str(path)},
         signature=signature(len(tags["input_tags"]), len(tags["measurement_tags"])),

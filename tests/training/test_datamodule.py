@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from hybrid_twin import ConfigError
 from training.datamodule import CDCDataModule
 from training.dataset import DatasetError
 from training.windows import Window
@@ -151,3 +152,15 @@ def test_hydra_config_holds_exactly_the_constructor_arguments(prepared):
     )
     assert dm.hparams.window_steps == cfg.window_steps
     assert dm.hparams.path == str(prepared.path)
+
+
+@pytest.mark.parametrize("split", ["test", "fault"])
+def test_validating_on_a_held_out_split_is_refused_naming_the_key(tmp_path, split):
+    with pytest.raises(ConfigError, match=f"datamodule.val_split: .*got '{split}'"):
+        CDCDataModule(tmp_path / "nowhere", val_split=split)
+
+
+def test_validating_on_the_train_runs_is_allowed(prepared):
+    dm = make_datamodule(prepared.path, val_split="train", eval_full_runs=True)
+    dm.setup("fit")
+    assert dm.val_dataloader().dataset.run_ids == prepared.manifest["splits"]["train"]

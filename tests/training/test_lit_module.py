@@ -212,6 +212,38 @@ def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch(datamodule, batch
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+def test_val_loss_is_the_masked_mse_pooled_over_every_sampled_entry(datamodule):
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    full, sparse = list(datamodule.val_dataloader())[:2]
+    # Few samples in the second batch: a mean of per-batch MSEs would weigh them as much as
+    # every sample of the first.
+    sparse = sparse._replace(mask=sparse.mask & (torch.arange(WINDOW) < 2)[None, :, None])
+    model = _model(datamodule, "mechanistic")
+    lit = TwinLitModule(model, torch.optim.AdamW, datamodule.measurement_tags)
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    logged = trainer.validate(lit, DataLoader([full, sparse], batch_size=None), verbose=False)[0]
+    squared, count, batch_mse = 0.0, 0, []
+    with torch.no_grad():
+        for b in (full, sparse):
+            y_hat = model(b.past_u, b.past_y, b.past_mask, b.u)
+            squared = squared + torch.where(b.mask, y_hat - b.y, 0.0).pow(2).sum(dim=(0, 1))
+            count = count + b.mask.sum(dim=(0, 1))
+            batch_mse.append(float(masked_mse(y_hat, b.y, b.mask)))
+    pooled = float(squared.sum() / count.sum())
+    assert abs(sum(batch_mse) / 2 - pooled) > 0.1 * pooled  # the batches do differ
+    assert logged["val/loss"] == pytest.approx(pooled, rel=1e-5)
+    rmse = torch.sqrt(squared * model.y_std.detach() ** 2 / count)
+    for tag, expected, n in zip(datamodule.measurement_tags, rmse, count, strict=True):
+        if n == 0:  # not sampled in these windows: no RMSE
+            assert f"val/rmse/{tag}" not in logged
+        else:
+            assert logged[f"val/rmse/{tag}"] == pytest.approx(float(expected), rel=1e-5), tag
+
+
 def test_scripted_twin_predicts_what_the_eager_twin_predicts(datamodule, batch):
     model = _model(
         datamodule,

@@ -6,6 +6,8 @@ test_scenario.py. Problems here are small (3 profiles of 8 min, a few iterations
 fast; the shipped configuration's numbers are in docs/optimisation.md.
 """
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -14,6 +16,7 @@ from hybrid_twin import ConfigError
 from training.config_dir import SHIPPED_CONFIG_DIR
 from training.dataset import PreparedDataset
 from training.operating_point import (
+    draw_profiles,
     flow_factors,
     optimise_settings,
     parse_problem,
@@ -130,6 +133,23 @@ def test_objective_gradient_matches_central_differences(line, twin):
 def test_bad_optimise_settings_name_the_key(line, twin, change, match):
     with pytest.raises(ConfigError, match=match):
         parse_problem({**SMALL, **change}, line, twin)
+
+
+@pytest.mark.parametrize("size", [[0.5, 3.0], [-2.0, 3.0], [-2.0, 0.5], [-0.2, 1.0]])
+def test_a_disturbance_size_outside_minus_one_to_one_is_refused_with_the_range(size):
+    raw = {**SMALL["disturbances"], "size": size}
+    expected = r"optimise\.disturbances\.size: .*in \(-1, 1\), got " + re.escape(str(size))
+    with pytest.raises(ConfigError, match=expected):
+        draw_profiles(raw, 5.0, 8 * 12, "optimise.disturbances")
+
+
+@pytest.mark.parametrize("from_min", [8.0, 9.0])
+def test_an_objective_from_the_horizon_on_is_refused_naming_both_keys(line, twin, from_min):
+    raw = {**SMALL, "objective": {**SMALL["objective"], "from_min": from_min}}
+    expected = rf"optimise\.objective\.from_min: {from_min:g} min is not before "
+    expected += r"optimise\.horizon_min \(8 min\)"
+    with pytest.raises(ConfigError, match=expected):
+        parse_problem(raw, line, twin)
 
 
 def test_plant_check_refuses_a_disturbance_that_adds_flow(line, twin):

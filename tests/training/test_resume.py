@@ -205,3 +205,49 @@ def test_read_checkpoint_wants_max_epochs_past_the_epochs_done(resumed):
         read_checkpoint(resumed.first_checkpoint, 2)
     resume = read_checkpoint(resumed.first_checkpoint, 3)
     assert (resume.run_id, resume.epochs_done) == (resumed.run_id, 2)
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_version_of_a_resumed_run_loads_its_own_weights_not_the_runs_newest(resumed, monkeypatch):
+    import mlflow
+    import mlflow.pyfunc
+    from omegaconf import OmegaConf
+
+    from training.evaluate import load_twin
+    from training.export import load_eager_twin, open_model_on_data, resolve_model
+    from training.scenario import load_scenario_twin
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", resumed.uri)
+    mlflow.set_tracking_uri(resumed.uri)
+    registered = {
+        v: _state(mlflow.pyfunc.load_model(f"models:/cdc-line-twin/{v}").unwrap_python_model().twin)
+        for v in ("1", "2")
+    }
+    assert not _same_weights(registered["1"], registered["2"])  # 2 more epochs trained
+    model = {"registered_model_name": "cdc-line-twin", "run_id": None}
+    first = OmegaConf.create({**model, "model_uri": "models:/cdc-line-twin/1"})
+    assert tuple(resolve_model(first)) == (resumed.run_id, "1", "models:/cdc-line-twin/1")
+    # Export, evaluate-faults and evaluate-diversion start here; scenario loads the scripted twin.
+    data = {"num_threads": 1, "dtype": "float64", "data_path": str(resumed.dataset)}
+    opened = open_model_on_data(OmegaConf.create({**first, **data}))
+    assert (opened.version, opened.model_uri) == ("1", "models:/cdc-line-twin/1")
+    eager = load_eager_twin(opened.run_id, opened.dataset, opened.model_uri)
+    eager_state = {k: v for k, v in _state(eager).items() if k in registered["1"]}
+    assert _same_weights(eager_state, registered["1"])
+    scenario_cfg = OmegaConf.create({"twin": {**first, "file": None}})
+    scenario_twin = load_scenario_twin(scenario_cfg, opened.dataset)
+    assert _same_weights(_state(scenario_twin.model), registered["1"])
+    assert "cdc-line-twin v1" in scenario_twin.source
+    # The latest version is version 2's own model; a bare run id keeps the run's newest model.
+    latest = resolve_model(OmegaConf.create({**model, "model_uri": None}))
+    assert tuple(latest) == (resumed.run_id, "2", "models:/cdc-line-twin/2")
+    by_run = resolve_model(OmegaConf.create({**model, "run_id": resumed.run_id, "model_uri": None}))
+    assert (by_run.version, by_run.model_uri) == ("2", f"runs:/{resumed.run_id}/model")
+    assert _same_weights(_state(load_twin(resumed.run_id)), registered["2"])

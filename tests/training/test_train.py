@@ -158,6 +158,30 @@ def _single_run(uri: str):
     return client, runs[0]
 
 
+def test_twin_train_logs_val_metrics_only_for_the_epochs_that_validated(tiny_cdc_dataset, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    result = run_twin(
+        tmp_path,
+        uri,
+        "train",
+        f"datamodule.path={tiny_cdc_dataset}",
+        "model=mechanistic",
+        *TINY_SIZES,
+        "trainer.max_epochs=3",
+        "+trainer.check_val_every_n_epoch=2",  # validates after epoch 1 only
+        "trainer.num_sanity_val_steps=1",  # a sanity check is no epoch's validation
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, run = _single_run(uri)
+
+    def steps(name: str) -> list[int]:
+        return [m.step for m in client.get_metric_history(run.info.run_id, name)]
+
+    assert steps("train/loss") == [0, 1, 2]
+    for name in ("val/loss", "val/rmse/NIR.API_CONC"):
+        assert steps(name) == [1], name
+
+
 @pytest.mark.slow
 def test_twin_train_with_ddp_runs_two_gloo_processes_on_cpu_and_records_one_run(
     tiny_cdc_dataset, tmp_path
