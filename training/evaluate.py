@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from mlflow.entities import Run
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hybrid_twin import ConfigError
 from training.dataset import PreparedDataset
@@ -269,6 +269,11 @@ def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:
     """The configured run of `kind`, or its latest finished one on this dataset."""
     experiment = str(cfg.tracking.experiment_name)
     run_id = OmegaConf.select(cfg, f"runs.{kind}")
+    if isinstance(run_id, ListConfig | list):  # a list is for mode=simulation's seeds
+        raise ConfigError(
+            f"runs.{kind}: forecast mode evaluates one run per kind, got a list {list(run_id)}; "
+            f"give one run id, or use mode=simulation to pool several"
+        )
     if run_id:
         run = mlflow.get_run(str(run_id))
         if run.data.tags.get("model.kind") != kind:

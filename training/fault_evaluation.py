@@ -13,6 +13,7 @@ and an MLflow run `evaluate-faults-<time>`.
 """
 
 import datetime
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from training.export import (
     run_filter,
 )
 from training.tracking import git_commit
+
+log = logging.getLogger(__name__)
 
 LABELS_FILE = "fault_labels.csv"
 METHODS = ("twin", "pca")
@@ -279,6 +282,20 @@ def load_labels(dataset: PreparedDataset, runs: list[str]) -> pd.DataFrame:
     return labels[labels.run_id.isin(runs)].reset_index(drop=True)
 
 
+def report_short_runs(given: list[RunTensors], kept: list[RunTensors], past_steps: int) -> None:
+    """Name the run segments left out (with their fault labels) for want of rows."""
+    kept_ids = {id(r) for r in kept}
+    short = [r for r in given if id(r) not in kept_ids]
+    if short:
+        log.warning(
+            "evaluate-faults: %d run segments too short for one monitored step after %d past "
+            "rows are left out, their fault labels with them: %s",
+            len(short),
+            past_steps,
+            ", ".join(f"{r.run_id} ({r.u.shape[0]} rows)" for r in short),
+        )
+
+
 def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
     """`twin evaluate-faults`: the fault table, written, printed and logged; returns it."""
     from hydra.core.hydra_config import HydraConfig
@@ -293,6 +310,7 @@ def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
     normal_runs = [r for r in dataset.load_split(str(cfg.normal_split))
                    if manifest_runs[r.run_id].get("kind", "normal") == "normal"]
     runs = [r for r in [*fault_runs, *normal_runs] if r.u.shape[0] > past_steps + 1]
+    report_short_runs([*fault_runs, *normal_runs], runs, past_steps)
     labels = load_labels(dataset, [r.run_id for r in fault_runs])
     by_id = {r.run_id: r for r in runs}
     labels = labels[labels.run_id.isin(by_id)]

@@ -8,6 +8,7 @@ figures; this module makes the traces and puts the PNGs into the active MLflow r
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import mlflow
@@ -18,6 +19,8 @@ from training.dataset import PreparedDataset, RunTensors
 from training.plots import RunTrace, write_run_plots
 from training.twin_model import TwinModel
 from training.windows import cut_window
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -33,7 +36,18 @@ def open_loop_traces(
     model.eval()
     stats = dataset.normalisation()
     y_mean, y_std = stats.y_mean.numpy(), stats.y_std.numpy()
-    runs = [run for run in dataset.load_split(split) if run.n_rows - past_steps >= 2]
+    runs, short = [], []
+    for run in dataset.load_split(split):
+        (runs if run.n_rows - past_steps >= 2 else short).append(run)
+    if short:
+        log.warning(
+            "plots of %s: %d run segments too short to simulate after %d past rows are not "
+            "drawn: %s",
+            split,
+            len(short),
+            past_steps,
+            ", ".join(f"{run.run_id} ({run.n_rows} rows)" for run in short),
+        )
     if not runs:
         return []
     steps = max(run.n_rows for run in runs) - past_steps

@@ -97,9 +97,14 @@ def simulation_markdown(summary: pd.DataFrame, published: Mapping[str, float] | 
 
 
 def median_run(table: pd.DataFrame, kind: str) -> str:
-    """The run id of `kind` whose mean RMSE over segments and tags is the median one (the
-    lower median for an even count): the run a plot shows as typical."""
-    per_run = table[table["kind"] == kind].groupby("run_id", sort=False)["rmse"].mean()
+    """The run id of `kind` whose mean relative RMSE over segments and tags is the median one
+    (the lower median for an even count): the run a plot shows as typical. Each RMSE is taken
+    relative to the mean of its segment and tag over the kind's runs, so tags in different
+    units weigh alike (a plain mean would be the rpm tag's alone)."""
+    rows = table[table["kind"] == kind]
+    typical = rows.groupby(["segment", "tag"], sort=False)["rmse"].transform("mean")
+    relative = rows["rmse"] / typical.where(typical > 0, 1.0)
+    per_run = relative.groupby(rows["run_id"], sort=False).mean()
     ordered = per_run.sort_values(kind="stable")
     return str(ordered.index[(len(ordered) - 1) // 2])
 

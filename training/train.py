@@ -231,7 +231,7 @@ def _resume_tags(resume: Resume, config: dict, manifest_sha256: str) -> dict[str
 
     Raises:
         ConfigError: the run is not in the tracking store (or deleted), the dataset changed,
-            or the config changes a key other than trainer.*, num_threads and resume_from.
+            or the config changes a key other than RESUMABLE_KEYS and resume_from.
     """
     try:
         run = mlflow.MlflowClient().get_run(resume.run_id)

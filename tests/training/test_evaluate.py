@@ -115,3 +115,18 @@ def test_a_kind_never_trained_is_named_with_how_to_fix_it(evaluated, tiny_cdc_da
     )
     assert result.returncode != 0
     assert "no finished `twin train model=black_box` run on this dataset" in result.stderr
+
+
+def test_a_list_of_runs_in_forecast_mode_is_refused_naming_the_key(evaluated, tiny_cdc_dataset):
+    folder, uri, _, _ = evaluated
+    result = run_twin(
+        folder,
+        uri,
+        "evaluate",
+        f"data_path={tiny_cdc_dataset}",
+        "kinds=[hybrid]",
+        "runs.hybrid=[abc,def]",
+        *EVALUATE,
+    )
+    assert result.returncode != 0
+    assert "runs.hybrid: forecast mode evaluates one run per kind, got a list" in result.stderr

@@ -17,6 +17,7 @@ from training.fault_evaluation import (
     held_matrix,
     isolation,
     label_rows,
+    report_short_runs,
     tag_unit,
 )
 
@@ -142,3 +143,15 @@ def test_pca_false_alarm_rate_on_its_fit_data(alpha):
     fault[:, 5] += 3.0
     assert np.mean(monitor.exceed(fault)) > 0.9
     assert np.argmax(np.mean(monitor.residual(fault) ** 2, axis=0)) == 5
+
+
+def test_runs_too_short_to_monitor_are_named_with_their_labels(caplog):
+    def run(run_id, n):
+        return RunTensors(run_id, "f", 0, torch.arange(float(n)), torch.zeros(n, 1),
+                          torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool))  # fmt: skip
+
+    given = [run("F1", 7), run("F2", 30), run("N1", 5)]
+    with caplog.at_level("WARNING", logger="training.fault_evaluation"):
+        report_short_runs(given, given[1:2], past_steps=6)
+    assert "2 run segments too short for one monitored step after 6 past rows" in caplog.text
+    assert "F1 (7 rows), N1 (5 rows)" in caplog.text

@@ -63,3 +63,29 @@ def test_each_trace_equals_its_run_simulated_alone(dataset, kind, monkeypatch):
         np.testing.assert_allclose(trace.predicted, expected, rtol=1e-5, atol=1e-5)
         assert np.isnan(trace.measured).sum() == (~window.mask).sum().item()
         assert (trace.residual_size is None) == (kind == "mechanistic")
+
+
+def test_a_run_too_short_to_simulate_is_named_not_dropped_silently(dataset, monkeypatch, caplog):
+    model = build_twin_model(
+        shipped_config("flowsheet", "cdc_line"),
+        shipped_config("model", "mechanistic"),
+        {"name": "rk4", "n_substeps": 1},
+        dataset.input_tags,
+        dataset.measurement_tags,
+        dataset.normalisation(),
+        dataset.dt_s,
+    )
+    runs = dataset.load_split("test")
+    stub = dataclasses.replace(
+        runs[0],
+        time_s=runs[0].time_s[: PAST + 1],
+        u=runs[0].u[: PAST + 1],
+        y=runs[0].y[: PAST + 1],
+        mask=runs[0].mask[: PAST + 1],
+    )
+    monkeypatch.setattr(dataset, "load_split", lambda split: [stub, *runs[1:]])
+    with caplog.at_level("WARNING", logger="training.run_plots"):
+        traces = open_loop_traces(model, dataset, "test", PAST)
+    assert [t.run_id for t in traces] == [r.run_id for r in runs[1:]]
+    assert f"1 run segments too short to simulate after {PAST} past rows" in caplog.text
+    assert f"{stub.run_id} ({PAST + 1} rows)" in caplog.text

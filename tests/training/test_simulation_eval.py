@@ -72,6 +72,20 @@ def test_summary_gives_mean_and_sample_spread_over_seeds_and_picks_the_median_ru
     )
 
 
+def test_the_median_run_weighs_tags_in_different_units_alike():
+    # The level (V) spreads 3x over the runs, the speed (rpm) 10 %: relative to each tag's
+    # mean, b is the middle run. A plain mean of the RMSEs follows the rpm tag (a).
+    rmse = {"a": (0.2, 20.0), "b": (0.4, 21.0), "c": (0.6, 19.0)}
+    table = pd.DataFrame(
+        [
+            {"kind": "hybrid", "run_id": run, "segment": "validation", "tag": tag, "rmse": value}
+            for run, values in rmse.items()
+            for tag, value in zip(("LEVEL", "SPEED"), values, strict=True)
+        ]
+    )
+    assert median_run(table, "hybrid") == "b"
+
+
 def test_data_normalisation_scales_network_inputs_by_the_data_and_keeps_hybrid_mechanistic(
     dataset,
 ):
