@@ -20,13 +20,9 @@ def dataset(tiny_cdc_dataset):
     return PreparedDataset.open(tiny_cdc_dataset)
 
 
-@pytest.mark.parametrize("kind", ["mechanistic", "hybrid"])
-def test_each_trace_equals_its_run_simulated_alone(dataset, kind, monkeypatch):
-    torch.set_num_threads(1)
-    model_config = shipped_config("model", kind)
-    if kind == "hybrid":  # a network with non-zero output, so its size is worth plotting
-        model_config["residual"] = {**model_config["residual"], "zero_init": False}
-    model = build_twin_model(
+def _model(dataset: PreparedDataset, model_config: dict):
+    """The built-in line's twin of `model_config` on this dataset, RK4 at its dt."""
+    return build_twin_model(
         shipped_config("flowsheet", "cdc_line"),
         model_config,
         {"name": "rk4", "n_substeps": 1},
@@ -36,6 +32,15 @@ def test_each_trace_equals_its_run_simulated_alone(dataset, kind, monkeypatch):
         dataset.dt_s,
         generator=torch.Generator().manual_seed(0),
     )
+
+
+@pytest.mark.parametrize("kind", ["mechanistic", "hybrid"])
+def test_each_trace_equals_its_run_simulated_alone(dataset, kind, monkeypatch):
+    torch.set_num_threads(1)
+    model_config = shipped_config("model", kind)
+    if kind == "hybrid":  # a network with non-zero output, so its size is worth plotting
+        model_config["residual"] = {**model_config["residual"], "zero_init": False}
+    model = _model(dataset, model_config)
     runs = dataset.load_split("test")
     # Cut the first run short so the batch needs padding.
     short = dataclasses.replace(
@@ -66,15 +71,7 @@ def test_each_trace_equals_its_run_simulated_alone(dataset, kind, monkeypatch):
 
 
 def test_a_run_too_short_to_simulate_is_named_not_dropped_silently(dataset, monkeypatch, caplog):
-    model = build_twin_model(
-        shipped_config("flowsheet", "cdc_line"),
-        shipped_config("model", "mechanistic"),
-        {"name": "rk4", "n_substeps": 1},
-        dataset.input_tags,
-        dataset.measurement_tags,
-        dataset.normalisation(),
-        dataset.dt_s,
-    )
+    model = _model(dataset, shipped_config("model", "mechanistic"))
     runs = dataset.load_split("test")
     stub = dataclasses.replace(
         runs[0],
