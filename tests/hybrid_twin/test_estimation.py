@@ -1,5 +1,6 @@
 """ExtendedKalmanFilter: exact on linear Gaussian systems, masked tags, pins, scripting."""
 
+import copy
 import io
 
 import pytest
@@ -157,6 +158,31 @@ def test_jacobian_of_rk4_interval_equals_its_stability_polynomial(linear_problem
     with torch.no_grad():
         _, F, _ = ekf.transition_jacobian(x, torch.randn(3, 2, generator=rng))
     torch.testing.assert_close(F, (stage @ stage).expand(3, 4, 4), rtol=0.0, atol=FD_LINEAR)
+
+
+@pytest.mark.parametrize("fd_scheme", ["central", "forward"])
+def test_float32_difference_quotients_divide_by_the_steps_actually_taken(linear_problem, fd_scheme):
+    # x + h rounds where |x| is large; for maps whose differences are exact (x' = 0, y = x)
+    # both Jacobians are exactly I when a quotient divides by the step taken (by the step
+    # intended they were off by ~eps |x| / h: up to 9e-5 here).
+    field = copy.deepcopy(linear_problem[0]).float()
+    with torch.no_grad():
+        field.a.zero_(), field.b.zero_()
+    ekf = ExtendedKalmanFilter(
+        build_solver(field, "rk4"),
+        LinearObservation(torch.eye(4), torch.zeros(4)),
+        0.3,
+        torch.zeros(4),
+        torch.ones(4),
+        fd_scheme=fd_scheme,
+    ).float()
+    x = torch.tensor([[1000.37, -2047.11, 3.3, 65000.9]], dtype=torch.float32)
+    eye = torch.eye(4, dtype=torch.float32).unsqueeze(0)
+    with torch.no_grad():
+        _, F, _ = ekf.transition_jacobian(x, torch.zeros(1, 2, dtype=torch.float32))
+        _, H = ekf.observation_jacobian(x)
+    torch.testing.assert_close(F, eye, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(H, eye, rtol=0.0, atol=0.0)
 
 
 def test_jacobians_on_the_cdc_line_match_autograd(cdc_flowsheet, random_hybrid, make_inputs, rng):
