@@ -1,7 +1,9 @@
 """Each class of bad input gets a 4xx whose body names the field, never a 5xx."""
 
 import asyncio
+import dataclasses
 import json
+import math
 from datetime import datetime, timedelta
 
 import pytest
@@ -155,28 +157,54 @@ def test_a_client_gone_during_the_upload_counts_as_499_not_500(twin_build):
     ], counted
 
 
-def test_a_post_refused_midway_leaves_the_session_as_it_was(server, twin, metadata, runs):
-    rows = runs[0][: PAST + 60]
+class DivergingTwin:
+    """The served twin, except that its update number `at` (counting from 0) returns a
+    non-finite state. A real export does not diverge on any input the schema admits since the
+    line's residence-time floor, so a post that blows up midway is staged at the twin's edge."""
+
+    def __init__(self, module, at: int) -> None:
+        self.module, self.at, self.calls = module, at, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+    def update(self, x, *args):
+        out = self.module.update(x, *args)
+        self.calls += 1
+        if self.calls - 1 == self.at:
+            out = (out[0] * math.nan, *out[1:])
+        return out
+
+
+def test_a_post_refused_midway_leaves_the_session_as_it_was(twin_build, twin, metadata, runs):
+    rows = runs[0][: PAST + 8]
     good, later = rows[PAST], rows[PAST + 1 :]
-    # inputs at limits.max_abs_value: accepted by the schema, the state blows up a few steps on
-    blown = [{**row, "inputs": dict.fromkeys(row["inputs"], 1e6)} for row in later]
-    with server.client() as client:
-        sid = client.post(
-            "/v1/sessions", json={"line_id": "LINE-undo", "past": rows[:PAST]}
-        ).json()["session_id"]
-        path = f"/v1/sessions/{sid}/observations"
-        assert client.post(path, json={"observations": [good]}).status_code == 200
-        before = client.get(f"/v1/sessions/{sid}").json()
-        refused = client.post(path, json={"observations": blown})
-        after = client.get(f"/v1/sessions/{sid}").json()
-        retry = client.post(path, json={"observations": later[:2]})
-        client.delete(f"/v1/sessions/{sid}")
+
+    async def scenario():
+        async with in_process(twin_build.path) as served:
+            client, store = served.client, served.service.store
+            created = await client.post("/v1/sessions", json={"line_id": "LINE-undo",
+                                                             "past": rows[:PAST]})  # fmt: skip
+            path = f"/v1/sessions/{created.json()['session_id']}"
+            assert (await client.post(f"{path}/observations",
+                                      json={"observations": [good]})).status_code == 200
+            before = (await client.get(path)).json()
+            served_twin = store.current
+            store.current = dataclasses.replace(served_twin,
+                                                module=DivergingTwin(served_twin.module, at=3))
+            refused = await client.post(f"{path}/observations", json={"observations": later})
+            store.current = served_twin
+            after = (await client.get(path)).json()
+            retry = await client.post(f"{path}/observations", json={"observations": later[:2]})
+            return before, refused, after, retry
+
+    before, refused, after, retry = asyncio.run(scenario())
     assert refused.status_code == 422, refused.text
     error = refused.json()["detail"][0]
-    assert error["type"] == "state_not_finite" and error["loc"][:2] == ["body", "observations"]
-    assert error["loc"][2] > 0, "rows before the refused one ran: the case under test"
-    assert after == before  # steps, last timestamp, state and its spread, alarm, last result
+    assert error["type"] == "state_not_finite"
+    assert error["loc"] == ["body", "observations", 3], "rows 0-2 ran first: the case under test"
     assert "nothing of this post was applied" in error["msg"]
+    assert after == before  # steps, last timestamp, state and its spread, alarm, last result
     assert retry.status_code == 200, retry.text
     assert retry.json()["n_updates"] == 3
     # the filter state (held inputs, EWMA, run length too) is the one from before the post
