@@ -159,8 +159,9 @@ def test_a_client_gone_during_the_upload_counts_as_499_not_500(twin_build):
 
 class DivergingTwin:
     """The served twin, except that its update number `at` (counting from 0) returns a
-    non-finite state. A real export does not diverge on any input the schema admits since the
-    line's residence-time floor, so a post that blows up midway is staged at the twin's edge."""
+    non-finite state. Since the line's residence-time floor the test twin no longer diverges
+    with any one input or measurement, or all inputs, at +-1e6 (limits.max_abs_value), so a
+    post that blows up midway is staged at the twin's edge."""
 
     def __init__(self, module, at: int) -> None:
         self.module, self.at, self.calls = module, at, 0
