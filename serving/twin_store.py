@@ -72,6 +72,7 @@ class TwinStore:
         self.setting = setting
         self._lock = asyncio.Lock()
         self._file_stamp = self._stamp(model_uri)
+        self._polled_entry: str | None = None  # the registry export the poll last reported
 
     async def reload(self, uri: str | None = None) -> tuple[LoadedTwin, bool]:
         """Load `uri` (default: the configured model_uri) off the event loop and swap it in.
@@ -106,14 +107,22 @@ class TwinStore:
     async def changed_upstream(self) -> bool:
         """Whether the configured model_uri now names something other than what is served:
         another registry export (its TorchScript entry's digest), or a file of the export
-        (the file named or one written beside it) whose size or mtime changed."""
+        (the file named or one written beside it) whose size or mtime changed.
+
+        Each change is reported once: an export whose reload failed (refused, unreadable) is
+        not fetched again at every poll, only when the alias or file moves on (or through
+        `POST /v1/model/reload`)."""
         if is_registry_uri(self.model_uri):
             try:
                 ref = await asyncio.to_thread(resolve, self.model_uri, self.tracking_uri)
             except TwinFileError as error:
                 log.warning("reload poll: %s", error)
                 return False
-            return ref.sha256 != (self.current.entry_sha256 or self.current.sha256)
+            served = self.current.entry_sha256 or self.current.sha256
+            if ref.sha256 in (served, self._polled_entry):
+                return False
+            self._polled_entry = ref.sha256
+            return True
         stamp = self._stamp(self.model_uri)
         if stamp != self._file_stamp:
             self._file_stamp = stamp

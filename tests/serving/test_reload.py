@@ -264,6 +264,19 @@ def test_the_service_follows_the_registry_alias(registry, twin_build, tmp_path, 
             reloads = [x for x in http.get("/metrics").text.splitlines()
                        if x.startswith("twin_model_reloads_total")]  # fmt: skip
             assert reloads == [], reloads
+            # a version whose file does not match its tagged digest: refused once, not
+            # fetched again at every poll while the alias stays on it
+            broken = client.create_model_version("cdc-line-twin", first.source, first.run_id)
+            for key in ("twin_export.file", "twin_export.sha256"):
+                client.set_model_version_tag("cdc-line-twin", broken.version, key,
+                                             first.tags[key] if key.endswith("file")
+                                             else "0" * 64)  # fmt: skip
+            client.set_registered_model_alias("cdc-line-twin", "production", broken.version)
+            time.sleep(2.0)  # four polls
+            failed = [x for x in http.get("/metrics").text.splitlines()
+                      if x.startswith("twin_model_reloads_total")]  # fmt: skip
+            assert failed == ['twin_model_reloads_total{result="failed"} 1.0'], failed
+            assert http.get("/v1/model").json()["version"] == str(first.version)
             # a newer export of the same run, registered as a new version, aliased production
             v_next = rewrite(twin_build.path, tmp_path / "twin_next.pt", registered_version="x")
             client.log_artifact(first.run_id, str(v_next), "twin_export")
