@@ -266,8 +266,9 @@ def diversion_per_run(
 
 
 def per_kind(per_run: pd.DataFrame) -> pd.DataFrame:
-    """Per fault kind: runs, runs with a true / twin window, mean |edge differences| and
-    overlap over runs where both have one, tablets out of spec, coverage counts."""
+    """Per fault kind: runs, runs with a true / twin window, mean |edge differences| over runs
+    where both have one, mean overlap over every run with a true window (a run the twin missed
+    counts 0), tablets out of spec, coverage counts."""
     out = []
     for kind, g in per_run.groupby("fault_kind", sort=True):
         both = g[(g.true_windows > 0) & (g.twin_windows > 0)]

@@ -78,14 +78,27 @@ def label_rows(time_s: np.ndarray, run_start: str, onset: str, end: str) -> tupl
 # --------------------------------------------------------------------------- metrics
 
 
+def first_raise(alarm: np.ndarray, onset_row: int, end_row: int) -> int | None:
+    """The first row in [onset_row, end_row) where the alarm switches on, None if none.
+
+    An alarm already on at onset (raised by what came before the fault, and counted among the
+    false alarms before onset) is no detection until it clears and is raised again.
+    """
+    alarm = np.asarray(alarm, dtype=bool)
+    raised = alarm & ~np.concatenate([[False], alarm[:-1]])
+    hits = np.flatnonzero(raised[onset_row:end_row])
+    return None if hits.size == 0 else onset_row + int(hits[0])
+
+
 def detection(alarm: np.ndarray, time_s: np.ndarray, onset_row: int, end_row: int,
               onset_s: float) -> tuple[bool, float]:
-    """(detected, delay_s): detected if any alarm in rows [onset_row, end_row); delay = time of the
-    first such alarm minus the onset (s); NaN when not detected."""
-    hits = np.flatnonzero(np.asarray(alarm[onset_row:end_row], dtype=bool))
-    if hits.size == 0:
+    """(detected, delay_s): detected if the alarm is raised (switches on) in rows
+    [onset_row, end_row); delay = time of that row minus the onset (s); NaN when not
+    detected."""
+    row = first_raise(alarm, onset_row, end_row)
+    if row is None:
         return False, math.nan
-    return True, float(time_s[onset_row + hits[0]] - onset_s)
+    return True, float(time_s[row] - onset_s)
 
 
 def false_alarm_counts(alarm: np.ndarray, monitored: np.ndarray, stop_row: int | None = None
@@ -101,14 +114,21 @@ def isolation(contributions: np.ndarray, alarm: np.ndarray, onset_row: int, end_
               ) -> tuple[str | None, bool, bool]:
     """(top tag, top == affected_tag, unit of top == affected_unit).
 
-    The top tag has the largest mean contribution over the first `first_alarms` alarmed rows in
-    [onset_row, end_row). No alarm in the window: (None, False, False).
+    The top tag has the largest mean contribution over the first `first_alarms` alarmed rows
+    from the detection (`first_raise`) to end_row. A tag's mean is over the rows where it has
+    a contribution (NaN: not sampled there), so a tag sampled every 60th row competes on its
+    own samples, not diluted by the rows between. No detection: (None, False, False).
     """
-    hits = np.flatnonzero(np.asarray(alarm[onset_row:end_row], dtype=bool))[:first_alarms]
-    if hits.size == 0:
+    start = first_raise(alarm, onset_row, end_row)
+    if start is None:
         return None, False, False
-    mean = np.nanmean(np.asarray(contributions)[onset_row + hits], axis=0)
-    top = tags[int(np.nanargmax(mean))]
+    hits = np.flatnonzero(np.asarray(alarm[start:end_row], dtype=bool))[:first_alarms]
+    rows = np.asarray(contributions, dtype=np.float64)[start + hits]
+    counted = (~np.isnan(rows)).sum(axis=0)
+    if not counted.any():
+        return None, False, False
+    mean = np.where(counted > 0, np.nansum(rows, axis=0) / np.maximum(counted, 1), -np.inf)
+    top = tags[int(np.argmax(mean))]
     return top, top == affected_tag, tag_unit(top) == affected_unit
 
 
@@ -252,8 +272,12 @@ def twin_scores(online, dataset: PreparedDataset, runs: list[RunTensors], past_s
     u, y, real = engineering_runs(dataset, runs, dtype)
     steps = run_filter(torch.jit.script(online), u, y, past_steps)[1:]
     alarm = torch.stack([s[11] for s in steps], dim=1).numpy()
-    contributions = torch.stack([s[12] for s in steps], dim=1).to(torch.float64).numpy()
-    sampled = torch.isfinite(y[:, past_steps:]).any(dim=2) & real[:, past_steps:]
+    contributions = torch.stack([s[12] for s in steps], dim=1).to(torch.float64)
+    # The monitor reports 0 for a tag not sampled at a step: NaN here, so isolation averages
+    # each tag over its own samples.
+    tag_sampled = torch.isfinite(y[:, past_steps:])
+    contributions = torch.where(tag_sampled, contributions, math.nan).numpy()
+    sampled = tag_sampled.any(dim=2) & real[:, past_steps:]
     out = {}
     for i, r in enumerate(runs):
         n = r.u.shape[0]
@@ -279,6 +303,9 @@ def load_labels(dataset: PreparedDataset, runs: list[str]) -> pd.DataFrame:
     missing = sorted(set(runs) - set(labels.run_id))
     if missing:
         raise ConfigError(f"{path}: no label for fault runs {missing}")
+    twice = sorted(labels.run_id[labels.run_id.duplicated()].unique())
+    if twice:  # a run scored twice, each window a false alarm period of the other
+        raise ConfigError(f"{path}: more than one label for runs {twice}; one fault per run")
     return labels[labels.run_id.isin(runs)].reset_index(drop=True)
 
 

@@ -1,14 +1,17 @@
 """The fault table's metrics on hand-made alarms and labels, and the PCA baseline's calibration."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from hybrid_twin import ConfigError
 from training.dataset import RunTensors
 from training.fault_evaluation import (
+    LABELS_FILE,
     PCAMonitor,
     Scores,
     detection,
@@ -17,6 +20,7 @@ from training.fault_evaluation import (
     held_matrix,
     isolation,
     label_rows,
+    load_labels,
     report_short_runs,
     tag_unit,
 )
@@ -50,6 +54,15 @@ def test_detection_and_delay():
     alarm_late[15] = True  # after the end: not detected
     detected, delay = detection(alarm_late, TIME, 5, 13, 25.0)
     assert not detected and math.isnan(delay)
+
+
+def test_an_alarm_standing_since_before_onset_is_no_detection_until_raised_again():
+    alarm = np.zeros(20, bool)
+    alarm[3:7] = True  # on from row 3 (a false alarm before onset 5), still on at rows 5-6
+    detected, delay = detection(alarm, TIME, 5, 13, 25.0)
+    assert not detected and math.isnan(delay)
+    alarm[9] = True  # cleared at 7, raised again at row 9 (45 s)
+    assert detection(alarm, TIME, 5, 13, 25.0) == (True, 20.0)
 
 
 def test_false_alarm_counts_only_monitored_steps():
@@ -145,6 +158,22 @@ def test_pca_false_alarm_rate_on_its_fit_data(alpha):
     assert np.argmax(np.mean(monitor.residual(fault) ** 2, axis=0)) == 5
 
 
+def test_isolation_averages_each_tag_over_the_rows_it_was_sampled():
+    # A tag sampled once in the first 5 alarmed rows (an assay) with the largest contribution
+    # ranks first; unsampled entries are NaN, not 0 (0 would divide its mean by 5).
+    contributions = np.full((20, 3), np.nan)
+    contributions[5:10, 0] = 16.0  # sampled every row
+    contributions[7, 2] = 64.0  # sampled once
+    alarm = np.zeros(20, bool)
+    alarm[5:10] = True
+    top, tag_ok, _ = isolation(contributions, alarm, 5, 13, TAGS, TAGS[2], "PRESS", 5)
+    assert (top, tag_ok) == (TAGS[2], True)
+    # and it starts at the detection: a standing alarm from before onset is not averaged
+    standing = np.zeros(20, bool)
+    standing[3:8] = True
+    assert isolation(contributions, standing, 5, 13, TAGS, TAGS[2], "PRESS", 5)[0] is None
+
+
 def test_runs_too_short_to_monitor_are_named_with_their_labels(caplog):
     def run(run_id, n):
         return RunTensors(run_id, "f", 0, torch.arange(float(n)), torch.zeros(n, 1),
@@ -155,3 +184,11 @@ def test_runs_too_short_to_monitor_are_named_with_their_labels(caplog):
         report_short_runs(given, given[1:2], past_steps=6)
     assert "2 run segments too short for one monitored step after 6 past rows" in caplog.text
     assert "F1 (7 rows), N1 (5 rows)" in caplog.text
+
+
+def test_two_labels_for_one_run_are_refused_naming_it(tmp_path):
+    header = "run_id,fault_kind,onset,end,affected_tag,affected_unit\n"
+    row = "run_027,nir_fouling,2025-03-01T08:40:00Z,2025-03-01T09:00:00Z,NIR.API_CONC,NIR\n"
+    (tmp_path / LABELS_FILE).write_text(header + row + row.replace("08:40", "08:50"))
+    with pytest.raises(ConfigError, match=r"more than one label for runs \['run_027'\]"):
+        load_labels(SimpleNamespace(root=tmp_path), ["run_027"])
