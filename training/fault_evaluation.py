@@ -323,10 +323,36 @@ def report_short_runs(given: list[RunTensors], kept: list[RunTensors], past_step
         )
 
 
+def check_scoring_splits(cfg: DictConfig) -> None:
+    """The splits that score the detector (normal_split, fault_split) are none of those that
+    set its limits (monitor.fit_split; calibration_split under `calibration: split`).
+
+    Raises:
+        ConfigError: naming the key, its split and the fitting keys.
+    """
+    def names(value) -> set[str]:
+        if value is None:
+            return set()
+        return {str(value)} if isinstance(value, str) else {str(v) for v in value}
+
+    monitor = cfg.monitor
+    fitting = names(monitor.fit_split)
+    if str(monitor.get("calibration", "in_sample")) == "split":
+        fitting |= names(monitor.get("calibration_split"))
+    for key in ("normal_split", "fault_split"):
+        if str(cfg[key]) in fitting:
+            raise ConfigError(
+                f"{key}: {cfg[key]!r} also sets the detector's limits (monitor.fit_split "
+                f"{sorted(names(monitor.fit_split))}, calibration_split under calibration: "
+                f"split): its rates would be scored on the runs that made them; use test"
+            )
+
+
 def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
     """`twin evaluate-faults`: the fault table, written, printed and logged; returns it."""
     from hydra.core.hydra_config import HydraConfig
 
+    check_scoring_splits(cfg)
     started = time.perf_counter()
     run_id, version, run, dataset, dtype, past_steps, model_uri = open_model_on_data(cfg)
     twin = load_eager_twin(run_id, dataset, model_uri)

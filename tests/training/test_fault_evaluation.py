@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from hybrid_twin import ConfigError
 from training.dataset import RunTensors
@@ -14,6 +15,7 @@ from training.fault_evaluation import (
     LABELS_FILE,
     PCAMonitor,
     Scores,
+    check_scoring_splits,
     detection,
     false_alarm_counts,
     fault_table,
@@ -192,3 +194,19 @@ def test_two_labels_for_one_run_are_refused_naming_it(tmp_path):
     (tmp_path / LABELS_FILE).write_text(header + row + row.replace("08:40", "08:50"))
     with pytest.raises(ConfigError, match=r"more than one label for runs \['run_027'\]"):
         load_labels(SimpleNamespace(root=tmp_path), ["run_027"])
+
+
+def test_the_false_alarm_rate_is_not_scored_on_the_runs_that_set_the_limits():
+    def config(normal_split, fit_split=("train", "val"), calibration="in_sample", cal=None):
+        return OmegaConf.create({
+            "normal_split": normal_split, "fault_split": "fault",
+            "monitor": {"fit_split": list(fit_split), "calibration": calibration,
+                        "calibration_split": cal},
+        })  # fmt: skip
+
+    check_scoring_splits(config("test"))
+    with pytest.raises(ConfigError, match=r"normal_split: 'val' also sets the detector's limits"):
+        check_scoring_splits(config("val"))
+    check_scoring_splits(config("val", fit_split=["train"]))  # in-sample limits: val unused
+    with pytest.raises(ConfigError, match=r"normal_split: 'val'"):
+        check_scoring_splits(config("val", ["train"], "split", ["val"]))
