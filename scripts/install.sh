@@ -29,7 +29,18 @@ if "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "install.sh: torch already in $venv, keeping it"
 elif [ "$build" = cuda ]; then
     echo "install.sh: NVIDIA GPU found, installing CUDA torch==$torch_version"
-    "${pip[@]}" "torch==$torch_version"
+    # A wheelhouse in pip's find-links may hold the CPU build, whose local version
+    # $torch_version+cpu satisfies ==$torch_version and sorts first: find-links is pointed at an
+    # empty folder for this one install (the configured indexes stay).
+    no_wheelhouse=$(mktemp -d)
+    PIP_FIND_LINKS="$no_wheelhouse" "${pip[@]}" "torch==$torch_version"
+    rmdir "$no_wheelhouse"
+    if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+        echo "install.sh: TWIN_TORCH_BUILD=cuda, but pip installed a CPU build of torch" \
+             "($("$venv/bin/python" -c "import torch; print(torch.__version__)")); check pip's" \
+             "index configuration (pip config list)" >&2
+        exit 1
+    fi
 else
     echo "install.sh: no GPU, installing CPU torch==$torch_version"
     # --no-index: only the local wheelhouse, so a machine without one fails fast here

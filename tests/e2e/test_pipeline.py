@@ -61,6 +61,8 @@ def _project_copy(destination: Path) -> Path:
     for folder in ("configs", "data_pipelines", ".dvc"):
         shutil.copytree(REPO / folder, destination / folder,
                         ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+    (destination / "training").mkdir()  # the prepare stage's entry (a dvc.yaml dep)
+    shutil.copy(REPO / "training" / "data_stages.py", destination / "training")
     (destination / "data").mkdir()
     shutil.copy(REPO / "data" / ".gitignore", destination / "data" / ".gitignore")
     sim_file = destination / "configs" / "sim" / "cdc_default.yaml"
@@ -79,3 +81,8 @@ def test_dvc_repro_runs_both_stages_in_a_fresh_project_and_then_has_nothing_to_d
     assert_manifest_matches_files(project / "data" / "prepared")
     second = run(["dvc", "repro"], cwd=project)
     assert "Running stage" not in second.stdout
+    # a module prepare runs but did not list once (run splitting) now makes it stale
+    with (project / "data_pipelines" / "runs.py").open("a") as module:
+        module.write("# changed\n")
+    status = run(["dvc", "status"], cwd=project)
+    assert "prepare:" in status.stdout and "data_pipelines/runs.py" in status.stdout
