@@ -123,6 +123,15 @@ class PreparedDataset:
         self.input_tags: list[str] = [*manifest["inputs"], *manifest["disturbances"]]
         self.measurement_tags: list[str] = list(manifest["measurements"])
         self.dt_s = float(manifest["dt_s"])
+        splits = manifest.get("splits", {})
+        if not splits.get("train"):  # the statistics below are the train runs'
+            counts = ", ".join(f"{name} {len(ids)}" for name, ids in splits.items())
+            raise DatasetError(
+                f"{root}: no run in the train split ({counts or 'no splits'}), so the dataset "
+                "has no normalisation statistics: prepare an export with normal interpolation "
+                "runs (runs.csv kind, regime or split; `twin generate` makes "
+                "sim.n_extrapolation_runs of its sim.n_normal_runs extrapolation runs)"
+            )
         self._stats = {
             tag: _effective_stats(tag, manifest["normalisation"])
             for tag in (*self.input_tags, *self.measurement_tags)

@@ -73,6 +73,15 @@ def test_split_naming_an_unknown_run_is_refused(prepared):
         PreparedDataset.open(prepared.path)
 
 
+def test_a_dataset_without_train_runs_is_refused_saying_why(prepared):
+    # e.g. `twin generate sim.n_normal_runs=4` (all 4 extrapolation runs, so all test)
+    manifest = json.loads((prepared.path / "manifest.json").read_text())
+    manifest["splits"]["test"] += manifest["splits"]["train"]
+    manifest["splits"]["train"] = []
+    with pytest.raises(DatasetError, match=r"no run in the train split \(train 0, val 1"):
+        PreparedDataset(prepared.path, manifest, "sha")
+
+
 def test_unknown_split_lists_the_valid_ones(prepared):
     dataset = PreparedDataset.open(prepared.path)
     with pytest.raises(DatasetError, match="unknown split 'trian'.*train, val, test, fault"):
