@@ -15,7 +15,8 @@ env: $(VENV)/.installed
 pipeline: $(VENV)/.installed
 	$(BIN)/twin generate
 	$(BIN)/twin prepare
-	$(BIN)/twin train -m model=hybrid,mechanistic,black_box num_threads=1
+	# the hybrid last: the latest registered version, which `twin export` / `serve` take
+	$(BIN)/twin train -m model=black_box,mechanistic,hybrid num_threads=1
 	$(BIN)/twin evaluate num_threads=1
 	@echo "Runs and the registered model: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
