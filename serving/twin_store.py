@@ -58,7 +58,7 @@ class TwinStore:
 
     Args:
         twin: the twin loaded at start-up.
-        model_uri: what `reload()` without an argument loads again (a newer alias target,
+        model_uri: what `reload()` loads again (a newer alias target,
             a rewritten file).
         tracking_uri: MLflow tracking URI for models:/ URIs (None: MLflow's default).
         setting: the `format` setting every load uses ("auto" or one format).
@@ -74,8 +74,8 @@ class TwinStore:
         self._file_stamp = self._stamp(model_uri)
         self._polled_entry: str | None = None  # the registry export the poll last reported
 
-    async def reload(self, uri: str | None = None) -> tuple[LoadedTwin, bool]:
-        """Load `uri` (default: the configured model_uri) off the event loop and swap it in.
+    async def reload(self) -> tuple[LoadedTwin, bool]:
+        """Load the configured model_uri again off the event loop and swap it in.
 
         Returns:
             (the twin now served, whether it changed: False when the digest is the same).
@@ -85,7 +85,7 @@ class TwinStore:
             IncompatibleTwinError: its interface differs, each difference named (the old
                 twin stays).
         """
-        uri = uri or self.model_uri
+        uri = self.model_uri
         async with self._lock:
             new = await asyncio.to_thread(load_twin, uri, self.tracking_uri, self.setting)
             old = self.current
@@ -98,8 +98,7 @@ class TwinStore:
             if new.sha256 == old.sha256:
                 return old, False
             self.current = new
-            if uri == self.model_uri:  # the new export's files, so the poll sees no change
-                self._file_stamp = self._stamp(uri)
+            self._file_stamp = self._stamp(uri)  # the new export's files: the poll sees no change
             log.info("reloaded twin %s (%s) -> %s (%s) from %s", old.label, old.format,
                      new.label, new.format, uri)  # fmt: skip
             return new, True
