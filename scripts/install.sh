@@ -25,8 +25,37 @@ fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --quiet)
 
-if "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
-    echo "install.sh: torch already in $venv, keeping it"
+# A torch outside the project's range would be replaced by the project install below (a
+# bare torch from the index: the multi-GB CUDA build), so it is refused here, naming why.
+check_torch_range() {  # $1: the torch version, $2: where it comes from
+    "$venv/bin/python" - "$1" "$2" "$(dirname "$0")/../pyproject.toml" <<'PY'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+from pip._vendor.packaging.requirements import Requirement
+from pip._vendor.packaging.version import InvalidVersion, Version
+
+version, origin, pyproject = sys.argv[1:]
+with open(pyproject, "rb") as file:
+    dependencies = [Requirement(d) for d in tomllib.load(file)["project"]["dependencies"]]
+allowed = next(d.specifier for d in dependencies if d.name == "torch")
+try:
+    ok = allowed.contains(Version(version), prereleases=True)
+except InvalidVersion:
+    ok = False
+if not ok:
+    sys.exit(f"install.sh: {origin} gives torch {version!r}, outside the project's range "
+             f"torch{allowed} (pyproject.toml); pick a version in that range")
+PY
+}
+
+if installed=$("$venv/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null); then
+    check_torch_range "$installed" "the torch already in $venv"
+    echo "install.sh: torch $installed already in $venv, keeping it"
+elif ! check_torch_range "$torch_version" "TWIN_TORCH_VERSION"; then
+    exit 1
 elif [ "$build" = cuda ]; then
     echo "install.sh: NVIDIA GPU found, installing CUDA torch==$torch_version"
     # A wheelhouse in pip's find-links may hold the CPU build, whose local version
