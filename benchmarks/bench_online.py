@@ -72,7 +72,8 @@ def build(dtype: torch.dtype, jacobian: str, kind: str):
     latest = max(versions, key=lambda v: int(v.version))
     dataset = PreparedDataset.open(str(REPO / "data" / "prepared"))
     past_steps = int(mlflow.get_run(latest.run_id).data.params["datamodule.past_steps"])
-    twin = load_eager_twin(latest.run_id, dataset)
+    # the version's own weights: a resumed run registers several versions from one run id
+    twin = load_eager_twin(latest.run_id, dataset, f"models:/cdc-line-twin/{latest.version}")
     cfg = OmegaConf.load(REPO / "configs" / "export.yaml")
     noise = noise_settings(twin, dataset, cfg.filter)
     n_y = len(dataset.measurement_tags)

@@ -107,8 +107,11 @@ class ResidualNet(nn.Module):
             linear = nn.Linear(fan_in, fan_out, device="meta").to_empty(device="cpu")
             limit = 1.0 / math.sqrt(fan_in)
             with torch.no_grad():
-                linear.weight.uniform_(-limit, limit, generator=generator)
-                linear.bias.uniform_(-limit, limit, generator=generator)
+                # Drawn in float32 whatever the default dtype: a generator's draws depend on
+                # the dtype, and one seed should give one network (rounded in float32).
+                for parameter in (linear.weight, linear.bias):
+                    drawn = torch.empty(parameter.shape, dtype=torch.float32)
+                    parameter.copy_(drawn.uniform_(-limit, limit, generator=generator))
                 if zero_init and i == len(widths) - 2:
                     linear.weight.zero_()
                     linear.bias.zero_()

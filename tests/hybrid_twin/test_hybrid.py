@@ -12,6 +12,7 @@ from hybrid_twin import (
     ModelConfig,
     Normaliser,
     ObservationModel,
+    ResidualNet,
     ShapeError,
 )
 
@@ -76,6 +77,22 @@ def test_mechanistic_kind_trains_theta_only_and_black_box_has_a_network(cdc_flow
     assert all(name.endswith("params.raw") for name, _ in mechanistic.named_parameters())
     black_box = HybridVectorField(cdc_flowsheet, {"kind": "black_box"}, generator=rng)
     assert any(name.startswith("net.") for name, _ in black_box.named_parameters())
+
+
+def test_one_seed_gives_one_network_whatever_the_default_dtype():
+    def initial_weights(dtype):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            net = ResidualNet(11, 8, (16, 16), False, torch.Generator().manual_seed(7))
+        finally:
+            torch.set_default_dtype(previous)
+        return net.state_dict()
+
+    weights32, weights64 = initial_weights(torch.float32), initial_weights(torch.float64)
+    for name, value in weights64.items():
+        assert value.dtype == torch.float64
+        assert torch.equal(value, weights32[name].to(torch.float64)), name
 
 
 def test_model_config_errors_name_the_bad_key(cdc_flowsheet):
