@@ -1,5 +1,7 @@
 """prepare_dataset end to end: config checks, formats, time zones, rejects, a real export."""
 
+import gzip
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,9 @@ import yaml
 from data_pipelines import DataConfig, DataValidationError, TagDictionary, prepare_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-BIBMON = REPO.parent / "shared" / "data" / "bibmon_real_process"
+# tests/data/bibmon_real_process/README.md: where it comes from, and its licence
+BIBMON_GZ = REPO / "tests" / "data" / "bibmon_real_process" / "real_process_data.csv.gz"
+BIBMON_SHA256 = "d360b9e7e0d9e1f7f824e9f0c4f7817c0205eaf3ada3089a4521bb57c30fa308"
 
 
 def _prepare(raw, out, tags, data):
@@ -146,8 +150,11 @@ def test_no_historian_file_and_a_doubled_export_are_fatal(
 
 
 def test_real_bibmon_export_counts_quality_strings_as_its_readme_says(tmp_path):
-    if not BIBMON.is_dir():
-        pytest.skip(f"the real historian file is not here: {BIBMON} is absent")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    export = gzip.decompress(BIBMON_GZ.read_bytes())
+    assert hashlib.sha256(export).hexdigest() == BIBMON_SHA256
+    (raw / "real_process_data.csv").write_bytes(export)
     tags = {
         f"tag{i}": {
             "role": "measurement",
@@ -158,7 +165,7 @@ def test_real_bibmon_export_counts_quality_strings_as_its_readme_says(tmp_path):
         for i in range(108)
     }
     data = {"historian_glob": "real_process_data.csv", "dt_s": 300.0, "max_gap_s": 900.0}
-    manifest = prepare_dataset(BIBMON, tmp_path / "out", tags=tags, data=data, plant_name="bibmon")
+    manifest = prepare_dataset(raw, tmp_path / "out", tags=tags, data=data, plant_name="bibmon")
     counts = manifest["counts"]
     assert counts["rows_in"] == 3169 * 108 and counts["empty_cells"] == 0
     assert counts["rows_rejected"] == 156 + 14 + 1 + 326 + 1
@@ -176,8 +183,8 @@ def test_real_bibmon_export_counts_quality_strings_as_its_readme_says(tmp_path):
     assert len(manifest["constant_tags"]) == 14 and "tag13" in manifest["constant_tags"]
     run = pd.read_parquet(tmp_path / "out" / manifest["runs"]["run_0"]["file"])
     assert len(run) == 3169 and run["tag2__n"].sum() == 3169 - 156
-    raw = pd.read_csv(BIBMON / "real_process_data.csv", usecols=[0, 101])
-    np.testing.assert_array_equal(run["tag100"].to_numpy(), raw["tag100"].to_numpy())
+    source = pd.read_csv(raw / "real_process_data.csv", usecols=[0, 101])
+    np.testing.assert_array_equal(run["tag100"].to_numpy(), source["tag100"].to_numpy())
 
 
 def test_data_pipelines_never_imports_torch_or_hybrid_twin():
