@@ -131,9 +131,12 @@ def comparison_markdown(table: pd.DataFrame, headline_tag: str) -> str:
     baselines = [k for k in kinds if k in BASELINES]
     parts = []
     for regime, block in table.groupby("regime", sort=False):
-        wide = block.pivot_table(
-            index=["tag", "unit", "horizon_min"], columns="kind", values="rmse", sort=False
-        ).reindex(columns=kinds)
+        rows = ["tag", "unit", "horizon_min"]
+        # Reindexed to every row of the block: one no kind has a number for (no sample within
+        # the horizon, or every forecast non-finite) is shown as "-", not left out.
+        wide = block.pivot_table(index=rows, columns="kind", values="rmse", sort=False).reindex(
+            index=pd.MultiIndex.from_frame(block[rows].drop_duplicates()), columns=kinds
+        )
         header = ["tag", "unit", "horizon"] + kinds
         with_ratio = "hybrid" in kinds and baselines
         if with_ratio:
@@ -149,7 +152,7 @@ def comparison_markdown(table: pd.DataFrame, headline_tag: str) -> str:
             cells += [_fmt(values[k]) for k in kinds]
             if with_ratio:
                 best = min(values[b] for b in baselines)
-                cells.append(_fmt(values["hybrid"] / best) if best > 0 else "n/a")
+                cells.append("n/a" if best <= 0 else _fmt(values["hybrid"] / best))  # NaN: "-"
             lines.append(_md_row(cells))
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"

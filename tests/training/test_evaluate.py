@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.training.twin_cli import TINY_SIZES, run_twin
 from training.dataset import PreparedDataset
+from training.evaluate import comparison_markdown
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
 TINY = [*TINY_SIZES, "trainer.max_epochs=1"]
@@ -130,3 +131,16 @@ def test_a_list_of_runs_in_forecast_mode_is_refused_naming_the_key(evaluated, ti
     )
     assert result.returncode != 0
     assert "runs.hybrid: forecast mode evaluates one run per kind, got a list" in result.stderr
+
+
+def test_a_row_no_kind_has_a_number_for_is_shown_as_a_dash_not_left_out():
+    rows = [
+        {"kind": kind, "regime": "extrapolation", "tag": tag, "unit": unit, "horizon_min": 1.0,
+         "rmse": rmse}
+        for kind in ("hybrid", "mechanistic")
+        for tag, unit, rmse in (("NIR.API_CONC", "%w/w", 0.25), ("PRESS.TABLET_API", "%LC", np.nan))
+    ]  # fmt: skip
+    markdown = comparison_markdown(pd.DataFrame(rows), "NIR.API_CONC")
+    assert "| **NIR.API_CONC** | %w/w | 1 min | 0.25 | 0.25 | 1 |" in markdown
+    # the 5-min assay has no sample within 1 min
+    assert "| PRESS.TABLET_API | %LC | 1 min | - | - | - |" in markdown
