@@ -113,13 +113,17 @@ class DiversionSettings:
                    float(cfg.verify.max_loadcell_dev))  # fmt: skip
 
 
-def window_summary(windows: list[OutOfSpecWindow], prefix: str) -> dict[str, float]:
-    """First start, last end, total out-of-spec time, kg, tablets, worst value of windows."""
+def window_summary(
+    windows: list[OutOfSpecWindow], prefix: str, limits: tuple[float, float]
+) -> dict[str, float]:
+    """First start, last end, total out-of-spec time, kg, tablets, and the worst value of the
+    windows: the one farthest outside `limits` (low, high)."""
     if not windows:
         return {f"{prefix}_windows": 0, f"{prefix}_start_s": math.nan,
                 f"{prefix}_end_s": math.nan, f"{prefix}_out_s": 0.0, f"{prefix}_kg": 0.0,
                 f"{prefix}_tablets": 0.0, f"{prefix}_worst": math.nan}  # fmt: skip
-    worst = max(windows, key=lambda w: abs(w.worst - 100.0)).worst
+    low, high = limits
+    worst = max(windows, key=lambda w: max(low - w.worst, w.worst - high)).worst
     return {
         f"{prefix}_windows": len(windows),
         f"{prefix}_start_s": windows[0].start_s,
@@ -158,7 +162,7 @@ def compare_windows(
     true_out = (true[0] < low) | (true[0] > high)
     twin_out = (twin[0] < low) | (twin[0] > high)
     both_s = float((true_out & twin_out).sum()) * dt
-    row = {**window_summary(true_w, "true"), **window_summary(twin_w, "twin")}
+    row = {**window_summary(true_w, "true", limits), **window_summary(twin_w, "twin", limits)}
     row["start_diff_s"] = row["twin_start_s"] - row["true_start_s"]
     row["end_diff_s"] = row["twin_end_s"] - row["true_end_s"]
     row["overlap_true"] = both_s / row["true_out_s"] if true_w else math.nan

@@ -146,6 +146,14 @@ def test_compare_windows_edges_overlap_and_coverage():
     assert row["rule_extra_s"] == 5.0  # 15-20 s diverted in spec
 
 
+def test_the_worst_value_is_the_one_farthest_outside_the_limits_in_any_unit():
+    t = np.arange(10) * 5.0
+    nir = np.array([10, 9.4, 10, 10, 12.0, 10, 10, 10, 10, 10])  # %w/w: 0.1 below, 1.5 above
+    ones = (np.full(10, 30.0), np.full(10, 400.0))
+    row = compare_windows(t, (nir, *ones), (nir, *ones), (9.5, 10.5), (0.0, 50.0))
+    assert row["true_worst"] == row["twin_worst"] == 12.0  # not 9.4, the nearer to 100
+
+
 def test_cell_means_follow_the_prepared_grid_convention():
     signal = np.arange(12.0)  # 1 s samples at t = 0..11
     # cell (t - 5, t]: t=0 -> {0}; t=5 -> {1..5}; t=10 -> {6..10}; t=15 -> {11} (end of data)
