@@ -109,8 +109,19 @@ class DiversionRule:
         return rule
 
     def window(self, disturbance_start_s: float, disturbance_end_s: float) -> tuple[float, float]:
-        """(start, end) of the diversion the rule orders, s."""
-        return disturbance_start_s + self.delay_s, disturbance_end_s + self.margin_s
+        """(start, end) of the diversion the rule orders, s.
+
+        Raises:
+            ConfigError: a delay that starts the diversion after it ends.
+        """
+        start, end = disturbance_start_s + self.delay_s, disturbance_end_s + self.margin_s
+        if start > end:
+            raise ConfigError(
+                f"diversion.rule.delay_s: {self.delay_s:g} s starts the diversion at "
+                f"{start / 60:g} min, after its end at {end / 60:g} min (the disturbance ends "
+                f"at {disturbance_end_s / 60:g} min, margin_s {self.margin_s:g} s)"
+            )
+        return start, end
 
 
 @dataclass(frozen=True)
@@ -118,24 +129,48 @@ class RuleCheck:
     """Whether a rule's diversion covers the out-of-spec windows.
 
     Attributes:
-        covered: every window lies inside the diversion.
+        covered: every window lies inside the diversion (False while undetermined).
         missed_before_s, missed_after_s: out-of-spec time before / after the diversion, s.
-        extra_s: diverted time that was in spec (the rule's cost), s.
+        extra_s: diverted time that was in spec (the rule's cost), s; with a horizon, only
+            the diverted time up to it counts (nothing after it was predicted).
+        undetermined: nothing is missed up to the horizon, but a window is still open there,
+            so whether the diversion covers the rest of it cannot be told.
     """
 
     covered: bool
     missed_before_s: float
     missed_after_s: float
     extra_s: float
+    undetermined: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """'covers', 'does NOT cover' or 'cannot tell whether it covers'."""
+        if self.undetermined:
+            return "cannot tell whether it covers"
+        return "covers" if self.covered else "does NOT cover"
 
 
-def check_rule(windows: Sequence[OutOfSpecWindow], diversion: tuple[float, float]) -> RuleCheck:
-    """Compare the windows with a diversion interval (start, end), s."""
+def check_rule(
+    windows: Sequence[OutOfSpecWindow], diversion: tuple[float, float],
+    horizon_s: float | None = None,
+) -> RuleCheck:  # fmt: skip
+    """Compare the windows with a diversion interval (start, end), s.
+
+    Args:
+        horizon_s: where the predicted trajectory ends (its last row + dt), s; the diversion
+            is judged up to it. None: the windows are the whole story (none is open).
+    """
     start, end = diversion
+    if horizon_s is not None:
+        end = min(end, horizon_s)
     before = sum((max(0.0, min(w.end_s, start) - w.start_s) for w in windows), 0.0)
     after = sum((max(0.0, w.end_s - max(w.start_s, end)) for w in windows), 0.0)
     inside = sum((max(0.0, min(w.end_s, end) - max(w.start_s, start)) for w in windows), 0.0)
-    return RuleCheck(before == 0 and after == 0, before, after, max(0.0, end - start) - inside)
+    missed = before > 0 or after > 0  # known to miss, whatever happens after the horizon
+    undetermined = horizon_s is not None and not missed and any(w.open_end for w in windows)
+    covered = not missed and not undetermined
+    return RuleCheck(covered, before, after, max(0.0, end - start) - inside, undetermined)
 
 
 def lagged_erlang_cdf(t_s: np.ndarray, n_tanks: int, k_per_s: float, lag_s: float) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from hybrid_twin import ConfigError
-from training.scenario_spec import LineSpec
+from training.scenario_spec import LineSpec, config_number, config_range
 from training.scenario_twin import ScenarioTwin, input_factor
 
 THROUGHPUT = "throughput_kg_h"  # the decision variable that scales every feeder setpoint
@@ -70,6 +70,9 @@ def parse_problem(
 ) -> OperatingProblem:
     """`optimise:` of configs/optimise.yaml -> OperatingProblem, checked against the twin.
 
+    A decision variable whose range is null is left out (an override merges into the
+    default settings, so this is how one is dropped).
+
     Raises:
         ConfigError: an unknown decision variable, feeder or tag, bounds not low < start < high,
             a time off the twin's grid, an objective that starts at or after the horizon, an
@@ -79,11 +82,13 @@ def parse_problem(
     nominal[THROUGHPUT] = sum(nominal[f.setpoint] for f in line.feeders.values())
     bounds, start = {}, {}
     for name, pair in (raw.get("settings") or {}).items():
+        if pair is None:  # Hydra merges overrides into the default settings: null drops one
+            continue
         key = f"{where}.settings.{name}"
         if name != THROUGHPUT and name not in twin.setpoint_tags:
             valid = ", ".join([THROUGHPUT, *twin.setpoint_tags])
             raise ConfigError(f"{key}: not a decision variable of this twin; valid: {valid}")
-        low, high = (float(v) for v in pair)
+        low, high = config_range(pair, key)
         if not low < nominal[name] < high:
             raise ConfigError(
                 f"{key}: expected [low, high] around the start value "
@@ -99,7 +104,8 @@ def parse_problem(
             f"{where}.disturbances.feeder: unknown feeder {feeder!r}; valid: "
             f"{', '.join(line.feeders)}"
         )
-    steps = _rows(float(raw["horizon_min"]) * 60.0, twin.dt_s, f"{where}.horizon_min")
+    horizon_min = config_number(raw["horizon_min"], f"{where}.horizon_min", "min")
+    steps = _rows(horizon_min * 60.0, twin.dt_s, f"{where}.horizon_min")
     objective = raw["objective"]
     if objective["tag"] not in twin.measurement_tags:
         raise ConfigError(
@@ -117,9 +123,9 @@ def parse_problem(
         steps,
         from_row,
         str(objective["tag"]),
-        float(objective["target"]),
-        int(raw["optimiser"]["iterations"]),
-        float(raw["optimiser"]["learning_rate"]),
+        config_number(objective["target"], f"{where}.objective.target"),
+        _count(raw["optimiser"]["iterations"], f"{where}.optimiser.iterations", minimum=0),
+        config_number(raw["optimiser"]["learning_rate"], f"{where}.optimiser.learning_rate"),
     )
 
 
@@ -128,10 +134,11 @@ def _objective_start_row(objective: Mapping, steps: int, dt_s: float, where: str
     the objective is the mean of no rows (NaN), which optimise_settings would only report as
     a non-finite objective."""
     key = f"{where}.objective.from_min"
-    from_row = _rows(float(objective["from_min"]) * 60.0, dt_s, key)
+    from_min = config_number(objective["from_min"], key, "min")
+    from_row = _rows(from_min * 60.0, dt_s, key)
     if from_row >= steps:
         raise ConfigError(
-            f"{key}: {float(objective['from_min']):g} min is not before {where}.horizon_min "
+            f"{key}: {from_min:g} min is not before {where}.horizon_min "
             f"({steps * dt_s / 60:g} min): the objective would count no row"
         )
     return from_row
@@ -147,10 +154,10 @@ def draw_profiles(
         ConfigError: a range that is not [low, high], a size outside (-1, 1), a disturbance
             that does not end before the horizon.
     """
-    rng = np.random.default_rng(int(raw["seed"]))
+    rng = np.random.default_rng(_count(raw["seed"], f"{where}.seed", minimum=0))
     ranges = {}
     for key in ("onset_min", "duration_min", "size"):
-        low, high = (float(v) for v in raw[key])
+        low, high = config_range(raw[key], f"{where}.{key}")
         if not low <= high:
             raise ConfigError(f"{where}.{key}: expected [low, high], got {list(raw[key])}")
         ranges[key] = (low, high)
@@ -159,10 +166,8 @@ def draw_profiles(
             f"{where}.size: expected a relative change of the delivered flow in (-1, 1), got "
             f"{list(raw['size'])}"
         )
-    if int(raw["n_profiles"]) < 1:
-        raise ConfigError(f"{where}.n_profiles: at least 1, got {raw['n_profiles']}")
     profiles = []
-    for _ in range(int(raw["n_profiles"])):
+    for _ in range(_count(raw["n_profiles"], f"{where}.n_profiles")):
         onset = round(rng.uniform(*ranges["onset_min"]) * 60.0 / dt_s) * dt_s
         duration = max(1, round(rng.uniform(*ranges["duration_min"]) * 60.0 / dt_s)) * dt_s
         profiles.append(DisturbanceProfile(onset, duration, float(rng.uniform(*ranges["size"]))))
@@ -295,6 +300,14 @@ def optimise_settings(
         best[1],
         history,
     )
+
+
+def _count(value: object, where: str, minimum: int = 1) -> int:
+    """A whole number >= minimum from the config; ConfigError naming `where` otherwise."""
+    number = config_number(value, where)
+    if not number.is_integer() or number < minimum:
+        raise ConfigError(f"{where}: expected a whole number >= {minimum}, got {value!r}")
+    return int(number)
 
 
 def _rows(seconds: float, dt_s: float, where: str) -> int:

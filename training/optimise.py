@@ -32,7 +32,7 @@ from training.operating_point import (
     parse_problem,
     twin_objective,
 )
-from training.plant_check import plant_objective
+from training.plant_check import plant_objective, plant_runs
 from training.scenario import load_scenario_twin
 from training.scenario_spec import parse_line
 from training.tracking import git_commit, tracking_uri
@@ -56,6 +56,10 @@ def run_optimise(cfg: DictConfig) -> dict[str, float]:
     dataset = None if config["twin"]["file"] else PreparedDataset.open(config["data_path"])
     twin = load_scenario_twin(cfg, dataset)
     problem = parse_problem(config["optimise"], line, twin)
+    check = config["plant_check"]
+    if check["enabled"]:  # what the plant cannot run is refused before the search, not after
+        plant_runs(problem.start, problem, line, _sim(check["sim"]), str(config["speed_tag"]),
+                   str(check["weight_tag"]), int(check["seed"]))  # fmt: skip
     result = optimise_settings(twin, line, problem)
     numbers = {
         "twin_rms_start": math.sqrt(result.objective_start),
@@ -63,7 +67,6 @@ def run_optimise(cfg: DictConfig) -> dict[str, float]:
         "plant_rms_start": math.nan,
         "plant_rms_best": math.nan,
     }
-    check = config["plant_check"]
     plant = None
     if check["enabled"]:
         plant = plant_objective(

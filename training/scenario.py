@@ -51,6 +51,7 @@ def run_scenario(cfg: DictConfig) -> pd.DataFrame:
         parse_scenario(raw, source, line, twin.setpoint_tags, twin.dt_s, config["spec_limits"])
         for source, raw in _raw_scenarios(config).items()
     ]
+    check_unique_names(scenarios)
     rule = DiversionRule.from_config(config["diversion"]["rule"])
     out = Path(HydraConfig.get().runtime.output_dir)
     results = run_all(twin, scenarios, line, rule, config, dataset, out)
@@ -62,6 +63,24 @@ def run_scenario(cfg: DictConfig) -> pd.DataFrame:
     print(markdown)
     print(f"scenario: wrote {len(results)} scenario(s) to {out}")
     return summary
+
+
+def check_unique_names(scenarios: list[Scenario]) -> None:
+    """Outputs are named by `name`: two scenarios of one name would overwrite each other.
+
+    Raises:
+        ConfigError: a name given by more than one file, naming the files.
+    """
+    sources: dict[str, list[str]] = {}
+    for scenario in scenarios:
+        sources.setdefault(scenario.name, []).append(scenario.source)
+    for name, files in sources.items():
+        if len(files) > 1:
+            raise ConfigError(
+                f"run: scenarios {', '.join(files)} all have name {name!r}; their outputs "
+                f"({name}.csv, {name}.png, the tables) would overwrite each other: give each "
+                "its own name"
+            )
 
 
 def run_all(
@@ -122,18 +141,31 @@ def scenarios_markdown(
             " kg | tablets |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
+        horizon_min = s.steps * twin.dt_s / 60.0
+        open_tags = []
         for r in rows.itertuples():
+            at_least = ">= " if r.open_at_end else ""  # cut off at the horizon
+            back_in = "still out at the end" if r.open_at_end else _min(r.last_back_min)
             lines.append(
                 f"| {r.tag} | {r.unit} | {r.low:g}-{r.high:g} | {r.start:.4g} | {r.min:.4g} | "
-                f"{r.max:.4g} | {r.end:.4g} | {r.out_of_spec_s:g} s | {_min(r.first_out_min)} | "
-                f"{_min(r.last_back_min)} | {r.out_of_spec_kg:.3g} | {r.out_of_spec_tablets:.0f} |"
+                f"{r.max:.4g} | {r.end:.4g} | {at_least}{r.out_of_spec_s:g} s | "
+                f"{_min(r.first_out_min)} | {back_in} | {at_least}{r.out_of_spec_kg:.3g} | "
+                f"{at_least}{r.out_of_spec_tablets:.0f} |"
             )
+            if r.open_at_end:
+                open_tags.append(r.tag)
+        if open_tags:
+            lines += ["", f"Still out of spec when the {horizon_min:g} min horizon ends: "
+                      f"{', '.join(open_tags)}; their out-of-spec time, kg and tablets are "
+                      f"lower bounds (a longer `duration_min` shows the rest)."]  # fmt: skip
         if result.rule is not None:
             start, end = rule.window(*result.disturbance_s)
-            verdict = "covers" if result.rule.covered else "does NOT cover"
+            horizon_note = (f" (judged up to the {horizon_min:g} min horizon)"
+                            if end > horizon_min * 60.0 else "")  # fmt: skip
             lines += ["", f"Diversion rule (disturbance start + {rule.delay_s:g} s to its end + "
-                      f"{rule.margin_s:g} s = {start / 60:g}-{end / 60:g} min) {verdict} the "
-                      f"{tag} windows: missed {result.rule.missed_before_s:g} s before, "
+                      f"{rule.margin_s:g} s = {start / 60:g}-{end / 60:g} min) "
+                      f"{result.rule.verdict} the {tag} windows{horizon_note}: missed "
+                      f"{result.rule.missed_before_s:g} s before, "
                       f"{result.rule.missed_after_s:g} s after; {result.rule.extra_s:g} s of "
                       f"in-spec material diverted."]  # fmt: skip
         for feeder, t_s in result.inputs.hopper_empty_s.items():
@@ -181,7 +213,7 @@ def _log(config: dict, twin: ScenarioTwin, results: list[ScenarioResult], summar
                        "out_of_spec_tablets": r.out_of_spec_tablets}  # fmt: skip
             mlflow.log_metrics({f"{prefix}/{name}": v for name, v in metrics.items()})
         for result in results:
-            if result.rule is not None:
+            if result.rule is not None and not result.rule.undetermined:
                 mlflow.log_metric(f"{result.scenario.name}/rule_covers", float(result.rule.covered))
             for suffix in ("csv", "png"):
                 mlflow.log_artifact(str(out / f"{result.scenario.name}.{suffix}"), "scenarios")

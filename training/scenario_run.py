@@ -141,23 +141,31 @@ def run_scenario_once(
         envelope = (min(e.rows[0] for e in disturbances) * twin.dt_s,
                     max(e.rows[1] for e in disturbances) * twin.dt_s)  # fmt: skip
         if diversion_tag in windows:
-            check = check_rule(windows[diversion_tag], rule.window(*envelope))
+            horizon_s = scenario.steps * twin.dt_s
+            check = check_rule(windows[diversion_tag], rule.window(*envelope), horizon_s)
     return ScenarioResult(scenario, inputs, table, windows, envelope, check)
 
 
 def summary_rows(result: ScenarioResult, units: dict[str, str]) -> list[dict]:
-    """One row per spec-limited tag: limits, start/min/max/end, out-of-spec time, windows."""
+    """One row per spec-limited tag: limits, start/min/max/end, out-of-spec time, windows.
+
+    A tag still out of spec at the horizon has `open_at_end` True and no `last_back_min`;
+    its out-of-spec time, kg and tablets then count only up to the horizon (lower bounds).
+    """
     rows = []
     for tag, (low, high) in result.scenario.spec_limits.items():
         values = result.table[f"predicted.{tag}"]
         windows = result.windows[tag]
+        open_at_end = bool(windows) and windows[-1].open_end
         rows.append({
             "scenario": result.scenario.name, "tag": tag, "unit": units.get(tag, ""),
             "low": low, "high": high, "start": values.iloc[0], "min": values.min(),
             "max": values.max(), "end": values.iloc[-1],
             "out_of_spec_s": sum(w.duration_s for w in windows),
             "first_out_min": windows[0].start_s / 60.0 if windows else float("nan"),
-            "last_back_min": windows[-1].end_s / 60.0 if windows else float("nan"),
+            "last_back_min": float("nan") if open_at_end or not windows
+            else windows[-1].end_s / 60.0,
+            "open_at_end": open_at_end,
             "out_of_spec_kg": sum(w.mass_kg for w in windows),
             "out_of_spec_tablets": sum(w.tablets for w in windows),
         })  # fmt: skip

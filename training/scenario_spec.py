@@ -9,6 +9,7 @@ and a per-row factor on each feeder's delivered flow (a feeder disturbance). Not
 imports torch; times are in seconds from the scenario's start (row 0 = t 0).
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -103,8 +104,14 @@ def parse_line(line: Mapping, where: str = "line") -> LineSpec:
         keys = {"setpoint", "hopper", "input"}
         _check_keys(spec, keys, keys, f"{where}.feeders.{name}")
         feeders[str(name)] = Feeder(str(name), spec["setpoint"], spec["hopper"], spec["input"])
-    nominal = {str(k): float(v) for k, v in _required(line, "nominal_setpoints", where).items()}
-    hoppers = {str(k): float(v) for k, v in _required(line, "hoppers_kg", where).items()}
+    nominal = {
+        str(k): config_number(v, f"{where}.nominal_setpoints.{k}")
+        for k, v in _required(line, "nominal_setpoints", where).items()
+    }
+    hoppers = {
+        str(k): config_number(v, f"{where}.hoppers_kg.{k}", "kg")
+        for k, v in _required(line, "hoppers_kg", where).items()
+    }
     _check_feeder_names(hoppers, feeders, f"{where}.hoppers_kg")
     return LineSpec(feeders, nominal, hoppers)
 
@@ -131,7 +138,8 @@ def parse_scenario(
             names the file and the key.
     """
     _check_keys(raw, SCENARIO_KEYS, {"name", "duration_min", "start"}, source)
-    steps = _rows(float(raw["duration_min"]) * 60.0, dt_s, f"{source}: duration_min")
+    duration_min = config_number(raw["duration_min"], f"{source}: duration_min", "min")
+    steps = _rows(duration_min * 60.0, dt_s, f"{source}: duration_min")
     if steps < 2:
         raise ConfigError(f"{source}: duration_min must cover at least 2 rows of {dt_s:g} s")
     start = _parse_start(raw["start"], f"{source}: start", line, setpoint_tags)
@@ -147,9 +155,10 @@ def parse_scenario(
     limits = {**default_limits, **(raw.get("spec_limits") or {})}
     spec_limits = {}
     for tag, pair in limits.items():
-        if len(pair) != 2 or not float(pair[0]) < float(pair[1]):
+        low, high = config_range(pair, f"{source}: spec_limits.{tag}")
+        if not low < high:
             raise ConfigError(f"{source}: spec_limits.{tag}: expected [low, high], got {pair}")
-        spec_limits[str(tag)] = (float(pair[0]), float(pair[1]))
+        spec_limits[str(tag)] = (low, high)
     return Scenario(
         str(raw["name"]), str(raw.get("description", "")), steps, start, events, spec_limits,
         source,
@@ -233,7 +242,8 @@ def _parse_start(raw: Mapping, where: str, line: LineSpec, setpoint_tags: Sequen
         for key in ("run", "time_min"):
             if key not in raw:
                 raise ConfigError(f"{where}.{key}: required for a recorded start")
-        return Start(kind, run=str(raw["run"]), time_s=float(raw["time_min"]) * 60.0)
+        time_min = config_number(raw["time_min"], f"{where}.time_min", "min")
+        return Start(kind, run=str(raw["run"]), time_s=time_min * 60.0)
     setpoints = {**line.nominal_setpoints, **(raw.get("setpoints") or {})}
     for tag in setpoints:
         _check_tag(tag, setpoint_tags, f"{where}.setpoints")
@@ -247,8 +257,9 @@ def _parse_start(raw: Mapping, where: str, line: LineSpec, setpoint_tags: Sequen
     if empty:
         raise ConfigError(f"{where}.hoppers_kg: no mass for feeder {empty[0]!r} here or in "
                           f"line.hoppers_kg")  # fmt: skip
-    return Start(kind, {k: float(v) for k, v in setpoints.items()},
-                 {k: float(v) for k, v in hoppers.items()})  # fmt: skip
+    setpoints = {k: config_number(v, f"{where}.setpoints.{k}") for k, v in setpoints.items()}
+    hoppers = {k: config_number(v, f"{where}.hoppers_kg.{k}", "kg") for k, v in hoppers.items()}
+    return Start(kind, setpoints, hoppers)
 
 
 def _parse_event(
@@ -258,25 +269,61 @@ def _parse_event(
     if kind not in EVENT_KEYS:
         raise ConfigError(f"{where}.type: unknown event {kind!r}; valid: {', '.join(EVENT_KEYS)}")
     _check_keys(raw, EVENT_KEYS[kind], EVENT_KEYS[kind], where)
-    k0 = _rows(float(raw["at_min"]) * 60.0, dt_s, f"{where}.at_min", allow_zero=True)
+    at_min = config_number(raw["at_min"], f"{where}.at_min", "min")
+    k0 = _rows(at_min * 60.0, dt_s, f"{where}.at_min", allow_zero=True)
     if k0 >= steps:
         raise ConfigError(f"{where}.at_min: {raw['at_min']} min is not before the scenario end")
     if kind == "setpoint_step":
         _check_tag(raw["tag"], setpoint_tags, f"{where}.tag")
-        return Event(kind, (k0, steps), tag=str(raw["tag"]), value=float(raw["value"]))
+        value = config_number(raw["value"], f"{where}.value")
+        return Event(kind, (k0, steps), tag=str(raw["tag"]), value=value)
     if kind == "throughput_change":
-        if not float(raw["factor"]) > 0:
+        factor = config_number(raw["factor"], f"{where}.factor")
+        if not factor > 0:
             raise ConfigError(f"{where}.factor: must be > 0, got {raw['factor']}")
-        return Event(kind, (k0, steps), value=float(raw["factor"]))
+        return Event(kind, (k0, steps), value=factor)
     _check_feeder_names({raw["feeder"]: 0}, line.feeders, f"{where}.feeder")
     if kind == "refill":
-        if not float(raw["to_kg"]) > 0:
+        to_kg = config_number(raw["to_kg"], f"{where}.to_kg", "kg")
+        if not to_kg > 0:
             raise ConfigError(f"{where}.to_kg: must be > 0 kg, got {raw['to_kg']}")
-        return Event(kind, (k0, k0 + 1), feeder=str(raw["feeder"]), value=float(raw["to_kg"]))
-    if not float(raw["size"]) > -1.0:
+        return Event(kind, (k0, k0 + 1), feeder=str(raw["feeder"]), value=to_kg)
+    size = config_number(raw["size"], f"{where}.size", "relative change, e.g. -0.2")
+    if not size > -1.0:
         raise ConfigError(f"{where}.size: relative change of the delivered flow must be > -1")
-    k1 = k0 + _rows(float(raw["duration_min"]) * 60.0, dt_s, f"{where}.duration_min")
-    return Event(kind, (k0, min(k1, steps)), feeder=str(raw["feeder"]), value=float(raw["size"]))
+    duration_min = config_number(raw["duration_min"], f"{where}.duration_min", "min")
+    k1 = k0 + _rows(duration_min * 60.0, dt_s, f"{where}.duration_min")
+    return Event(kind, (k0, min(k1, steps)), feeder=str(raw["feeder"]), value=size)
+
+
+def config_number(value: object, where: str, unit: str = "") -> float:
+    """A finite number from a config or scenario file (a numeric string too, as YAML or a
+    Hydra override may give one).
+
+    Raises:
+        ConfigError: anything else (`20 min`, `20%`, a list, true, nan), naming `where`.
+    """
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        unit = f" ({unit})" if unit else ""
+        raise ConfigError(f"{where}: expected a number{unit}, got {value!r}")
+    return number
+
+
+def config_range(value: object, where: str, unit: str = "") -> tuple[float, float]:
+    """[low, high] as two numbers (not checked for order: callers say what they need).
+
+    Raises:
+        ConfigError: not a list of two numbers, naming `where`.
+    """
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence) or (
+        len(value) != 2
+    ):
+        raise ConfigError(f"{where}: expected [low, high], got {value!r}")
+    return config_number(value[0], where, unit), config_number(value[1], where, unit)
 
 
 def _rows(seconds: float, dt_s: float, where: str, allow_zero: bool = False) -> int:

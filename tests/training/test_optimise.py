@@ -128,11 +128,39 @@ def test_objective_gradient_matches_central_differences(line, twin):
         ({"horizon_min": 8.01}, r"optimise\.horizon_min: 8\.01 min is not a whole number"),
         ({"objective": {**SMALL["objective"], "tag": "NIR.API"}}, r"objective\.tag: 'NIR\.API'"),
         ({"disturbances": {**SMALL["disturbances"], "feeder": "apii"}}, r"unknown feeder 'apii'"),
+        (
+            {"settings": {"BLEND.SPEED_SP": [200]}},
+            r"optimise\.settings\.BLEND\.SPEED_SP: expected \[low, high\], got \[200\]",
+        ),
+        (
+            {"settings": {"BLEND.SPEED_SP": ["200 rpm", 600]}},
+            r"optimise\.settings\.BLEND\.SPEED_SP: expected a number, got '200 rpm'",
+        ),
+        (
+            {"horizon_min": "8 min"},
+            r"optimise\.horizon_min: expected a number \(min\), got '8 min'",
+        ),
+        (
+            {"optimiser": {**SMALL["optimiser"], "iterations": 2.5}},
+            r"optimise\.optimiser\.iterations: expected a whole number >= 0, got 2\.5",
+        ),
+        (
+            {"disturbances": {**SMALL["disturbances"], "n_profiles": 0}},
+            r"optimise\.disturbances\.n_profiles: expected a whole number >= 1, got 0",
+        ),
     ],
 )
 def test_bad_optimise_settings_name_the_key(line, twin, change, match):
     with pytest.raises(ConfigError, match=match):
         parse_problem({**SMALL, **change}, line, twin)
+
+
+def test_a_null_range_leaves_a_decision_variable_out(line, twin):
+    # Hydra merges `optimise.settings='{throughput_kg_h: null}'` into the defaults
+    raw = {**SMALL, "settings": {**SMALL["settings"], "throughput_kg_h": None}}
+    assert list(parse_problem(raw, line, twin).bounds) == ["BLEND.SPEED_SP"]
+    with pytest.raises(ConfigError, match=r"optimise\.settings: name at least one"):
+        parse_problem({**SMALL, "settings": {"BLEND.SPEED_SP": None}}, line, twin)
 
 
 @pytest.mark.parametrize("size", [[0.5, 3.0], [-2.0, 3.0], [-2.0, 0.5], [-0.2, 1.0]])

@@ -24,7 +24,8 @@ from training.diversion import (
     out_of_spec_windows,
     step_window_tanks_in_series,
 )
-from training.scenario_run import run_scenario_once, start_rows
+from training.scenario import check_unique_names
+from training.scenario_run import run_scenario_once, start_rows, summary_rows
 from training.scenario_spec import parse_line, parse_scenario, scenario_inputs
 from training.scenario_twin import ScenarioTwin, input_factor, twin_from_model
 from training.twin_model import build_twin_model
@@ -170,6 +171,38 @@ def test_out_of_spec_windows_give_edges_mass_and_tablets():
     assert (check.covered, check.missed_before_s, check.missed_after_s) == (False, 2.0, 5.0)
 
 
+def test_a_window_open_at_the_horizon_is_judged_only_up_to_it():
+    t = np.arange(10) * 5.0
+    values = np.array([100, 100, 94, 90, 96, 100, 106, 100, 100, 94.0])
+    windows = out_of_spec_windows(t, values, (95.0, 105.0), np.full(10, 36.0), np.full(10, 400.0))
+    # The diversion runs past the horizon (50 s): nothing missed, the last window still open.
+    check = check_rule(windows, (0.0, 60.0), horizon_s=50.0)
+    assert (check.covered, check.undetermined) == (False, True)
+    assert check.verdict == "cannot tell whether it covers"
+    assert check.extra_s == pytest.approx(50.0 - 20.0)  # in-spec diverted time up to 50 s only
+    # Ending before the horizon, it misses the open window's predicted part: that is known.
+    check = check_rule(windows, (0.0, 48.0), horizon_s=50.0)
+    assert (check.covered, check.undetermined, check.missed_after_s) == (False, False, 2.0)
+    assert check.verdict == "does NOT cover"
+
+
+def test_a_delay_that_starts_the_diversion_after_its_end_is_refused():
+    with pytest.raises(ConfigError, match=r"diversion.rule.delay_s: 720 s starts the diversion "
+                                          r"at 17 min, after its end at 12 min"):  # fmt: skip
+        DiversionRule(720.0, 300.0).window(300.0, 420.0)
+
+
+def test_a_scenario_that_ends_out_of_spec_reports_no_return_and_no_verdict(root, line, twin):
+    raw = {**_load("scenarios/api_feeder_dip.yaml"), "duration_min": 8}  # window 6.25-9 min
+    result = _run(root, line, twin, _scenario(root, line, twin, raw))
+    [window] = result.windows["PRESS.TABLET_API"]
+    assert window.open_end and window.end_s == 8 * 60.0
+    assert result.rule.undetermined and not result.rule.covered
+    [row] = [r for r in summary_rows(result, twin.units) if r["tag"] == "PRESS.TABLET_API"]
+    assert row["open_at_end"] and np.isnan(row["last_back_min"])
+    assert row["out_of_spec_s"] == pytest.approx(8 * 60.0 - 6.25 * 60.0)
+
+
 def test_a_recorded_start_continues_from_the_runs_state(root, line, twin, dataset):
     run_id = dataset.run_ids("test")[0]
     raw = {"name": "recorded", "duration_min": 5,
@@ -216,6 +249,20 @@ def test_a_recorded_start_continues_from_the_runs_state(root, line, twin, datase
             r"start\.setpoints: 'NIR\.API_CONC' is not a setpoint",
         ),
         ({"duraton_min": 3}, r"unknown key 'duraton_min'"),
+        ({"duration_min": "20 min"}, r"duration_min: expected a number \(min\), got '20 min'"),
+        (
+            {"events": [{"type": "feeder_disturbance", "feeder": "api", "at_min": 1,
+                         "duration_min": 1, "size": "20%"}]},
+            r"events\[0\]\.size: expected a number \(relative change, e\.g\. -0\.2\), got '20%'",
+        ),  # fmt: skip
+        (
+            {"spec_limits": {"PRESS.TABLET_API": 95}},
+            r"spec_limits\.PRESS\.TABLET_API: expected \[low, high\], got 95",
+        ),
+        (
+            {"start": {"from": "steady_state", "hoppers_kg": {"api": "full"}}},
+            r"start\.hoppers_kg\.api: expected a number \(kg\), got 'full'",
+        ),
     ],
 )
 def test_bad_scenario_errors_name_the_file_and_key(root, line, twin, change, match):
@@ -223,6 +270,14 @@ def test_bad_scenario_errors_name_the_file_and_key(root, line, twin, change, mat
     with pytest.raises(ConfigError, match=match) as error:
         _scenario(root, line, twin, raw, source="configs/scenarios/mine.yaml")
     assert "configs/scenarios/mine.yaml" in str(error.value)
+
+
+def test_two_scenarios_of_one_name_are_refused_naming_both_files(root, line, twin):
+    raw = _load("scenarios/api_feeder_dip.yaml")
+    scenarios = [_scenario(root, line, twin, raw, source) for source in ("a.yaml", "b.yaml")]
+    with pytest.raises(ConfigError, match=r"run: scenarios a\.yaml, b\.yaml all have name "
+                                          r"'api_feeder_dip'"):  # fmt: skip
+        check_unique_names(scenarios)
 
 
 def test_every_shipped_scenario_parses(root, line, twin):
@@ -311,3 +366,18 @@ def test_twin_optimise_cli_improves_the_twin_and_records_the_plant_check(twin_fi
     assert metrics["plant_rms_start"] > 0 and metrics["plant_rms_best"] > 0
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"optimise.csv", "optimise.md", "optimise.png"} <= names
+
+
+def test_twin_optimise_refuses_what_the_plant_cannot_run_before_the_search(twin_file, tmp_path):
+    from tests.training.twin_cli import run_twin
+
+    # A million iterations: were the plant check's refusal to come after the search, the
+    # command would run for hours and time out here.
+    result = run_twin(tmp_path, f"sqlite:///{tmp_path / 'store.db'}", "optimise",
+                      f"twin.file={twin_file}",
+                      "+optimise.settings={FEED_API.MASSFLOW_SP: [2.5, 3.5]}",
+                      "optimise.optimiser.iterations=1000000", "hydra.run.dir=out",
+                      timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert ("optimise.settings.FEED_API.MASSFLOW_SP: the plant check sets only"
+            in result.stderr)  # fmt: skip

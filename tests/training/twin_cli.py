@@ -21,14 +21,15 @@ TINY_SIZES = [
 
 
 def run_twin(
-    cwd: Path, tracking_uri: str, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
+    cwd: Path, tracking_uri: str, *args: str, env: dict[str, str] | None = None,
+    timeout: float = 1200,
+) -> subprocess.CompletedProcess:  # fmt: skip
     """`twin <args>` in cwd with MLFLOW_TRACKING_URI set (plus `env`) and the shipped configs;
     never raises on a failing command (tests assert on its return code and output)."""
     env = {**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri}
     env.pop("TWIN_CONFIG_DIR", None)
     return subprocess.run(
-        [str(TWIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200
+        [str(TWIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )  # export compiles three AOTInductor programs: minutes on two busy cores
 
 
