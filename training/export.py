@@ -444,10 +444,14 @@ def script_and_reload(online: OnlineTwin) -> torch.jit.ScriptModule:
     return torch.jit.load(buffer)
 
 
-def _max_scaled(a: Tensor, b: Tensor, scale: Tensor) -> float:
+def max_scaled_difference(a: Tensor, b: Tensor, scale: Tensor) -> float:
+    """max |a - b| / scale; equal infinities and NaN on both sides count as equal, a
+    non-finite value on one side only as an infinite difference (a NaN must not pass)."""
     a, b = a.to(torch.float64), b.to(torch.float64)
-    both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
-    diff = torch.where(both_inf, 0.0, (a - b).abs() / scale)
+    a_nan, b_nan = torch.isnan(a), torch.isnan(b)
+    same = (torch.isinf(a) & torch.isinf(b) & (a == b)) | (a_nan & b_nan)
+    diff = torch.where(same, 0.0, (a - b).abs() / scale)
+    diff = torch.where(a_nan ^ b_nan, torch.inf, diff)
     return float(diff.max()) if diff.numel() else 0.0
 
 
@@ -514,18 +518,18 @@ def verify_twin(
     horizon = min(int(verify_cfg.forecast_steps), u.shape[1] - past_steps)
     args = (u[:, :past_steps], y[:, :past_steps], u[:, past_steps : past_steps + horizon])
     with torch.no_grad():
-        diffs = {"forecast": _max_scaled(eager.forecast(*args), candidate.forecast(*args), y_std)}
+        diffs = {"forecast": max_scaled_difference(eager.forecast(*args), candidate.forecast(*args), y_std)}
     steps = int(verify_cfg.update_steps)
     a = run_filter(eager, u, y, past_steps, steps)
     b = run_filter(candidate, u, y, past_steps, steps)
     x_a, x_b = torch.stack([s[0] for s in a]), torch.stack([s[0] for s in b])
-    diffs["x"] = _max_scaled(x_a, x_b, x_std)
+    diffs["x"] = max_scaled_difference(x_a, x_b, x_std)
     for i, name in ((5, "prediction"), (6, "residual")):
-        diffs[name] = _max_scaled(torch.stack([s[i] for s in a[1:]]),
+        diffs[name] = max_scaled_difference(torch.stack([s[i] for s in a[1:]]),
                                   torch.stack([s[i] for s in b[1:]]), y_std)
     for i, name in ((8, "t2"), (12, "contributions")):
         ref = torch.stack([s[i] for s in a[1:]])
-        diffs[name] = _max_scaled(ref, torch.stack([s[i] for s in b[1:]]), 1.0 + ref.abs())
+        diffs[name] = max_scaled_difference(ref, torch.stack([s[i] for s in b[1:]]), 1.0 + ref.abs())
     alarms = int(sum(int((sa[11] != sb[11]).sum()) for sa, sb in zip(a[1:], b[1:], strict=True)))
     result = {
         "format": fmt,
@@ -538,7 +542,7 @@ def verify_twin(
         "diffs": diffs,
         "alarm_mismatches": alarms,
     }
-    if result["max_diff"] > result["tolerance"] or alarms:
+    if not result["max_diff"] <= result["tolerance"] or alarms:
         worst = max(diffs, key=diffs.get)
         raise ExportMismatchError(
             f"export refused: the {fmt} twin differs from eager on {split} runs {result['runs']}: "

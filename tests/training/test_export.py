@@ -4,6 +4,7 @@ the files checked as a plant system would use them (plain torch) and against the
 OnlineTwin rebuilt from the same run."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -294,6 +295,20 @@ def test_a_damaged_pt2_file_names_the_path_and_the_cause(exported, tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(TwinFormatError, match=r"truncated\.aoti\.pt2 is not a readable PT2"):
         load_pt2_twin(truncated)
+
+
+def test_a_nan_on_one_side_only_is_an_infinite_difference_not_a_pass():
+    from training.export import max_scaled_difference
+
+    eager = torch.tensor([[1.0, math.inf, math.nan, 2.0]])
+    scale = torch.ones(4)
+    assert max_scaled_difference(eager, eager.clone(), scale) == 0.0  # inf = inf, NaN = NaN
+    off = eager.clone()
+    off[0, 3] = 2.5
+    assert max_scaled_difference(eager, off, scale) == 0.5
+    for broken in (torch.tensor([[1.0, math.inf, math.nan, math.nan]]),  # NaN in the candidate
+                   torch.tensor([[1.0, math.inf, 0.0, 2.0]])):  # a number where eager has NaN
+        assert max_scaled_difference(eager, broken, scale) == math.inf  # > any tolerance
 
 
 def test_formats_must_be_known_and_include_torchscript():
