@@ -12,6 +12,7 @@ n_states). Three ways to hand torchdiffeq the input steps:
   step by step rejection. Kept only as the baseline the benchmark measures.
 """
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -22,7 +23,12 @@ from hybrid_twin.errors import ConfigError, unknown_key_message
 from hybrid_twin.solvers import check_zoh_arguments
 
 MODES = ("intervals", "jump_t", "naive")
-FIXED_GRID_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+# torchdiffeq's fixed-grid methods (its FixedGridODESolver subclasses; a test holds the list to
+# torchdiffeq's): they step on a grid, the others take `jump_t`.
+FIXED_GRID_METHODS = (
+    "euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams",
+)  # fmt: skip
+MULTISTEP_METHODS = ("explicit_adams", "implicit_adams", "fixed_adams")
 
 
 class ZeroOrderHold(nn.Module):
@@ -84,22 +90,29 @@ def odeint_zoh(
         dt_s: grid step, s.
         method: a torchdiffeq method ("dopri5", "rk4", ...).
         mode: "intervals", "jump_t" or "naive" (module docstring).
-        adjoint: use odeint_adjoint (gradients by the adjoint ODE; parameters of
-            vector_field are the adjoint parameters).
+        adjoint: use odeint_adjoint (gradients by the adjoint ODE, to x0, the parameters of
+            vector_field and u).
         rtol, atol: tolerances of adaptive methods (torchdiffeq's defaults).
         options: extra torchdiffeq options, e.g. {"step_size": dt_s / 2} for fixed-grid methods
-            (default one step per interval).
+            (default one step per interval). In "jump_t" and "naive" modes each interval takes
+            ceil(dt_s / step_size) equal steps, none longer than step_size, as torchdiffeq's
+            own grid does in "intervals" mode (whose last step of an interval is shorter).
 
     Returns:
         States (batch, time + 1, n_states), states[:, 0] = x0.
 
     Raises:
-        ShapeError: bad x0 / u shapes; ConfigError: unknown mode or dt_s <= 0.
+        ShapeError: bad x0 / u shapes; ConfigError: unknown mode, dt_s <= 0, or a multistep
+            method in mode "jump_t".
     """
     check_zoh_arguments(vector_field, x0, u, dt_s)
     if mode not in MODES:
         raise ConfigError(unknown_key_message("odeint_zoh mode", mode, MODES))
-    integrate = odeint_adjoint if adjoint else odeint
+    if mode == "jump_t" and method in MULTISTEP_METHODS:
+        raise ConfigError(
+            f"odeint_zoh: {method} is a multistep method, whose history would reach across "
+            "the input steps in mode 'jump_t'; use mode 'intervals' (it restarts at each step)"
+        )
     opts = dict(options or {})
     fixed = method in FIXED_GRID_METHODS
     if fixed:
@@ -108,14 +121,26 @@ def odeint_zoh(
     if mode == "intervals":
         states, x = [x0], x0
         for k in range(u.shape[1]):
-            func = _FieldOfTime(vector_field, _ConstantInput(u[:, k]))
-            x = integrate(func, x, grid[:2], rtol=rtol, atol=atol, method=method, options=opts)[-1]
+            held = u[:, k]  # one tensor: the field reads it, the adjoint differentiates it
+            func = _FieldOfTime(vector_field, _ConstantInput(held))
+            x = _integrate(func, held, adjoint, x, grid[:2], rtol=rtol, atol=atol,
+                           method=method, options=opts)[-1]  # fmt: skip
             states.append(x)
         return torch.stack(states, dim=1)
     _add_jump_options(opts, mode, fixed, grid, dt_s)
     func = _FieldOfTime(vector_field, ZeroOrderHold(u, grid))
-    states = integrate(func, x0, grid, rtol=rtol, atol=atol, method=method, options=opts)
+    states = _integrate(func, u, adjoint, x0, grid, rtol=rtol, atol=atol, method=method,
+                        options=opts)  # fmt: skip
     return states.transpose(0, 1)
+
+
+def _integrate(func: _FieldOfTime, u: Tensor, adjoint: bool, *args, **kwargs) -> Tensor:
+    """odeint, or odeint_adjoint with the held inputs among the adjoint parameters: they are
+    no module parameters, so by default the adjoint would give them no gradient."""
+    if not adjoint:
+        return odeint(func, *args, **kwargs)
+    params = (*func.vector_field.parameters(), *((u,) if u.requires_grad else ()))
+    return odeint_adjoint(func, *args, adjoint_params=params, **kwargs)
 
 
 def _add_jump_options(opts: dict, mode: str, fixed: bool, grid: Tensor, dt_s: float) -> None:
@@ -131,13 +156,14 @@ def _add_jump_options(opts: dict, mode: str, fixed: bool, grid: Tensor, dt_s: fl
 
 
 def _grid_with_substeps(grid: Tensor, step_s: float, dt_s: float) -> Callable[..., Tensor]:
-    """A torchdiffeq grid_constructor whose grid contains every input time exactly."""
-    n = max(1, round(dt_s / step_s))
+    """A torchdiffeq grid_constructor whose grid contains every input time exactly: each
+    interval of the times it is asked for in n equal steps of at most step_s. Built from those
+    times, not from `grid`: the adjoint asks for one interval at a time, backwards."""
+    n = max(1, math.ceil(dt_s / step_s - 1e-9))
     fractions = torch.arange(n, dtype=grid.dtype, device=grid.device) / n
-    fine = (grid[:-1, None] + fractions[None, :] * (grid[1:] - grid[:-1])[:, None]).flatten()
-    fine = torch.cat([fine, grid[-1:]])
 
     def constructor(func: object, y0: Tensor, t: Tensor) -> Tensor:
-        return fine
+        fine = (t[:-1, None] + fractions[None, :] * (t[1:] - t[:-1])[:, None]).flatten()
+        return torch.cat([fine, t[-1:]])
 
     return constructor

@@ -16,6 +16,7 @@ from hybrid_twin import (
     integrate_zoh,
     odeint_zoh,
 )
+from hybrid_twin.zoh import FIXED_GRID_METHODS
 
 
 @pytest.fixture
@@ -178,6 +179,58 @@ def test_adjoint_gradients_equal_direct_backprop(feeder_flowsheet, random_hybrid
         )
     # Two numerical routes to the same gradient at rtol 1e-10: agreement to ~1e-7 relative.
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
+
+
+def test_the_fixed_grid_method_list_is_torchdiffeqs():
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    fixed = {name for name, solver in SOLVERS.items() if issubclass(solver, FixedGridODESolver)}
+    assert set(FIXED_GRID_METHODS) == fixed
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun2", "heun3", "rk4"])
+def test_every_one_step_fixed_grid_method_sees_the_held_input_in_jump_t(lag_case, method):
+    field, x0, u, dt_s, _ = lag_case
+    step = {"step_size": dt_s / 4}
+    with torch.no_grad():
+        restarted = odeint_zoh(field, x0, u[:, :6], dt_s, method=method, options=step)
+        one_call = odeint_zoh(field, x0, u[:, :6], dt_s, method=method, mode="jump_t", options=step)
+    torch.testing.assert_close(one_call, restarted, rtol=0.0, atol=1e-12)
+
+
+def test_a_multistep_method_in_jump_t_is_refused(lag_case):
+    field, x0, u, dt_s, _ = lag_case
+    with pytest.raises(ConfigError, match=r"fixed_adams is a multistep method.*'intervals'"):
+        odeint_zoh(field, x0, u, dt_s, method="fixed_adams", mode="jump_t")
+
+
+def test_a_step_size_that_does_not_divide_the_interval_is_not_exceeded(lag_case):
+    field, x0, u, dt_s, _ = lag_case
+    counting = _Counting(field)
+    with torch.no_grad():  # dt / 1.4: two rk4 steps (4 evaluations each) per interval, not one
+        odeint_zoh(counting, x0, u[:, :3], dt_s, method="rk4", mode="jump_t",
+                   options={"step_size": dt_s / 1.4})  # fmt: skip
+    assert counting.calls == 3 * 2 * 4
+
+
+@pytest.mark.parametrize(("method", "mode"), [("rk4", "jump_t"), ("rk4", "naive"),
+                                              ("dopri5", "intervals"), ("rk4", "intervals")])
+def test_adjoint_gives_the_direct_gradients_to_x0_u_and_parameters(lag_case, method, mode):
+    field, x0, u, dt_s, _ = lag_case
+    # fine fixed steps: the adjoint ODE is solved backwards, not the forward steps differentiated
+    options = {"step_size": dt_s / 64} if method == "rk4" else None
+    grads = []
+    for adjoint in (False, True):
+        field.zero_grad()
+        x0_, u_ = x0.clone().requires_grad_(True), u[:, :4].clone().requires_grad_(True)
+        states = odeint_zoh(field, x0_, u_, dt_s, method=method, mode=mode, adjoint=adjoint,
+                            rtol=1e-10, atol=1e-12, options=options)  # fmt: skip
+        states[:, -1].pow(2).sum().backward()
+        grads.append([x0_.grad, u_.grad, *(p.grad for p in field.parameters())])
+    for direct, adjoint in zip(*grads, strict=True):
+        # the adjoint ODE solved by the same method: agreement to its error, ~1e-7 relative
+        torch.testing.assert_close(adjoint, direct, rtol=1e-6, atol=1e-9)
 
 
 def test_max_steps_and_non_finite_become_status_codes(linear_problem):
