@@ -146,7 +146,12 @@ class ExtendedKalmanFilter(nn.Module):
         self.observation = observation
         self.dt_s = float(dt_s)
         self.n_states, self.n_tags = n, r.shape[0]
-        dtype = torch.get_default_dtype()
+        # The model's dtype, not torch's default: a float32 model built while the default is
+        # float64 would otherwise have its filter promote every difference row to float64.
+        dtype = next(
+            (p.dtype for p in solver.parameters() if p.is_floating_point()),
+            torch.get_default_dtype(),
+        )
         self.register_buffer("q", q.detach().to(dtype).clone())
         self.register_buffer("r", r.detach().to(dtype).clone())
         self.register_buffer("state_scale", scale.detach().to(dtype).clone())

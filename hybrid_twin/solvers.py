@@ -612,6 +612,12 @@ def check_zoh_arguments(vector_field: nn.Module, x0: Tensor, u: Tensor, dt_s: fl
         raise ShapeError(f"u: expected ({x0.shape[0]}, time, {n_inputs}), got {tuple(u.shape)}")
     if u.dtype != x0.dtype:
         raise ShapeError(f"u: dtype {u.dtype} differs from x0's {x0.dtype}")
+    floating = [p for p in vector_field.parameters() if p.is_floating_point()]
+    if floating and floating[0].dtype != x0.dtype:  # silently mixed precision otherwise
+        raise ShapeError(
+            f"x0: dtype {x0.dtype} differs from the vector field's parameters' "
+            f"{floating[0].dtype}; convert one (module.to(dtype) or x0.to(dtype))"
+        )
     if not dt_s > 0:
         raise ConfigError(f"dt_s: expected > 0 s, got {dt_s}")
 

@@ -185,6 +185,23 @@ def test_float32_difference_quotients_divide_by_the_steps_actually_taken(linear_
     torch.testing.assert_close(H, eye, rtol=0.0, atol=0.0)
 
 
+def test_the_filter_takes_the_models_dtype_not_torchs_default(linear_problem, float64):
+    field = copy.deepcopy(linear_problem[0]).float()  # a float32 model, the default float64
+    ekf = ExtendedKalmanFilter(build_solver(field, "rk4"),
+                               LinearObservation(torch.eye(4)[:2], torch.zeros(2)).float(),
+                               0.2, torch.full((4,), 1e-4), torch.full((2,), 1e-2))  # fmt: skip
+    assert {ekf.q.dtype, ekf.r.dtype, ekf.state_scale.dtype, ekf.state_floor.dtype} == {
+        torch.float32
+    }
+    x, P = torch.zeros(1, 4, dtype=torch.float32), torch.eye(4, dtype=torch.float32)[None]
+    u, y = torch.ones(1, 2, dtype=torch.float32), torch.ones(1, 2, dtype=torch.float32)
+    with torch.no_grad():
+        for _ in range(2):  # it failed in the solver: "expected m1 and m2 to have the same dtype"
+            step = ekf(x, P, u, y, torch.ones(1, 2, dtype=torch.bool))
+            x, P = step.x, step.P
+    assert x.dtype == P.dtype == torch.float32 and torch.isfinite(P).all()
+
+
 def test_jacobians_on_the_cdc_line_match_autograd(cdc_flowsheet, random_hybrid, make_inputs, rng):
     field = random_hybrid(cdc_flowsheet)
     solver = build_solver(field, "rk4")

@@ -8,6 +8,7 @@ from tolerances import tol
 
 from hybrid_twin import (
     ConfigError,
+    HybridVectorField,
     ShapeError,
     SolverError,
     SolverStatus,
@@ -264,6 +265,16 @@ def test_shape_errors_say_what_was_expected_and_what_arrived(linear_problem):
         integrate_zoh(field, torch.zeros(2, 4), torch.zeros(2, 5, 3), 1.0)
     with pytest.raises(ConfigError, match="dt_s: expected > 0 s, got 0.0"):
         integrate_zoh(field, torch.zeros(2, 4), torch.zeros(2, 5, 2), 0.0)
+
+
+def test_states_of_another_dtype_than_the_field_are_refused(cdc_flowsheet):
+    field = HybridVectorField(cdc_flowsheet, {"kind": "mechanistic"}).to(torch.float32)
+    x0 = torch.zeros(2, cdc_flowsheet.n_states, dtype=torch.float64)
+    u = torch.zeros(2, 3, cdc_flowsheet.n_inputs, dtype=torch.float64)
+    # it used to run in mixed precision (float32 parameters, float64 states), silently
+    with pytest.raises(ShapeError, match=r"x0: dtype torch.float64 differs from the vector "
+                                         r"field's parameters' torch.float32"):  # fmt: skip
+        integrate_zoh(field, x0, u, 5.0)
 
 
 @pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
