@@ -111,7 +111,12 @@ class OnlineTwin(nn.Module):
 
         Returns:
             (B, T, n_y) predicted measurements, tag units (row 0 = h(x) at that first row).
+
+        Raises:
+            ValueError: a past window of fewer than 2 rows or a horizon of none.
         """
+        _check_rows(past_u, 2, "past_u")
+        _check_rows(u, 1, "u")
         return self.twin.forecast(past_u, past_y, u)
 
     @torch.jit.export
@@ -129,7 +134,11 @@ class OnlineTwin(nn.Module):
 
         Returns:
             (x, P, u_held, ewma, run_length) as in the module docstring; u_held = past_u[:, -1].
+
+        Raises:
+            ValueError: a past window of fewer than 2 rows.
         """
+        _check_rows(past_u, 2, "past_u")
         steps = past_u.shape[1]
         head_u = time_rows(past_u, 0, steps - 1)
         head_y = time_rows(past_y, 0, steps - 1)
@@ -242,6 +251,15 @@ class OnlineTwin(nn.Module):
     def forward(self, past_u: Tensor, past_y: Tensor, u: Tensor) -> Tensor:
         """Same as `forecast`."""
         return self.forecast(past_u, past_y, u)
+
+
+def _check_rows(rows: Tensor, minimum: int, name: str) -> None:
+    """A (B, T, n) argument with at least `minimum` rows, else a message naming it (instead of
+    an indexing error deep in the twin)."""
+    if rows.dim() != 3 or rows.shape[1] < minimum:
+        raise ValueError(
+            f"{name}: expected (batch, rows >= {minimum}, columns), got {list(rows.shape)}"
+        )
 
 
 def placeholder_monitor(n_tags: int) -> InnovationMonitor:

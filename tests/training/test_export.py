@@ -184,6 +184,17 @@ def test_scripted_update_sequence_equals_eager(eager):
     assert torch.isfinite(torch.stack([s[8] for s in b[1:]])).all()
 
 
+def test_a_window_too_short_is_refused_naming_the_argument(eager):
+    online, scripted, _, dataset = eager
+    u, y = _test_rows(dataset, 4)
+    for twin in (online, scripted):  # was an indexing error deep inside the twin
+        with pytest.raises(Exception, match=r"past_u: expected \(batch, rows >= 2, columns\)"):
+            twin.initial_state(u[:, :1], y[:, :1])
+        with pytest.raises(Exception, match=r"u: expected \(batch, rows >= 1, columns\), got "
+                                            r"\[\d+, 0, \d+\]"):  # fmt: skip
+            twin.forecast(u[:, :PAST_STEPS], y[:, :PAST_STEPS], u[:, PAST_STEPS:PAST_STEPS])
+
+
 def test_a_truncated_twin_file_names_the_path_and_the_cause(exported, tmp_path):
     from training.export import TwinFileError, load_twin_file
 
