@@ -518,7 +518,8 @@ def verify_twin(
     horizon = min(int(verify_cfg.forecast_steps), u.shape[1] - past_steps)
     args = (u[:, :past_steps], y[:, :past_steps], u[:, past_steps : past_steps + horizon])
     with torch.no_grad():
-        diffs = {"forecast": max_scaled_difference(eager.forecast(*args), candidate.forecast(*args), y_std)}
+        forecasts = eager.forecast(*args), candidate.forecast(*args)
+        diffs = {"forecast": max_scaled_difference(*forecasts, y_std)}
     steps = int(verify_cfg.update_steps)
     a = run_filter(eager, u, y, past_steps, steps)
     b = run_filter(candidate, u, y, past_steps, steps)
@@ -529,7 +530,8 @@ def verify_twin(
                                   torch.stack([s[i] for s in b[1:]]), y_std)
     for i, name in ((8, "t2"), (12, "contributions")):
         ref = torch.stack([s[i] for s in a[1:]])
-        diffs[name] = max_scaled_difference(ref, torch.stack([s[i] for s in b[1:]]), 1.0 + ref.abs())
+        candidate_values = torch.stack([s[i] for s in b[1:]])
+        diffs[name] = max_scaled_difference(ref, candidate_values, 1.0 + ref.abs())
     alarms = int(sum(int((sa[11] != sb[11]).sum()) for sa, sb in zip(a[1:], b[1:], strict=True)))
     result = {
         "format": fmt,
