@@ -8,15 +8,17 @@ so it can be built, and its predictions denormalised, in the manifest's units an
 """
 
 import logging
+import math
+import secrets
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hybrid_twin import ConfigError
 from training.dataset import DatasetError, Normalisation, PreparedDataset, RunTensors
-from training.windows import RandomWindowSampler, SequentialWindows, TrajectoryWindows
+from training.windows import RandomWindowSampler, SequentialWindows, TrajectoryWindows, Window
 
 log = logging.getLogger(__name__)
 # The evaluation splits each Lightning stage needs ("predict" needs none).
@@ -29,6 +31,26 @@ _EVAL_SPLITS_OF_STAGE = {
 # Splits model selection (val/loss, the `monitor` sweeps minimise) may see: the test runs are
 # held out of training and model selection (docs/evaluation.md).
 VAL_SPLITS = ("val", "train")
+
+
+class ShardedEvalWindows(Dataset):
+    """One DDP process's share of the eval windows: rows rank, rank + world, ... of `windows`,
+    padded to the same length on every process (DDP wants equal batch counts) with a window
+    whose mask is all False, which adds nothing to the masked sums validation pools. Lightning's
+    DistributedSampler pads by repeating windows instead, counting them twice."""
+
+    def __init__(self, windows: Dataset, rank: int, world: int) -> None:
+        self.windows, self.rank, self.world = windows, rank, world
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.windows) / self.world)
+
+    def __getitem__(self, index: int) -> Window:
+        row = self.rank + index * self.world
+        if row < len(self.windows):
+            return self.windows[row]
+        padding = self.windows[0]
+        return padding._replace(mask=torch.zeros_like(padding.mask))
 
 
 def _require(name: str, value: object, minimum: int, allow_none: bool = False) -> None:
@@ -54,7 +76,8 @@ class CDCDataModule(LightningDataModule):
         batch_size: windows per batch.
         windows_per_epoch: random train windows drawn per epoch.
         num_workers: DataLoader worker processes (0 loads in the main process).
-        seed: seed of the train window draws; epoch e uses (seed, e).
+        seed: seed of the train window draws; epoch e uses (seed, e). None draws one (logged
+            and kept in the hyperparameters).
         eval_window_steps: length of the non-overlapping val/test windows; None = T.
         eval_full_runs: if True each val/test run is one window from row P to its end
             (batch size 1, since runs differ in length); eval_window_steps is then unused.
@@ -92,9 +115,12 @@ class CDCDataModule(LightningDataModule):
             ("batch_size", batch_size, 1),
             ("windows_per_epoch", windows_per_epoch, 1),
             ("num_workers", num_workers, 0),
-            ("seed", seed, 0),
         ):
             _require(name, value, minimum)
+        _require("seed", seed, 0, allow_none=True)
+        if seed is None:  # `seed=null`: unseeded, but the draw is recorded (hparams, MLflow)
+            seed = secrets.randbelow(2**62)
+            log.info("datamodule.seed is null: train windows drawn with seed %d", seed)
         _require("eval_window_steps", eval_window_steps, 1, allow_none=True)
         if val_split not in VAL_SPLITS:
             raise ConfigError(
@@ -215,14 +241,20 @@ class CDCDataModule(LightningDataModule):
         return self.eval_windows[split]
 
     def eval_dataloader(self, split: str) -> DataLoader:
-        """Sequential, unshuffled batches of `sequential_windows(split)`."""
+        """Sequential, unshuffled batches of `sequential_windows(split)`; under DDP this
+        process's share (`ShardedEvalWindows`), each window counted by one process once."""
         batch_size = 1 if self.hparams.eval_full_runs else self.hparams.batch_size
-        return DataLoader(
-            self.sequential_windows(split),
-            batch_size=batch_size,
-            shuffle=False,
-            **self._worker_options(),
-        )
+        windows = self.sequential_windows(split)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world == 1:
+            return DataLoader(windows, batch_size=batch_size, shuffle=False,
+                              **self._worker_options())  # fmt: skip
+        shard = ShardedEvalWindows(windows, self.trainer.global_rank, world)
+        # Already a DistributedSampler (over this process's shard alone), so Lightning keeps
+        # it rather than inject its own, which pads by repeating windows.
+        sampler = DistributedSampler(shard, num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(shard, batch_size=batch_size, sampler=sampler,
+                          **self._worker_options())  # fmt: skip
 
     # -- internals ---------------------------------------------------------------------------
 

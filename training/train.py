@@ -110,6 +110,7 @@ def run_train(cfg: DictConfig) -> float:
         FileNotFoundError: `resume_from` names no file.
         KeyError: `cfg.monitor` was never logged (the message lists the metrics that were).
     """
+    check_validation_cadence(cfg.trainer)
     if cfg.seed is not None:  # seed 0 is a seed (STYLE.md)
         seed_everything(int(cfg.seed), workers=True)
     if cfg.num_threads is not None:
@@ -159,6 +160,24 @@ def run_train(cfg: DictConfig) -> float:
             f"{cfg.tracking.registered_model_name} version {version}"
         )
     return metric
+
+
+def check_validation_cadence(trainer_cfg: DictConfig) -> None:
+    """The last epoch must validate: its val/loss is what `twin train` returns and records
+    with the model it registers.
+
+    Raises:
+        ConfigError: `check_val_every_n_epoch` that does not divide `max_epochs`.
+    """
+    every = trainer_cfg.get("check_val_every_n_epoch")
+    epochs = trainer_cfg.get("max_epochs")
+    if isinstance(every, int) and every > 1 and isinstance(epochs, int) and epochs % every:
+        raise ConfigError(
+            f"trainer.check_val_every_n_epoch={every} does not divide trainer.max_epochs="
+            f"{epochs}: the last epoch would not be validated, and the registered model would "
+            f"carry the val/loss of epoch {epochs // every * every - 1} (0-based); pick "
+            f"max_epochs as a multiple of {every}"
+        )
 
 
 def read_checkpoint(path: Path, max_epochs: int | None) -> Resume:
@@ -303,11 +322,13 @@ def example_input(datamodule: CDCDataModule, n_windows: int) -> dict[str, np.nda
     """
     windows = datamodule.sequential_windows(datamodule.hparams.val_split)
     items = [windows[i] for i in range(min(n_windows, len(windows)))]
+    # Whole-run windows (eval_full_runs) differ in length: the example keeps the shortest's.
+    steps = min(w.u.shape[0] for w in items)
     u_mean, u_std, y_mean, y_std = datamodule.normalisation
     past_u = torch.stack([w.past_u for w in items]) * u_std + u_mean
     past_y = torch.stack([w.past_y for w in items]) * y_std + y_mean
     past_y = torch.where(torch.stack([w.past_mask for w in items]), past_y, float("nan"))
-    u = torch.stack([w.u for w in items]) * u_std + u_mean
+    u = torch.stack([w.u[:steps] for w in items]) * u_std + u_mean
     return {
         name: t.to(torch.float32).numpy()
         for name, t in (("past_u", past_u), ("past_y", past_y), ("u", u))
@@ -321,6 +342,9 @@ def _last_checkpoint(output_dir: Path) -> ModelCheckpoint:
         filename="last",
         save_top_k=1,  # no monitor: keeps only the newest, here always the same file
         enable_version_counter=False,
+        # every epoch, validated or not (by default Lightning saves after validation only
+        # once check_val_every_n_epoch > 1)
+        save_on_train_epoch_end=True,
     )
 
 

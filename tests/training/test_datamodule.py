@@ -148,7 +148,8 @@ def test_hydra_config_holds_exactly_the_constructor_arguments(prepared):
     parameters = list(inspect.signature(CDCDataModule).parameters)
     assert list(cfg.keys()) == parameters
     dm = CDCDataModule(
-        **{**OmegaConf.to_container(cfg), "path": str(prepared.path), "num_workers": 0}
+        # seed is ${seed}, the run's: resolved by train.yaml, given here
+        **{**OmegaConf.to_container(cfg), "path": str(prepared.path), "num_workers": 0, "seed": 0}
     )
     assert dm.hparams.window_steps == cfg.window_steps
     assert dm.hparams.path == str(prepared.path)
@@ -164,3 +165,44 @@ def test_validating_on_the_train_runs_is_allowed(prepared):
     dm = make_datamodule(prepared.path, val_split="train", eval_full_runs=True)
     dm.setup("fit")
     assert dm.val_dataloader().dataset.run_ids == prepared.manifest["splits"]["train"]
+
+
+def test_seed_null_draws_a_seed_and_keeps_it(prepared):
+    dm = make_datamodule(prepared.path, seed=None)  # `seed=null` reaches it (was refused)
+    assert isinstance(dm.hparams.seed, int) and dm.hparams.seed >= 0
+    dm.setup("fit")
+    assert dm.train_sampler.seed == dm.hparams.seed
+
+
+def test_the_datamodule_seed_follows_the_runs_seed():
+    cfg = OmegaConf.merge({"seed": 7}, {"datamodule": OmegaConf.load(CONFIG)})
+    assert cfg.datamodule.seed == 7  # `twin train seed=7` draws other train windows
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ddp_shards_count_each_val_window_once(prepared, world):
+    from training.datamodule import ShardedEvalWindows
+
+    dm = make_datamodule(prepared.path)
+    windows = dm.sequential_windows("val")
+    shards = [ShardedEvalWindows(windows, rank, world) for rank in range(world)]
+    assert len({len(shard) for shard in shards}) == 1  # equal batch counts on every process
+    seen = [w for shard in shards for w in (shard[i] for i in range(len(shard)))]
+    counted = [w for w in seen if w.mask.any()]
+    # each window once (DistributedSampler would repeat some), the padding masked out
+    assert sorted((int(w.run_index), int(w.t0)) for w in counted) == sorted(
+        (int(windows[i].run_index), int(windows[i].t0)) for i in range(len(windows))
+    )
+    total = sum(int(w.mask.sum()) for w in seen)
+    assert total == sum(int(windows[i].mask.sum()) for i in range(len(windows)))
+
+
+def test_the_registered_example_takes_whole_runs_of_different_lengths(prepared):
+    from training.train import example_input
+
+    dm = make_datamodule(prepared.path, eval_full_runs=True, val_split="train")
+    windows = dm.sequential_windows("train")
+    lengths = sorted({windows[i].u.shape[0] for i in range(len(windows))})
+    assert len(lengths) > 1  # the runs differ: torch.stack of them failed after training
+    example = example_input(dm, len(windows))
+    assert example["u"].shape[:2] == (len(windows), lengths[0])

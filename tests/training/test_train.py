@@ -16,6 +16,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from hybrid_twin import ConfigError
 from tests.training.shipped import shipped_config
 from tests.training.twin_cli import TINY_SIZES, run_twin
 from training.config_dir import SHIPPED_CONFIG_DIR
@@ -167,8 +168,8 @@ def test_twin_train_logs_val_metrics_only_for_the_epochs_that_validated(tiny_cdc
         f"datamodule.path={tiny_cdc_dataset}",
         "model=mechanistic",
         *TINY_SIZES,
-        "trainer.max_epochs=3",
-        "+trainer.check_val_every_n_epoch=2",  # validates after epoch 1 only
+        "trainer.max_epochs=4",
+        "+trainer.check_val_every_n_epoch=2",  # validates after epochs 1 and 3
         "trainer.num_sanity_val_steps=1",  # a sanity check is no epoch's validation
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -177,9 +178,22 @@ def test_twin_train_logs_val_metrics_only_for_the_epochs_that_validated(tiny_cdc
     def steps(name: str) -> list[int]:
         return [m.step for m in client.get_metric_history(run.info.run_id, name)]
 
-    assert steps("train/loss") == [0, 1, 2]
+    assert steps("train/loss") == [0, 1, 2, 3]
     for name in ("val/loss", "val/rmse/NIR.API_CONC"):
-        assert steps(name) == [1], name
+        assert steps(name) == [1, 3], name
+
+
+def test_a_validation_cadence_that_skips_the_last_epoch_is_refused():
+    from omegaconf import OmegaConf
+
+    from training.train import check_validation_cadence
+
+    # 3 epochs validated every 2: the model registered after epoch 2 would carry epoch 1's loss
+    expected = r"check_val_every_n_epoch=2 does not divide trainer.max_epochs=3.*epoch 1 "
+    with pytest.raises(ConfigError, match=expected):
+        check_validation_cadence(OmegaConf.create({"max_epochs": 3, "check_val_every_n_epoch": 2}))
+    check_validation_cadence(OmegaConf.create({"max_epochs": 4, "check_val_every_n_epoch": 2}))
+    check_validation_cadence(OmegaConf.create({"max_epochs": 3}))
 
 
 @pytest.mark.slow
@@ -188,8 +202,9 @@ def test_twin_train_with_ddp_runs_two_gloo_processes_on_cpu_and_records_one_run(
 ):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     result = run_twin(
-        tmp_path, uri, "train", f"datamodule.path={tiny_cdc_dataset}", *TINY, "trainer=ddp"
-    )
+        tmp_path, uri, "train", f"datamodule.path={tiny_cdc_dataset}", *TINY, "trainer=ddp",
+        "hydra.run.dir=run",
+    )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "distributed_backend=gloo" in output
@@ -198,7 +213,29 @@ def test_twin_train_with_ddp_runs_two_gloo_processes_on_cpu_and_records_one_run(
     assert run.data.params["trainer.devices"] == "2"
     history = client.get_metric_history(run.info.run_id, "val/loss")
     assert [m.step for m in history] == [0, 1]
+    # The 7 val windows split over 2 processes: each counted once, as by one process.
+    assert history[-1].value == pytest.approx(_one_process_val_loss(tmp_path / "run"), rel=1e-5)
     assert client.get_model_version("cdc-line-twin", "1").run_id == run.info.run_id
+
+
+def _one_process_val_loss(run_dir: Path) -> float:
+    from omegaconf import OmegaConf
+
+    from training.build import build_training
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    datamodule, _, lit = build_training(cfg, OmegaConf.to_container(cfg, resolve=True))
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    lit.load_state_dict(checkpoint["state_dict"])
+    windows = datamodule.sequential_windows("val")
+    assert len(windows) % 2 == 1  # so that a padding sampler would repeat one
+    squared, count = 0.0, 0
+    with torch.no_grad():
+        for batch in torch.utils.data.DataLoader(windows, batch_size=4):
+            y_hat = lit.model(batch.past_u, batch.past_y, batch.past_mask, batch.u)
+            squared += float(torch.where(batch.mask, y_hat - batch.y, 0.0).pow(2).sum())
+            count += int(batch.mask.sum())
+    return squared / count
 
 
 def _free_port() -> int:
