@@ -69,18 +69,23 @@ def write_export(csv_path: Path, out_dir: Path, start: str = DEFAULT_START) -> d
     Args:
         csv_path: dataBenchmark.csv (plain or publisher copy).
         out_dir: the export folder, `twin prepare`'s data.raw_dir.
-        start: ISO 8601 instant of the estimation record's first sample.
+        start: ISO 8601 instant of the estimation record's first sample, with its UTC offset.
 
     Returns:
         {"historian", "runs", "tag_dictionary"}: the files written.
 
     Raises:
-        DataValidationError: see `read_benchmark`.
+        DataValidationError: see `read_benchmark`; a start without a UTC offset.
     """
     signals, ts_s = read_benchmark(Path(csv_path))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = pd.Timestamp(start)
+    if t0.tzinfo is None:
+        raise DataValidationError(
+            f"start {start!r}: give the instant with its UTC offset (e.g. {DEFAULT_START})"
+        )
+    t0 = t0.tz_convert("UTC")  # the export writes UTC, and runs.csv must name the same instants
     offsets = pd.to_timedelta(np.arange(len(signals)) * ts_s, unit="s")
     frames, runs = [], []
     for i, (run_id, u_col, y_col, split) in enumerate(RECORDS):
@@ -88,7 +93,8 @@ def write_export(csv_path: Path, out_dir: Path, start: str = DEFAULT_START) -> d
         frames.append(
             pd.DataFrame(
                 {
-                    "timestamp": times.strftime("%Y-%m-%dT%H:%M:%S.000+00:00"),
+                    # milliseconds kept: a sample time under 1 s must not repeat a timestamp
+                    "timestamp": [t.isoformat(timespec="milliseconds") for t in times],
                     f"{INPUT_TAG} [V]": signals[u_col].to_numpy(),
                     f"{OUTPUT_TAG} [V]": signals[y_col].to_numpy(),
                 }

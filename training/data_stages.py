@@ -22,7 +22,7 @@ def run_generate(cfg: DictConfig) -> dict:
         Path(cfg.out_dir),
         tags=_plain(cfg.plant.tags),
         sim=_plain(cfg.sim),
-        seed=int(cfg.seed),
+        seed=cfg.seed,  # checked there: int() would make 1.7 seed 1
         file_format=str(cfg.file_format),
     )
     print(f"generate: wrote a historian export to {cfg.out_dir} "

@@ -206,6 +206,16 @@ def _check_leaf(value: object, field: Field, where: str) -> object:
     return int(number) if field.kind == "int" else float(number)
 
 
+def _range(value: object, where: str) -> tuple[float, float]:
+    """[low, high], two finite numbers with low < high, else a ConfigError naming `where`."""
+    numbers = isinstance(value, list | tuple) and len(value) == 2 and all(
+        not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) for v in value
+    )
+    if not numbers or not value[0] < value[1]:
+        raise ConfigError(f"{where} = {value!r} must be [low, high], two numbers with low < high")
+    return float(value[0]), float(value[1])
+
+
 def _number(value: object, where: str, allowed: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number in {allowed}, got {value!r}")
@@ -254,23 +264,100 @@ def _check_relations(sim: dict) -> None:
         raise ConfigError("sim.design: api_fraction + lubricant_fraction must stay below 1")
     if sim["press"]["turret_ref_rpm"] > sim["press"]["max_turret_rpm"]:
         raise ConfigError("sim.press.turret_ref_rpm must not exceed sim.press.max_turret_rpm")
+    _check_transport_steps(sim)
+    _check_capacity(sim)
 
 
-def check_tags(tags: dict, produced: tuple[str, ...]) -> dict:
+def _check_capacity(sim: dict) -> None:
+    """Refuse a design the equipment cannot run: the press's turret or a feeder's screw would
+    sit at its top speed, and the run would silently not make the recipe."""
+    design, extrapolation, press = sim["design"], sim["extrapolation"], sim["press"]
+    top_kg_h = max(design["throughput_kg_h"][1], extrapolation["throughput_kg_h"][1])
+    tablet_kg = design["tablet_weight_mg"] * 1e-6
+    turret_rpm = top_kg_h / (60.0 * press["n_stations"] * tablet_kg)
+    if turret_rpm > press["max_turret_rpm"]:
+        raise ConfigError(
+            f"sim.press.max_turret_rpm = {press['max_turret_rpm']:g}: {top_kg_h:g} kg/h of "
+            f"{design['tablet_weight_mg']:g} mg tablets on {press['n_stations']} stations need "
+            f"{turret_rpm:.4g} rpm (sim.design.tablet_weight_mg, the top throughput of "
+            "sim.design / sim.extrapolation)"
+        )
+    top_api = max(design["api_fraction"][1], extrapolation["api_fraction"][1])
+    low_api = min(design["api_fraction"][0], extrapolation["api_fraction"][0])
+    lubricant = design["lubricant_fraction"]
+    fractions = {"api": top_api, "excipient": 1.0 - low_api - lubricant, "lubricant": lubricant}
+    for name, fraction in fractions.items():
+        feeder = sim["feeders"][name]
+        # the feed factor at a nearly empty hopper: densification lowers it by half its span
+        capacity_kg_h = (feeder["feed_factor_g_rev"] * (1.0 - feeder["densification"] / 2.0)
+                         * feeder["max_screw_rpm"] * 60.0 / 1000.0)  # fmt: skip
+        if fraction * top_kg_h > capacity_kg_h:
+            raise ConfigError(
+                f"sim.feeders.{name}: at most {capacity_kg_h:.3g} kg/h (feed_factor_g_rev x "
+                f"max_screw_rpm, a low hopper), but the campaign asks {fraction * top_kg_h:.3g} "
+                f"kg/h ({fraction:.3g} of {top_kg_h:g} kg/h)"
+            )
+
+
+# The mixing's explicit upwind step (mixing.transport_series) keeps masses positive while a
+# step moves less than a tank holds; half a tank leaves room for transients.
+MAX_TANK_SHARE_PER_STEP = 0.5
+
+
+def _check_transport_steps(sim: dict) -> None:
+    """Refuse a dt_sim_s that moves too much of a blender or feed-frame tank per step at the
+    campaign's highest flow (the simulation would oscillate, then diverge)."""
+    design, extrapolation, press = sim["design"], sim["extrapolation"], sim["press"]
+    top_kg_h = max(design["throughput_kg_h"][1], extrapolation["throughput_kg_h"][1])
+    blender = sim["blender"]
+    # smallest hold-up: the highest throughput at the highest speed
+    holdup_kg = (
+        blender["holdup_ref_kg"]
+        * (top_kg_h / blender["throughput_ref_kg_h"]) ** blender["holdup_throughput_exponent"]
+        * (design["blender_speed_rpm"][1] / blender["speed_ref_rpm"])
+        ** -blender["holdup_speed_exponent"]
+    )
+    # the turret may run at its top speed while the frame drains
+    turret_kg_h = (press["max_turret_rpm"] * 60.0 * press["n_stations"]
+                   * design["tablet_weight_mg"] * 1e-6)  # fmt: skip
+    tanks = {
+        "blender": (
+            holdup_kg * (1.0 - blender["dead_fraction"]) / blender["n_tanks"], top_kg_h,
+            "blender.holdup_ref_kg, blender.n_tanks",
+        ),
+        "feed frame": (
+            press["feed_frame_holdup_kg"] / press["feed_frame_tanks"], max(top_kg_h, turret_kg_h),
+            "press.feed_frame_holdup_kg, press.feed_frame_tanks",
+        ),
+    }  # fmt: skip
+    for name, (tank_kg, flow_kg_h, keys) in tanks.items():
+        moved_kg = flow_kg_h / 3600.0 * sim["dt_sim_s"]
+        if moved_kg > MAX_TANK_SHARE_PER_STEP * tank_kg:
+            raise ConfigError(
+                f"sim.dt_sim_s = {sim['dt_sim_s']} s moves {moved_kg:.3g} kg per step at "
+                f"{flow_kg_h:.3g} kg/h through a {name} tank of {tank_kg:.3g} kg (from {keys}); "
+                f"the simulation's explicit transport needs under {MAX_TANK_SHARE_PER_STEP:g} "
+                "of a tank per step: lower dt_sim_s or give the tanks more hold-up"
+            )
+
+
+def check_tags(tags: dict, produced: dict[str, str]) -> dict:
     """Check the tag dictionary against the tags the simulator writes.
 
     Args:
         tags: the `tags:` mapping of configs/plant/<plant>.yaml, {TAG: {role, unit,
             sample_period_s, range: [low, high], description}}.
-        produced: the tags the simulator knows how to write.
+        produced: the tags the simulator knows how to write, {TAG: the unit it writes in}.
 
     Returns:
         {TAG: {"role", "unit", "sample_period_s" (int, s), "range" (low, high),
         "description"}} in the dictionary's order.
 
     Raises:
-        ConfigError: a tag missing from either side, a missing field, a sample period that is
-            not a whole number of seconds >= 1, or a range with low >= high.
+        ConfigError: a tag missing from either side, a missing field, a unit other than the
+            simulator's (it writes its values in one unit and converts none), a sample period
+            that is not a whole number of seconds >= 1, or a range that is not two numbers
+            low < high.
     """
     if not isinstance(tags, dict):
         raise ConfigError(f"tags must be a mapping TAG -> metadata, got {type(tags).__name__}")
@@ -292,9 +379,12 @@ def check_tags(tags: dict, produced: tuple[str, ...]) -> dict:
                 f"tags.{tag}.sample_period_s = {period!r} must be a whole number "
                 f"of seconds >= 1 (the simulator samples on a 1 s grid)"
             )
-        low, high = (float(v) for v in meta["range"])
-        if not low < high:
-            raise ConfigError(f"tags.{tag}.range = {meta['range']!r} needs low < high")
+        if str(meta["unit"]) != produced[tag]:
+            raise ConfigError(
+                f"tags.{tag}.unit = {meta['unit']!r}: the simulator writes this tag in "
+                f"{produced[tag]!r} and converts nothing; declare {produced[tag]!r}"
+            )
+        low, high = _range(meta["range"], f"tags.{tag}.range")
         out[tag] = {
             "role": str(meta["role"]),
             "unit": str(meta["unit"]),

@@ -27,7 +27,7 @@ from data_pipelines.plant_sim.records import (
     runs_table,
     tag_table,
 )
-from data_pipelines.plant_sim.sensors import QUALITIES, TAG_SOURCES, measure_run
+from data_pipelines.plant_sim.sensors import QUALITIES, TAG_UNITS, measure_run
 from data_pipelines.plant_sim.simulate import Truth, simulate_runs
 
 FILE_FORMATS = ("parquet", "csv")
@@ -53,17 +53,19 @@ def write_historian_export(
         "historian_quality": {quality: rows}, "seconds": wall time}.
 
     Raises:
-        ValueError: bad file_format; a sim key unknown, missing or outside its allowed range
+        ValueError: bad file_format or seed; a sim key unknown, missing or outside its allowed range
             (the message names the key and the range); a tag dictionary that disagrees with
             the simulator's tags; design setpoints outside their tags' ranges.
     """
     started = time.perf_counter()
     if file_format not in FILE_FORMATS:
         raise ValueError(f"file_format {file_format!r} is not one of {list(FILE_FORMATS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:  # 1.7 is not seed 1
+        raise ValueError(f"seed = {seed!r} must be a whole number >= 0")
     sim = validate_sim_config(sim)
-    tags = check_tags(tags, tuple(TAG_SOURCES))
+    tags = check_tags(tags, TAG_UNITS)
     check_design_fits_tags(sim, tags)
-    runs = design_campaign(sim, int(seed))
+    runs = design_campaign(sim, seed)
     truth = simulate_runs(runs, sim)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ def transport_series(
         inflow_kg_s: (n_runs,) total flow into the first tank, kg/s.
         inflow_frac: (n_runs, n_comp) mass fractions of the inflow.
         outflow_kg_s: (n_runs,) total flow out of the last tank, kg/s.
-        dt_s: step, s. Positivity needs flow * dt below a tank's mass, which the config's
-            residence times (tens of seconds per tank) leave with a wide margin at dt <= 1 s.
+        dt_s: step, s. Positivity needs flow * dt below a tank's mass: the config check
+            (config._check_transport_steps) keeps it under half a tank.
 
     Returns:
         (n_runs, n_comp) component mass that left the last tank during the step, kg.

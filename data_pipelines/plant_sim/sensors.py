@@ -125,6 +125,22 @@ TAG_SOURCES: dict[str, tuple[Callable[[_Context, int], np.ndarray], int]] = {
 }
 
 
+# the unit each instrument model writes its values in: the tag dictionary must declare it
+TAG_UNITS: dict[str, str] = {
+    **{f"{unit}.MASSFLOW_SP": "kg/h" for unit in _FEEDER_TAGS},
+    **{f"{unit}.MASSFLOW": "kg/h" for unit in _FEEDER_TAGS},
+    **{f"{unit}.HOPPER_MASS": "kg" for unit in _FEEDER_TAGS},
+    "BLEND.SPEED_SP": "rpm",
+    "BLEND.SPEED": "rpm",
+    "NIR.API_CONC": "%w/w",
+    "PRESS.WEIGHT_SP": "mg",
+    "PRESS.TURRET_SPEED": "rpm",
+    "PRESS.COMP_FORCE": "kN",
+    "PRESS.TABLET_WEIGHT": "mg",
+    "PRESS.TABLET_API": "%LC",
+}
+
+
 def resolution_decimals(range_high: float) -> int:
     """Decimals a historian keeps for a tag spanning up to range_high: about 5 significant."""
     return int(np.clip(4 - np.floor(np.log10(max(abs(range_high), 1e-6))), 1, 6))

@@ -127,6 +127,7 @@ def simulate_runs(runs: list[RunSpec], sim: dict) -> Truth:
         u = plant.second_inputs(k)
         for j in range(int(round(1.0 / dt_s))):
             plant.step(u, k + j * dt_s, dt_s)
+    _check_finite(signals, runs)
     return Truth(
         list(runs),
         np.arange(n_s, dtype=float),
@@ -136,6 +137,24 @@ def simulate_runs(runs: list[RunSpec], sim: dict) -> Truth:
         plant.feeders.blocked_since_s[:, 1].copy(),
         plant.feeders.manual_at_s[:, 1].copy(),
     )
+
+
+def _check_finite(signals: dict[str, np.ndarray], runs: list[RunSpec]) -> None:
+    """A diverged integration must not reach the export as data.
+
+    Raises:
+        FloatingPointError: a signal that is not finite, naming it, the run and the second.
+    """
+    for name, values in signals.items():
+        if values.dtype == bool:
+            continue
+        bad = ~np.isfinite(values.reshape(values.shape[0], values.shape[1], -1)).all(axis=2)
+        if bad.any():
+            r, k = np.argwhere(bad)[0]
+            raise FloatingPointError(
+                f"plant_sim: {name} of run {runs[r].run_id} is not finite from t = {k} s: the "
+                "integration diverged (see sim.dt_sim_s and the hold-ups)"
+            )
 
 
 class _Plant:

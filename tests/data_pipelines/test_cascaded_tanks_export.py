@@ -54,3 +54,30 @@ def test_runs_csv_split_outside_the_known_ones_names_the_row(tmp_path):
     )
     with pytest.raises(DataValidationError, match=r"runs.csv row 2: split 'holdout' is not one"):
         read_runs(tmp_path / "runs.csv", timezone="UTC")
+
+
+def test_a_start_with_another_offset_is_written_in_utc_in_both_files(tmp_path):
+    paths = write_export(HEAD_CSV, tmp_path, start="2016-01-01T02:00:00+02:00")
+    historian = pd.read_csv(paths["historian"])
+    # was 02:00:00.000+00:00 in the historian beside 02:00:00+02:00 in runs.csv: 0 rows matched
+    assert historian["timestamp"][0] == "2016-01-01T00:00:00.000+00:00"
+    runs = read_runs(paths["runs"], timezone="UTC")
+    assert runs["start_ns"][0] == pd.Timestamp("2016-01-01T00:00:00Z").value
+    with pytest.raises(DataValidationError, match=r"start '2016-01-01T00:00:00': give the "
+                                                  r"instant with its UTC offset"):  # fmt: skip
+        write_export(HEAD_CSV, tmp_path / "naive", start="2016-01-01T00:00:00")
+
+
+def test_a_sample_time_under_a_second_keeps_its_milliseconds(tmp_path):
+    lines = HEAD_CSV.read_text().splitlines()
+    columns = lines[0].split(",")
+    fields = lines[1].split(",")
+    fields[columns.index("Ts")] = "0.5"
+    lines[1] = ",".join(fields)
+    (tmp_path / "half.csv").write_text("\n".join(lines))
+    historian = pd.read_csv(write_export(tmp_path / "half.csv", tmp_path / "out")["historian"])
+    assert historian["timestamp"][:3].tolist() == [  # were 00.000, 00.000, 01.000
+        "2016-01-01T00:00:00.000+00:00",
+        "2016-01-01T00:00:00.500+00:00",
+        "2016-01-01T00:00:01.000+00:00",
+    ]

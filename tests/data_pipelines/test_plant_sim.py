@@ -27,7 +27,7 @@ from data_pipelines.plant_sim import (
 )
 from data_pipelines.plant_sim.blender import blender_params
 from data_pipelines.plant_sim.config import FACTORS, check_tags
-from data_pipelines.plant_sim.sensors import TAG_SOURCES
+from data_pipelines.plant_sim.sensors import TAG_SOURCES, TAG_UNITS
 
 ROOT = Path(__file__).resolve().parents[2]
 # docs/data_contracts.md section 1, written out here so a drift in the code shows
@@ -161,7 +161,7 @@ def fault_pairs(default_sim, tags):
     faulty = [r for r in design_campaign(sim, MODULE_SEED) if r.fault is not None]
     clean = [dataclasses.replace(r, kind="normal", fault=None) for r in faulty]
     truth = simulate_runs(faulty + clean, sim)
-    checked = check_tags(tags, tuple(TAG_SOURCES))
+    checked = check_tags(tags, TAG_UNITS)
     return {
         run.fault.kind: (truth, r, r + len(faulty), run, sim, checked)
         for r, run in enumerate(faulty)
@@ -395,11 +395,72 @@ def test_bad_sim_config_names_the_key_and_what_is_allowed(default_sim, change, m
         validate_sim_config({**default_sim, **change})
 
 
+@pytest.mark.parametrize(
+    ("section", "change", "message"),
+    [
+        # each was accepted, and gave NaN or 1e100 kg in the feed frame, or an oscillating plant
+        ("press", {"feed_frame_holdup_kg": 0.01},
+         r"sim.dt_sim_s = 0.5 s moves .* kg per step at .* kg/h through a feed frame tank of "
+         r"0.005 kg \(from press.feed_frame_holdup_kg, press.feed_frame_tanks\)"),
+        ("blender", {"n_tanks": 50}, r"through a blender tank of .*dt_sim_s"),
+        # each was accepted, and the line silently did not make the recipe
+        ("design", {"tablet_weight_mg": 250.0},
+         r"sim.press.max_turret_rpm = 115: 50 kg/h of 250 mg tablets on 24 stations need 138.9 rpm"),
+        ("design", {"lubricant_fraction": 0.02},
+         r"sim.feeders.lubricant: at most 0.864 kg/h .* asks 1 kg/h"),
+    ],
+)  # fmt: skip
+def test_a_plant_the_simulation_cannot_run_is_refused(default_sim, section, change, message):
+    sim = {**default_sim, section: {**default_sim[section], **change}}
+    if section == "blender":
+        sim["dt_sim_s"] = 1.0
+    with pytest.raises(ValueError, match=message):
+        validate_sim_config(sim)
+
+
 def test_tag_dictionary_must_match_the_simulated_tags(default_sim, tags, tmp_path):
     missing = {k: v for k, v in tags.items() if k != "NIR.API_CONC"}
     with pytest.raises(ValueError, match=r"missing from the dictionary \['NIR.API_CONC'\]"):
         write_historian_export(tmp_path, tags=missing, sim=small(default_sim), seed=0)
+    for seed in (-1, 1.7, "0"):
+        with pytest.raises(ValueError, match=rf"seed = {seed!r} must be a whole number >= 0"):
+            write_historian_export(tmp_path, tags=tags, sim=small(default_sim), seed=seed)
     with pytest.raises(ValueError, match="file_format 'xlsx'"):
         write_historian_export(
             tmp_path, tags=tags, sim=small(default_sim), seed=0, file_format="xlsx"
         )
+
+
+def test_every_simulated_tag_has_its_unit():
+    assert list(TAG_UNITS) == list(TAG_SOURCES)
+
+
+@pytest.mark.parametrize(
+    ("tag", "field", "value", "message"),
+    [
+        ("FEED_API.MASSFLOW", "unit", "kg/s", r"FEED_API.MASSFLOW.unit = 'kg/s': the simulator "
+                                              r"writes this tag in 'kg/h'"),
+        ("PRESS.TABLET_WEIGHT", "unit", "g", r"writes this tag in 'mg'"),
+        ("PRESS.TABLET_WEIGHT", "range", [0, 40, 50], r"TABLET_WEIGHT.range = \[0, 40, 50\] must "
+                                                      r"be \[low, high\]"),
+        ("PRESS.TABLET_WEIGHT", "range", 40, r"TABLET_WEIGHT.range = 40 must be \[low, high\]"),
+        ("PRESS.TABLET_WEIGHT", "range", ["zero", 40], r"range = \['zero', 40\] must be"),
+    ],
+)  # fmt: skip
+def test_a_tag_dictionary_the_simulator_cannot_honour_is_refused(tags, tag, field, value, message):
+    # the export declared kg/s beside values in kg/h, and bad ranges were bare Python errors
+    changed = {**tags, tag: {**tags[tag], field: value}}
+    with pytest.raises(ValueError, match=message):
+        check_tags(changed, TAG_UNITS)
+
+
+def test_a_diverged_signal_stops_the_simulation_naming_run_and_second(default_sim):
+    from data_pipelines.plant_sim.simulate import _check_finite
+
+    runs = design_campaign(validate_sim_config(small(default_sim)), MODULE_SEED)[:2]
+    frame = np.ones((2, 10, 3))
+    frame[1, 6:, 2] = np.nan
+    signals = {"refilling": np.zeros((2, 10), dtype=bool), "frame_kg": frame}
+    with pytest.raises(FloatingPointError, match=rf"frame_kg of run {runs[1].run_id} is not "
+                                                 r"finite from t = 6 s"):  # fmt: skip
+        _check_finite(signals, runs)
