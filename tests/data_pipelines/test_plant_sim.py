@@ -405,7 +405,8 @@ def test_bad_sim_config_names_the_key_and_what_is_allowed(default_sim, change, m
         ("blender", {"n_tanks": 50}, r"through a blender tank of .*dt_sim_s"),
         # each was accepted, and the line silently did not make the recipe
         ("design", {"tablet_weight_mg": 250.0},
-         r"sim.press.max_turret_rpm = 115: 50 kg/h of 250 mg tablets on 24 stations need 138.9 rpm"),
+         r"sim.press.max_turret_rpm = 115: 50 kg/h of 250 mg tablets on 24 stations need "
+         r"138.9 rpm"),
         ("design", {"lubricant_fraction": 0.02},
          r"sim.feeders.lubricant: at most 0.864 kg/h .* asks 1 kg/h"),
     ],
