@@ -128,6 +128,9 @@ def test_metadata_round_trips_through_the_file_and_mlflow(exported, export_datas
     assert metadata["detector"]["fit_split"] == ["train", "val"]
     assert len(metadata["detector"]["fit_runs"]) == 3
     assert metadata["verification"]["max_diff"] <= metadata["verification"]["tolerance"]
+    # the horizon verified (EXPORT_TINY's verify.forecast_steps), not the timing's whole run
+    assert metadata["verification"]["forecast_steps"] == 24
+    assert "update_p50_ms" not in metadata["verification"]
     client = MlflowClient(tracking_uri=uri)
     # The store is the session's shared build: the service tests may register more versions.
     versions = client.search_model_versions("name='cdc-line-twin'")
