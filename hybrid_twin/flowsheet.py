@@ -409,6 +409,12 @@ def _upstream_by_name(
             raise ConfigError(
                 f"flowsheet.streams: stream {source} -> {target} is a self-loop or duplicate"
             )
+        fed = [name for name, sources in upstream.items() if source in sources]
+        if fed:  # each downstream unit would get the whole outflow: mass made from nothing
+            raise ConfigError(
+                f"flowsheet.streams: {source} feeds {fed[0]} and {target}; a unit's outflow "
+                "goes to one unit (splits are not supported)"
+            )
         upstream[target].append(source)
     return upstream
 
@@ -440,14 +446,26 @@ def _check_tags(flowsheet: Flowsheet) -> None:
                 raise ConfigError(
                     f"flowsheet.{key}.{tag}: " + unknown_key_message("quantity", str(target), valid)
                 )
-    if "inputs" in tags:
-        _check_input_mapping(flowsheet, input_targets(tags["inputs"]))  # type: ignore[arg-type]
+    if tags:  # a flowsheet that maps tags maps every unit input (an absent inputs: too)
+        _check_input_mapping(flowsheet, input_targets(tags.get("inputs", {})))  # type: ignore[arg-type]
+    sections: dict[str, str] = {}
+    for key in ("inputs", "measurements", "disturbances"):
+        for tag in dict(tags.get(key, {})):  # type: ignore[call-overload]
+            if tag in sections:  # consumers merge the sections: one would silently win
+                raise ConfigError(
+                    f"flowsheet.{key}.{tag}: the tag is in flowsheet.{sections[tag]} too; a tag "
+                    "is one signal: an input, a measurement or a disturbance"
+                )
+            sections[tag] = key
     measured = dict(tags.get("measurements", {}))  # type: ignore[call-overload]
-    for tag in tags.get("calibrated", []):  # type: ignore[attr-defined]
+    calibrated = list(tags.get("calibrated", []))  # type: ignore[call-overload]
+    for i, tag in enumerate(calibrated):
         if tag not in measured:
             raise ConfigError(
                 f"flowsheet.calibrated: {tag!r} is not one of the measurements {sorted(measured)}"
             )
+        if tag in calibrated[:i]:
+            raise ConfigError(f"flowsheet.calibrated: {tag!r} is listed twice")
 
 
 def _check_input_mapping(flowsheet: Flowsheet, pairs: list[tuple[str, str]]) -> None:

@@ -93,6 +93,17 @@ class ParamSpec:
             )
 
 
+def _number(value: object, where: str) -> float:
+    """A number from a config (inf allowed: an open bound), else a ConfigError naming it."""
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isnan(number):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return number
+
+
 def override_specs(
     specs: Sequence[ParamSpec], overrides: Mapping[str, object] | None, where: str
 ) -> tuple[ParamSpec, ...]:
@@ -110,6 +121,11 @@ def override_specs(
         ConfigError: an unknown parameter or field, or a value outside its bounds.
     """
     by_name = {spec.name: spec for spec in specs}
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(
+            f"{where}: params: expected a mapping {{name: value or {{value, bounds, learnable}}}}"
+            f", got {overrides!r}"
+        )
     for name, value in (overrides or {}).items():
         if name not in by_name:
             raise ConfigError(f"{where}: " + unknown_key_message("parameter", name, by_name))
@@ -122,10 +138,14 @@ def override_specs(
         spec = by_name[name]
         changes: dict[str, object] = {}
         if "value" in fields:
-            changes["default"] = float(fields["value"])  # type: ignore[arg-type]
+            changes["default"] = _number(fields["value"], f"{where}.{name}.value")
         if "bounds" in fields:
-            low, high = fields["bounds"]  # type: ignore[misc]
-            changes["bounds"] = (float(low), float(high))
+            bounds = fields["bounds"]
+            if isinstance(bounds, str | bytes) or not isinstance(bounds, Sequence) or (
+                len(bounds) != 2
+            ):
+                raise ConfigError(f"{where}.{name}.bounds: expected [low, high], got {bounds!r}")
+            changes["bounds"] = tuple(_number(b, f"{where}.{name}.bounds") for b in bounds)
         if "learnable" in fields:
             changes["learnable"] = bool(fields["learnable"])
         try:
@@ -190,6 +210,25 @@ class ParameterSet(nn.Module):
         order = [self.specs.index(spec) for spec in learn + fixed]
         inverse = [order.index(i) for i in range(len(order))]
         self.register_buffer("order", torch.tensor(inverse, dtype=torch.long))
+        self._check_inside_in(dtype)
+
+    def _check_inside_in(self, dtype: torch.dtype) -> None:
+        """A learnable value inside its bounds in float64 may round onto one in float32,
+        where it would train with a zero gradient.
+
+        Raises:
+            ConfigError: such a value, naming the parameter and the dtype.
+        """
+        with torch.no_grad():
+            values = self.values()
+        for spec, value in zip(self.specs, values.tolist(), strict=True):
+            low, high = spec.bounds
+            if spec.learnable and not low < value < high:
+                raise ConfigError(
+                    f"parameter {spec.name!r}: value {spec.default} is too close to its bounds "
+                    f"[{low}, {high}] for the bounding transform in {dtype} (it rounds onto the "
+                    "bound, where it would train with a zero gradient)"
+                )
 
     def values(self) -> Tensor:
         """Physical parameter values, shape (n_params,), in declaration order."""

@@ -9,7 +9,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from hybrid_twin import ConfigError
+from hybrid_twin import ConfigError, Flowsheet
+from hybrid_twin.flowsheet import input_targets
+from hybrid_twin.hybrid import flowsheet_output_unit
 from training.datamodule import CDCDataModule
 from training.lit_module import TwinLitModule
 from training.twin_model import TwinModel, build_twin_model
@@ -39,10 +41,37 @@ def build_training(cfg: DictConfig, config: dict) -> tuple[CDCDataModule, TwinMo
         config["initial_state"],
         generator,
     )
+    tags = datamodule.dataset.manifest["tags"]
+    check_tag_units(model.field.flowsheet, {tag: str(tags[tag]["unit"]) for tag in tags})
     lit = TwinLitModule(
         model, instantiate(cfg.optimizer), datamodule.measurement_tags, **config["lit"]
     )
     return datamodule, model, lit
+
+
+def check_tag_units(flowsheet: Flowsheet, units: dict[str, str]) -> None:
+    """Each tag the flowsheet maps reads or sets its quantity in the quantity's own unit: the
+    model converts nothing (a feeder recorded in g/min on a kg/h input runs 60x off).
+
+    Args:
+        units: the dataset's tag -> unit (its manifest); tags it lacks are not checked.
+
+    Raises:
+        ConfigError: a tag whose unit differs from its quantity's, naming both and the key.
+    """
+    spec_of = dict(zip(flowsheet.input_names, flowsheet.input_specs, strict=True))
+    mapped = [("inputs", tag, target, spec_of[target].unit)
+              for tag, target in input_targets(flowsheet.tags.get("inputs", {}))]  # fmt: skip
+    for key in ("measurements", "disturbances"):
+        mapped += [(key, tag, target, flowsheet_output_unit(flowsheet, target))
+                   for tag, target in dict(flowsheet.tags.get(key, {})).items()]  # fmt: skip
+    for key, tag, target, unit in mapped:
+        if tag in units and units[tag] != unit:
+            raise ConfigError(
+                f"flowsheet.{key}.{tag}: the dataset records {tag} in {units[tag]!r}, but "
+                f"{target} is in {unit!r}; the model converts nothing: map the tag to a "
+                "quantity of its unit, or record it in the quantity's"
+            )
 
 
 def check_learned_start(initial_state: str, datamodule: dict) -> None:

@@ -266,7 +266,12 @@ def _broken(edit) -> dict:
             r"units \['blender', 'press'\] form a cycle",
         ),
         (
-            lambda s: s["streams"].append(["feeder_exc", "feeder_api"]),
+            lambda s: s.update(
+                streams=[
+                    ["feeder_exc", "feeder_api"] if st == ["feeder_exc", "blender"] else st
+                    for st in s["streams"]
+                ]
+            ),
             r"feeder_api \(LossInWeightFeeder\) takes no inflow",
         ),
         (lambda s: s["inputs"].pop("BLEND.SPEED_SP"), r"unmapped: \['blender.speed_sp_rpm'\]"),
@@ -315,6 +320,35 @@ def _broken(edit) -> dict:
         (
             lambda s: s.update(calibrated=["PRESS.TURRET_SPEED"]),
             "'PRESS.TURRET_SPEED' is not one of the measurements",
+        ),
+        (  # each of two downstream units would get the whole outflow: mass from nothing
+            lambda s: s["streams"].append(["feeder_exc", "press"]),
+            r"flowsheet.streams: feeder_exc feeds blender and press; a unit's outflow goes to "
+            r"one unit",
+        ),
+        (  # consumers merge the sections: the speed setpoint would overwrite the speed state
+            lambda s: s["disturbances"].update({"BLEND.SPEED_SP": "blender.speed_rpm"}),
+            r"flowsheet.disturbances.BLEND.SPEED_SP: the tag is in flowsheet.inputs too",
+        ),
+        (
+            lambda s: s.update(calibrated=["NIR.API_CONC", "NIR.API_CONC"]),
+            r"flowsheet.calibrated: 'NIR.API_CONC' is listed twice",
+        ),
+        (
+            lambda s: s.pop("inputs"),
+            r"flowsheet.inputs: every unit input needs exactly one tag; unmapped: ",
+        ),
+        (
+            lambda s: s["units"]["blender"].update(params={"holdup_ref_kg": {"bounds": [0.2]}}),
+            r"blender.holdup_ref_kg.bounds: expected \[low, high\], got \[0.2\]",
+        ),
+        (
+            lambda s: s["units"]["blender"].update(params={"holdup_ref_kg": "0,6"}),
+            r"blender.holdup_ref_kg.value: expected a number, got '0,6'",
+        ),
+        (
+            lambda s: s["units"]["blender"].update(params=["holdup_ref_kg"]),
+            r"blender: params: expected a mapping",
         ),
     ],
 )

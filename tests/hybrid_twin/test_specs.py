@@ -81,3 +81,18 @@ def test_invalid_specs_raise_config_errors_with_value_and_bounds(spec, message):
         spec()
     # A fixed parameter may sit on its bound.
     assert ParamSpec("share", "1", 1.0, (0.0, 1.0), learnable=False).default == 1.0
+
+
+@pytest.mark.parametrize(("value", "bounds"), [(0.99999999, (0.0, 1.0)), (19.9999999, (0.1, 20.0))])
+def test_a_value_that_rounds_onto_its_bound_in_float32_is_refused_there(value, bounds):
+    spec = ParamSpec("near", "1", value, bounds)  # inside in float64
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        ParameterSet([spec])  # float64 keeps it inside
+        torch.set_default_dtype(torch.float32)  # training's dtype: on the bound, zero gradient
+        with pytest.raises(ConfigError, match=r"'near': .*too close to its bounds .* in "
+                                              r"torch.float32"):  # fmt: skip
+            ParameterSet([spec])
+    finally:
+        torch.set_default_dtype(previous)

@@ -360,3 +360,20 @@ def test_twin_train_logs_open_loop_plots_of_the_test_runs(trained, tiny_cdc_data
     test_runs = PreparedDataset.open(tiny_cdc_dataset).run_ids("test")
     expected = {f"plots/predicted_vs_measured_{r}.png" for r in test_runs}
     assert expected | {"plots/parity.png", "plots/residual_size.png"} == names
+
+
+def test_a_tag_recorded_in_another_unit_than_its_quantity_is_refused():
+    from hybrid_twin import build_flowsheet
+    from hybrid_twin.flowsheets import cdc_line_flowsheet_spec
+    from training.build import check_tag_units
+
+    flowsheet = build_flowsheet(cdc_line_flowsheet_spec())
+    units = {"FEED_API.MASSFLOW_SP": "kg/h", "NIR.API_CONC": "%w/w", "BLEND.SPEED": "rpm"}
+    check_tag_units(flowsheet, units)  # the shipped units agree
+    # a feeder recorded in g/min on a kg/h input would run 60x off, silently
+    expected = (r"flowsheet.inputs.FEED_API.MASSFLOW_SP: the dataset records "
+                r"FEED_API.MASSFLOW_SP in 'g/min', but feeder_api.mass_flow_sp_kg_h is in 'kg/h'")
+    with pytest.raises(ConfigError, match=expected):
+        check_tag_units(flowsheet, {**units, "FEED_API.MASSFLOW_SP": "g/min"})
+    with pytest.raises(ConfigError, match=r"flowsheet.measurements.BLEND.SPEED: .* in 'rad/s'"):
+        check_tag_units(flowsheet, {**units, "BLEND.SPEED": "rad/s"})
