@@ -633,13 +633,17 @@ def _normal_series(
         seen_history.append(seen)
     ewma_all = torch.stack(history, dim=1)
     seen_all = torch.stack(seen_history, dim=1)
+    monitored = used.any(dim=2)
     if ewma_rms is None:
         # RMS about 0 over the steps after each tag's first sample (before it the EWMA is 0
-        # by construction and says nothing about its spread).
-        square = torch.where(seen_all, ewma_all.pow(2), torch.zeros_like(ewma_all))
-        ewma_rms = (square.sum(dim=(0, 1)) / seen_all.sum(dim=(0, 1)).clamp_min(1)).sqrt()
+        # by construction and says nothing about its spread) up to the run's last monitored
+        # step: the padding of a shorter run holds the EWMA and would weigh it by pad length.
+        step = torch.arange(steps)
+        last = torch.where(monitored, step, -1).amax(dim=1)
+        counted = seen_all & (step[None, :] <= last[:, None])[:, :, None]
+        square = torch.where(counted, ewma_all.pow(2), torch.zeros_like(ewma_all))
+        ewma_rms = (square.sum(dim=(0, 1)) / counted.sum(dim=(0, 1)).clamp_min(1)).sqrt()
         ewma_rms = ewma_rms.clamp_min(1e-12)
-    monitored = used.any(dim=2)
     ewma_max = (ewma_all.abs() / ewma_rms).amax(dim=2)
     series = _NormalSeries(t2[monitored], used.sum(dim=2)[monitored], ewma_max[monitored])
     return series, ewma_rms

@@ -14,6 +14,7 @@ training/simulation_eval.py), for every one of the latest `last_n` runs of each 
 with the mean and spread per kind and a plot of simulated vs measured.
 """
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ from training.simulation_eval import (
     summarise,
 )
 from training.tracking import git_commit, run_model_uri, tracking_uri
+
+log = logging.getLogger(__name__)
 
 BASELINES = ("mechanistic", "black_box")
 MODES = ("forecast", "simulation")
@@ -96,12 +99,24 @@ def evaluate_runs(
     regimes = sorted({_regime(dataset, s.run_id) for s in segments})
     normalisation = dataset.normalisation()
     rows = []
+    past = {kind: int(run.data.params["datamodule.past_steps"]) for kind, run in runs.items()}
+    if len(set(past.values())) > 1:  # origins follow P: the kinds would be scored apart
+        raise ConfigError(
+            f"evaluate: the runs' datamodule.past_steps differ ({past}): their forecast "
+            "origins would differ, and the table would compare other windows; evaluate "
+            "runs of one past window together"
+        )
     for kind, run in runs.items():
-        past_steps = int(run.data.params["datamodule.past_steps"])
+        past_steps = past[kind]
         origins = forecast_origins(segments, past_steps, max(horizon_steps), stride_steps)
         group = torch.tensor([regimes.index(_regime(dataset, r)) for r in origins.run_ids])
         twin = load_twin(run.info.run_id)
         predicted = forecast(twin, origins.windows, batch_size)
+        diverged = int((~torch.isfinite(predicted) & origins.windows.mask).any(dim=(1, 2)).sum())
+        if diverged:
+            log.warning("evaluate: %s: %d of %d forecast windows are not finite; their "
+                        "non-finite points are left out of the RMSE and of n", kind, diverged,
+                        predicted.shape[0])  # fmt: skip
         errors = horizon_errors(
             predicted, origins.windows, normalisation, horizon_steps, group, len(regimes)
         )
@@ -151,7 +166,8 @@ def comparison_markdown(table: pd.DataFrame, headline_tag: str) -> str:
             cells = [f"**{tag}**" if tag == headline_tag else tag, unit, f"{horizon:g} min"]
             cells += [_fmt(values[k]) for k in kinds]
             if with_ratio:
-                best = min(values[b] for b in baselines)
+                best = min((values[b] for b in baselines if not math.isnan(values[b])),
+                           default=math.nan)  # a baseline with no number is no baseline
                 cells.append("n/a" if best <= 0 else _fmt(values["hybrid"] / best))  # NaN: "-"
             lines.append(_md_row(cells))
         parts.append("\n".join(lines))

@@ -127,7 +127,10 @@ def horizon_errors(
         raise ValueError(f"predicted {tuple(predicted.shape)} != y {tuple(windows.y.shape)}")
     y_std = normalisation.y_std.to(torch.float64)
     error = (predicted.to(torch.float64) - windows.y.to(torch.float64)) * y_std
-    squared = torch.where(windows.mask, error.pow(2), torch.zeros_like(error))
+    # a non-finite forecast (a diverged window) is left out and not counted in n: one such
+    # window would otherwise make the whole pooled cell NaN
+    counted = windows.mask & torch.isfinite(error)
+    squared = torch.where(counted, error.pow(2), torch.zeros_like(error))
     one_hot = torch.nn.functional.one_hot(groups, n_groups).to(torch.float64)  # (batch, G)
     sse, count = [], []
     for h in horizon_steps:
@@ -137,5 +140,5 @@ def horizon_errors(
             )
         rows = slice(1, h + 1)
         sse.append(one_hot.T @ squared[:, rows].sum(1))
-        count.append(one_hot.T @ windows.mask[:, rows].sum(1).to(torch.float64))
+        count.append(one_hot.T @ counted[:, rows].sum(1).to(torch.float64))
     return HorizonErrors(torch.stack(sse, -1), torch.stack(count, -1).round().to(torch.int64))

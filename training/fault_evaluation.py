@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from hybrid_twin import ConfigError
 from training.dataset import PreparedDataset, RunTensors
@@ -265,6 +266,13 @@ def pca_scores(monitor: PCAMonitor, run: RunTensors, tags: list[str], first_row:
 # --------------------------------------------------------------------------- twin
 
 
+def diverged_rows(status: Tensor, prediction: Tensor) -> Tensor:
+    """(R, T) True from the first step whose solver status is not 0 or whose prediction is
+    not finite to the end of the run: the filter's state is lost from there on."""
+    bad = (status != 0) | ~torch.isfinite(prediction).all(dim=2)
+    return bad.to(torch.int8).cummax(dim=1).values.bool()
+
+
 def twin_scores(online, dataset: PreparedDataset, runs: list[RunTensors], past_steps: int,
                 dtype: torch.dtype) -> dict[str, Scores]:
     """The scripted filter over the runs in one batch (padded); rows before past_steps and
@@ -278,6 +286,16 @@ def twin_scores(online, dataset: PreparedDataset, runs: list[RunTensors], past_s
     tag_sampled = torch.isfinite(y[:, past_steps:])
     contributions = torch.where(tag_sampled, contributions, math.nan).numpy()
     sampled = tag_sampled.any(dim=2) & real[:, past_steps:]
+    status = torch.stack([s[13] for s in steps], dim=1)
+    lost = diverged_rows(status, torch.stack([s[5] for s in steps], dim=1))
+    lost = lost & real[:, past_steps:]
+    if lost.any():  # its alarm state is stale there: neither a false alarm nor a detection
+        log.warning(
+            "evaluate-faults: the filter diverged, and its rows are left unmonitored: %s",
+            ", ".join(f"{r.run_id} from row {past_steps + int(lost[i].nonzero()[0])} "
+                      f"({int(lost[i].sum())} rows)" for i, r in enumerate(runs) if lost[i].any()),
+        )  # fmt: skip
+    sampled = sampled & ~lost
     out = {}
     for i, r in enumerate(runs):
         n = r.u.shape[0]

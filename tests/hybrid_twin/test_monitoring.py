@@ -325,3 +325,27 @@ def test_fit_refuses_bad_options(float64, option, match):
     (e, v, m), _ = _bad("ok")
     with pytest.raises((ConfigError, ShapeError), match=match):
         fit_monitor(e, v, m, **option)
+
+
+def test_the_padding_of_a_shorter_run_does_not_change_the_fit(float64):
+    rng = torch.Generator().manual_seed(1)
+
+    def innovations(steps):  # autocorrelated, as a filter's innovations are
+        e, x = torch.zeros(steps, 3), torch.zeros(3)
+        for k in range(steps):
+            x = 0.95 * x + 0.3 * torch.randn(3, generator=rng)
+            e[k] = x + 0.2 * torch.randn(3, generator=rng)
+        return e
+
+    long_run, short_run = innovations(1500), innovations(400)
+
+    def fit(total):  # fit_monitor's docstring: pad short runs with mask False
+        e, m = torch.zeros(2, total, 3), torch.zeros(2, total, 3, dtype=torch.bool)
+        e[0, :1500], m[0, :1500] = long_run, True
+        e[1, :400], m[1, :400] = short_run, True
+        return fit_monitor(e, torch.ones_like(e), m, false_alarm_rate=0.01, ewma_lambda=0.05)
+
+    padded, more = fit(1500), fit(6000)
+    # the held EWMA of the padding weighed the third tag's spread by pad length (2.4x at 30k)
+    torch.testing.assert_close(more.ewma_rms, padded.ewma_rms, rtol=1e-12, atol=0.0)
+    assert float(more.ewma_limit) == pytest.approx(float(padded.ewma_limit), rel=1e-12)

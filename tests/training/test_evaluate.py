@@ -144,3 +144,29 @@ def test_a_row_no_kind_has_a_number_for_is_shown_as_a_dash_not_left_out():
     assert "| **NIR.API_CONC** | %w/w | 1 min | 0.25 | 0.25 | 1 |" in markdown
     # the 5-min assay has no sample within 1 min
     assert "| PRESS.TABLET_API | %LC | 1 min | - | - | - |" in markdown
+
+
+def test_the_best_baseline_ignores_a_kind_without_a_number_whatever_their_order():
+    def ratio(kinds):
+        rmse = {"hybrid": 0.3, "mechanistic": np.nan, "black_box": 0.6}
+        rows = [{"kind": k, "regime": "extrapolation", "tag": "NIR.API_CONC", "unit": "%w/w",
+                 "horizon_min": 60.0, "rmse": rmse[k]} for k in kinds]  # fmt: skip
+        return comparison_markdown(pd.DataFrame(rows), "NIR.API_CONC").splitlines()[-1]
+
+    assert ratio(["hybrid", "mechanistic", "black_box"]).endswith("| 0.5 |")
+    assert ratio(["hybrid", "black_box", "mechanistic"]).endswith("| 0.5 |")
+
+
+def test_runs_of_different_past_windows_are_refused_not_scored_on_other_windows():
+    from types import SimpleNamespace
+
+    from hybrid_twin import ConfigError
+    from training.evaluate import evaluate_runs
+
+    def run(past):
+        return SimpleNamespace(data=SimpleNamespace(params={"datamodule.past_steps": str(past)}))
+
+    dataset = SimpleNamespace(dt_s=5.0, load_split=lambda split: [], normalisation=lambda: None)
+    with pytest.raises(ConfigError, match=r"past_steps differ \(\{'hybrid': 12, 'mechanistic': "
+                                          r"24\}\)"):  # fmt: skip
+        evaluate_runs({"hybrid": run(12), "mechanistic": run(24)}, dataset, "test", [1.0], 1.0)

@@ -65,6 +65,16 @@ def test_rmse_pools_lead_times_one_to_h_in_tag_units_per_group():
     assert rmse[:, 1].flatten().tolist() == pytest.approx([3.0] * 4)  # lead 0 left out
 
 
+def test_a_diverged_window_is_left_out_of_the_pool_not_made_its_nan():
+    windows = forecast_origins([_run("A", 20)], 2, 4, 3).windows  # 5 origins, leads 0..4
+    predicted = windows.y + 1.0  # error 1 everywhere (std 1)
+    predicted[2, 3:] = math.nan  # the third window diverges at lead 3
+    n = windows.y.shape[0]
+    errors = horizon_errors(predicted, windows, _stats([1.0, 1.0]), [4], torch.zeros(n).long(), 1)
+    assert errors.rmse().flatten().tolist() == pytest.approx([1.0, 1.0])  # was NaN
+    assert errors.count.flatten().tolist() == [4 * n - 2, 4 * n - 2]  # n counts what is pooled
+
+
 def test_a_tag_never_sampled_has_nan_rmse_and_zero_count():
     origins = forecast_origins([_run("A", 20)], 2, 4, 100)
     windows = origins.windows._replace(mask=torch.zeros_like(origins.windows.mask))

@@ -17,6 +17,7 @@ from training.fault_evaluation import (
     Scores,
     check_scoring_splits,
     detection,
+    diverged_rows,
     false_alarm_counts,
     fault_table,
     held_matrix,
@@ -210,3 +211,12 @@ def test_the_false_alarm_rate_is_not_scored_on_the_runs_that_set_the_limits():
     check_scoring_splits(config("val", fit_split=["train"]))  # in-sample limits: val unused
     with pytest.raises(ConfigError, match=r"normal_split: 'val'"):
         check_scoring_splits(config("val", ["train"], "split", ["val"]))
+
+
+def test_rows_from_a_filter_divergence_on_are_lost_to_the_end_of_the_run():
+    status = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 2, 0, 0]])
+    prediction = torch.ones(2, 5, 3)
+    prediction[0, 3, 1] = math.nan  # run 0: a non-finite prediction at step 3
+    lost = diverged_rows(status, prediction)
+    # their alarm state is stale from there: neither false alarms nor detections
+    assert lost.tolist() == [[False, False, False, True, True], [False, False, True, True, True]]
