@@ -14,6 +14,7 @@ from the checkpoint and registers a new version (docs/training.md, "Resuming a r
 import pickle
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,7 +127,7 @@ def run_train(cfg: DictConfig) -> float:
     if cfg.trainer.enable_checkpointing:
         callbacks.append(_last_checkpoint(output_dir))
     trainer = Trainer(
-        **instantiate(cfg.trainer, _convert_="all"),
+        **trainer_arguments(cfg.trainer),
         logger=False,
         callbacks=callbacks,
         default_root_dir=str(output_dir),
@@ -160,6 +161,21 @@ def run_train(cfg: DictConfig) -> float:
             f"{cfg.tracking.registered_model_name} version {version}"
         )
     return metric
+
+
+def trainer_arguments(trainer_cfg: DictConfig) -> dict:
+    """`lightning.Trainer` keyword arguments from configs/trainer/<name>.yaml. `trainer=gpu`
+    on a machine without a CUDA device falls back to the CPU with a warning (the GPU-only
+    options already apply on CUDA only), rather than stop in Lightning's accelerator check."""
+    arguments = instantiate(trainer_cfg, _convert_="all")
+    if arguments.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        warnings.warn(
+            f"trainer.accelerator={arguments['accelerator']}: no CUDA device here, training "
+            "on the CPU instead (the compiled steps and CUDA graphs apply on CUDA only)",
+            stacklevel=2,
+        )
+        arguments["accelerator"] = "cpu"
+    return arguments
 
 
 def check_validation_cadence(trainer_cfg: DictConfig) -> None:

@@ -377,3 +377,15 @@ def test_a_tag_recorded_in_another_unit_than_its_quantity_is_refused():
         check_tag_units(flowsheet, {**units, "FEED_API.MASSFLOW_SP": "g/min"})
     with pytest.raises(ConfigError, match=r"flowsheet.measurements.BLEND.SPEED: .* in 'rad/s'"):
         check_tag_units(flowsheet, {**units, "BLEND.SPEED": "rad/s"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no CUDA device is")
+def test_trainer_gpu_falls_back_to_the_cpu_with_a_warning_where_there_is_no_cuda():
+    from training.train import trainer_arguments
+
+    cfg = _compose("trainer=gpu").trainer
+    # Lightning stopped with "No supported gpu backend found!" before anything ran
+    with pytest.warns(UserWarning, match=r"trainer.accelerator=gpu: no CUDA device here, "
+                                         r"training on the CPU instead"):  # fmt: skip
+        arguments = trainer_arguments(cfg)
+    assert arguments["accelerator"] == "cpu" and arguments["devices"] == 1
