@@ -62,8 +62,9 @@ def split_runs(runs: pd.DataFrame, *, fractions: dict, seed: int) -> dict[str, s
         else:
             pool.append(run_id)
     n = len(pool)
-    n_val = math.floor(n * fractions["val"] + 0.5)
-    n_test = math.floor(n * fractions["test"] + 0.5)
+    # + 1e-9: n * 0.35 at n = 90 is 31.499999999999996 in floating point, a half all the same
+    n_val = math.floor(n * fractions["val"] + 0.5 + 1e-9)
+    n_test = math.floor(n * fractions["test"] + 0.5 + 1e-9)
     while n and n - n_val - n_test < 1:  # a dataset with runs always has one to train on
         if n_test:
             n_test -= 1
@@ -76,6 +77,13 @@ def split_runs(runs: pd.DataFrame, *, fractions: dict, seed: int) -> dict[str, s
     return split
 
 
+def _trained_rows(frame: pd.DataFrame, held: list[str]) -> pd.DataFrame:
+    """The rows training uses: from the first where every held tag has a value (none if no
+    row has them all)."""
+    complete = frame[held].notna().all(axis=1).to_numpy() if held else np.ones(len(frame), bool)
+    return frame.iloc[int(np.argmax(complete)) if complete.any() else len(frame):]
+
+
 def normalisation(
     segments: list[Segment],
     split: dict[str, str],
@@ -83,7 +91,9 @@ def normalisation(
     *,
     std_floor_fraction: float,
 ) -> tuple[dict, list[str]]:
-    """Mean and std of each tag's grid values over the train segments only.
+    """Mean and std of each tag's grid values over the train segments only, from each
+    segment's first row where every held tag (input, disturbance) has a value: training
+    starts there (training/dataset.py), and a segment where one never has is not trained on.
 
     The std (population, ddof=0) is floored at `std_floor_fraction` * (range_high -
     range_low), so a constant tag does not divide by zero when normalised; a tag with a
@@ -93,7 +103,8 @@ def normalisation(
         ({TAG: {"mean", "std"}}, warnings). A tag without any train value gets null mean
         and std and a warning.
     """
-    train = [s.frame for s in segments if split[s.run_id] == "train"]
+    train = [_trained_rows(s.frame, dictionary.held) for s in segments
+             if split[s.run_id] == "train"]  # fmt: skip
     stats, warnings = {}, []
     for name in dictionary.column_order:
         values = np.concatenate([f[name].to_numpy() for f in train]) if train else np.zeros(0)

@@ -150,7 +150,10 @@ def prepare_dataset(
     segments, align_warnings = align_runs(
         result.valid, result.runs, dictionary, dt_s=config.dt_s, max_gap_s=config.max_gap_s
     )
-    split = split_runs(result.runs, fractions=config.split, seed=int(config.split["seed"]))
+    # a run without a valid sample has no segment: it takes no place in the split (it could
+    # have taken train's only one)
+    with_data = result.runs[result.runs["run_id"].isin({seg.run_id for seg in segments})]
+    split = split_runs(with_data, fractions=config.split, seed=int(config.split["seed"]))
     stats, stat_warnings = normalisation(
         segments, split, dictionary, std_floor_fraction=config.std_floor_fraction
     )

@@ -153,3 +153,47 @@ def test_run_file_columns_and_types_follow_the_contract(
     assert str(frame["timestamp"].dtype) == "datetime64[ns, UTC]"
     assert frame["NIR.CONC__n"].dtype == np.int16 and frame["FEED.SP"].dtype == np.float64
     assert len(frame) == 121 and manifest["runs"]["R1"]["start"] == "2025-03-01T06:00:00.000+00:00"
+
+
+def test_halves_round_up_as_documented_despite_floating_point():
+    runs = pd.DataFrame({"run_id": [f"R{i:02d}" for i in range(90)], "kind": "normal",
+                         "regime": "interpolation"})  # fmt: skip
+    split = split_runs(runs, fractions={"train": 0.3, "val": 0.35, "test": 0.35}, seed=0)
+    sizes = {name: list(split.values()).count(name) for name in ("train", "val", "test")}
+    assert sizes == {"train": 26, "val": 32, "test": 32}  # 90 x 0.35 = 31.5: 32 (was 31)
+
+
+def test_a_run_without_a_valid_sample_takes_no_place_in_the_split(
+    six_run_export, tmp_path, small_tags, data_config, exports
+):
+    raw, frame, runs = six_run_export
+    frame = frame.copy()
+    in_r1 = (frame["timestamp"] >= runs[0]["start"]) & (frame["timestamp"] < runs[1]["start"])
+    frame.loc[in_r1, "quality"] = "Bad"
+    exports.write_export(tmp_path / "raw2", frame, runs)
+    manifest = _prepare(tmp_path / "raw2", tmp_path / "out", small_tags, data_config)
+    assert "R1" not in {entry["source_run"] for entry in manifest["runs"].values()}
+    # the others split as if R1 were not there (it could take train's only place)
+    others = exports.runs_table([r for r in runs if r["run_id"] != "R1"])
+    expected = split_runs(others, fractions={"train": 0.5, "val": 0.25, "test": 0.25}, seed=0)
+    assert {e["source_run"]: e["split"] for e in manifest["runs"].values()} == expected
+
+
+def test_normalisation_counts_the_rows_training_uses():
+    from data_pipelines.align import Segment
+    from data_pipelines.dataset import normalisation
+    from data_pipelines.tags import TagDictionary
+
+    tags = {"FEED.SP": {"role": "input", "unit": "kg/h", "sample_period_s": 1, "range": [0, 10]},
+            "NIR.CONC": {"role": "measurement", "unit": "%", "sample_period_s": 1,
+                         "range": [0, 100]}}  # fmt: skip
+    frame = pd.DataFrame({"FEED.SP": [np.nan, np.nan, 3.0, 3.0], "NIR.CONC": [90.0, 90, 10, 12]})
+    never = pd.DataFrame({"FEED.SP": [np.nan] * 2, "NIR.CONC": [50.0, 50.0]})
+    segments = [Segment("A", "A", "normal", "interpolation", 0, 0, frame),
+                Segment("B", "B", "normal", "interpolation", 0, 0, never)]  # fmt: skip
+    dictionary = TagDictionary.from_mapping(tags)
+    stats, _ = normalisation(segments, {"A": "train", "B": "train"}, dictionary,
+                             std_floor_fraction=1e-6)  # fmt: skip
+    # training starts where every held tag has a value, and skips B: rows 2-3 of A alone
+    assert stats["NIR.CONC"] == {"mean": 11.0, "std": 1.0}
+    assert stats["FEED.SP"] == {"mean": 3.0, "std": 1e-6 * 10}
