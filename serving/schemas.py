@@ -156,7 +156,9 @@ class TagSchemas:
         self.dt_s = float(metadata["dt_s"])
         units = metadata["units"]
         bound = limits.max_abs_value
-        value = Annotated[float, Field(allow_inf_nan=False, ge=-bound, le=bound)]
+        # strict: a JSON true/false or "511.7" is no measurement (lax mode made false a 0.0);
+        # a JSON integer is still a number, and null the only "not sampled"
+        value = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-bound, le=bound)]
         self.Inputs = _tag_model("Inputs", self.input_tags, units, value, required=True)
         self.Measurements = _tag_model("Measurements", self.measurement_tags, units, value,
                                        required=False)  # fmt: skip

@@ -62,7 +62,12 @@ def test_bad_observation_rows_name_the_field(server, session):
         ({"observations": [_with(row, "measurements", "NIR.API_CONCX", 1.0)]}, 422,
          ["body", "observations", 0, "measurements", "NIR.API_CONCX"], "extra_forbidden"),
         ({"observations": [_with(row, "inputs", "BLEND.SPEED_SP", "fast")]}, 422,
-         ["body", "observations", 0, "inputs", "BLEND.SPEED_SP"], "float_parsing"),
+         ["body", "observations", 0, "inputs", "BLEND.SPEED_SP"], "float_type"),
+        # a number in a string, or a boolean, is no value (false was taken as a 0.0 reading)
+        ({"observations": [_with(row, "inputs", "BLEND.SPEED_SP", "511.7")]}, 422,
+         ["body", "observations", 0, "inputs", "BLEND.SPEED_SP"], "float_type"),
+        ({"observations": [_with(row, "measurements", "NIR.API_CONC", False)]}, 422,
+         ["body", "observations", 0, "measurements", "NIR.API_CONC"], "float_type"),
         ({"observations": [_with(row, "inputs", "BLEND.SPEED_SP", 1e9)]}, 422,
          ["body", "observations", 0, "inputs", "BLEND.SPEED_SP"], "less_than_equal"),
         ({"observations": [{**row, "timestamp": "2025-03-01T06:00:00"}]}, 422,
@@ -232,10 +237,14 @@ def test_an_oversize_chunked_body_without_length_is_413(server, session):
 def test_bad_session_creation_names_the_field(server, runs):
     past = runs[2][:PAST]
     gapped = [past[0], *past[2:]]
+    # 7.4 s apart at dt_s 5 s: each row one step after the one before, rounded, but 37 s of
+    # plant time would run as 25 s; row 2 (14.8 s) is on grid point 3 from row 0
+    stretched = [_shifted(row, 2.4 * i) for i, row in enumerate(past)]
     cases = [
         ({"line_id": "LINE-1", "past": past[:1]}, 422, ["body", "past"]),
         ({"line_id": "line with spaces", "past": past}, 422, ["body", "line_id"]),
         ({"line_id": "LINE-1", "past": gapped}, 422, ["body", "past", 1, "timestamp"]),
+        ({"line_id": "LINE-1", "past": stretched}, 422, ["body", "past", 2, "timestamp"]),
         ({"line_id": "LINE-1", "past": past, "extra": 1}, 422, ["body", "extra"]),
         ({"past": past}, 422, ["body", "line_id"]),
     ]
