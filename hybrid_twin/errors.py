@@ -8,7 +8,8 @@ is what eager code raises after reading that status.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 
 class TwinError(Exception):
@@ -30,3 +31,37 @@ class SolverError(TwinError, RuntimeError):
 def unknown_key_message(what: str, key: str, valid: Iterable[str]) -> str:
     """Format "unknown <what> 'key'; valid: a, b, c" (torchdiffeq's invalid-method style)."""
     return f"unknown {what} {key!r}; valid: {', '.join(sorted(valid))}"
+
+
+def config_number(value: object, where: str, unit: str = "", allow_inf: bool = False) -> float:
+    """A number from a config or scenario file (a numeric string too, as YAML or a Hydra
+    override may give one); inf only with `allow_inf` (an open bound).
+
+    Raises:
+        ConfigError: anything else (`20 min`, `20%`, a list, true, nan), naming `where`.
+    """
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isnan(number) or (math.isinf(number) and not allow_inf):
+        unit = f" ({unit})" if unit else ""
+        raise ConfigError(f"{where}: expected a number{unit}, got {value!r}")
+    return number
+
+
+def config_range(
+    value: object, where: str, unit: str = "", allow_inf: bool = False
+) -> tuple[float, float]:
+    """[low, high] as two numbers (`config_number`; not checked for order: callers say what
+    they need).
+
+    Raises:
+        ConfigError: not a list of two numbers, naming `where`.
+    """
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence) or (
+        len(value) != 2
+    ):
+        raise ConfigError(f"{where}: expected [low, high], got {value!r}")
+    low, high = (config_number(v, where, unit, allow_inf) for v in value)
+    return low, high

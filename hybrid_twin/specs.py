@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybrid_twin.errors import ConfigError, unknown_key_message
+from hybrid_twin.errors import ConfigError, config_number, config_range, unknown_key_message
 
 # Transform codes stored in ParameterSet.kind (a buffer, so scripted code can read it).
 _IDENTITY, _LOWER, _UPPER, _INTERVAL = 0, 1, 2, 3
@@ -93,17 +93,6 @@ class ParamSpec:
             )
 
 
-def _number(value: object, where: str) -> float:
-    """A number from a config (inf allowed: an open bound), else a ConfigError naming it."""
-    try:
-        number = math.nan if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if math.isnan(number):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    return number
-
-
 def override_specs(
     specs: Sequence[ParamSpec], overrides: Mapping[str, object] | None, where: str
 ) -> tuple[ParamSpec, ...]:
@@ -138,14 +127,13 @@ def override_specs(
         spec = by_name[name]
         changes: dict[str, object] = {}
         if "value" in fields:
-            changes["default"] = _number(fields["value"], f"{where}.{name}.value")
+            changes["default"] = config_number(
+                fields["value"], f"{where}.{name}.value", allow_inf=True
+            )
         if "bounds" in fields:
-            bounds = fields["bounds"]
-            if isinstance(bounds, str | bytes) or not isinstance(bounds, Sequence) or (
-                len(bounds) != 2
-            ):
-                raise ConfigError(f"{where}.{name}.bounds: expected [low, high], got {bounds!r}")
-            changes["bounds"] = tuple(_number(b, f"{where}.{name}.bounds") for b in bounds)
+            changes["bounds"] = config_range(
+                fields["bounds"], f"{where}.{name}.bounds", allow_inf=True
+            )
         if "learnable" in fields:
             changes["learnable"] = bool(fields["learnable"])
         try:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from hybrid_twin import ConfigError
-from training.scenario_spec import LineSpec, config_number, config_range
+from hybrid_twin.errors import config_number, config_range
+from training.scenario_spec import LineSpec
 from training.scenario_twin import ScenarioTwin, input_factor
 
 THROUGHPUT = "throughput_kg_h"  # the decision variable that scales every feeder setpoint

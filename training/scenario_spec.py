@@ -9,13 +9,13 @@ and a per-row factor on each feeder's delivered flow (a feeder disturbance). Not
 imports torch; times are in seconds from the scenario's start (row 0 = t 0).
 """
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hybrid_twin import ConfigError
+from hybrid_twin.errors import config_number, config_range
 
 EVENT_KEYS = {
     "setpoint_step": {"type", "at_min", "tag", "value"},
@@ -294,36 +294,6 @@ def _parse_event(
     duration_min = config_number(raw["duration_min"], f"{where}.duration_min", "min")
     k1 = k0 + _rows(duration_min * 60.0, dt_s, f"{where}.duration_min")
     return Event(kind, (k0, min(k1, steps)), feeder=str(raw["feeder"]), value=size)
-
-
-def config_number(value: object, where: str, unit: str = "") -> float:
-    """A finite number from a config or scenario file (a numeric string too, as YAML or a
-    Hydra override may give one).
-
-    Raises:
-        ConfigError: anything else (`20 min`, `20%`, a list, true, nan), naming `where`.
-    """
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
-        unit = f" ({unit})" if unit else ""
-        raise ConfigError(f"{where}: expected a number{unit}, got {value!r}")
-    return number
-
-
-def config_range(value: object, where: str, unit: str = "") -> tuple[float, float]:
-    """[low, high] as two numbers (not checked for order: callers say what they need).
-
-    Raises:
-        ConfigError: not a list of two numbers, naming `where`.
-    """
-    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence) or (
-        len(value) != 2
-    ):
-        raise ConfigError(f"{where}: expected [low, high], got {value!r}")
-    return config_number(value[0], where, unit), config_number(value[1], where, unit)
 
 
 def _rows(seconds: float, dt_s: float, where: str, allow_zero: bool = False) -> int:

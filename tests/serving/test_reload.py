@@ -272,9 +272,17 @@ def test_the_service_follows_the_registry_alias(registry, twin_build, tmp_path, 
                                              first.tags[key] if key.endswith("file")
                                              else "0" * 64)  # fmt: skip
             client.set_registered_model_alias("cdc-line-twin", "production", broken.version)
-            time.sleep(2.0)  # four polls
-            failed = [x for x in http.get("/metrics").text.splitlines()
-                      if x.startswith("twin_model_reloads_total")]  # fmt: skip
+
+            def reload_counts() -> list[str]:
+                return [x for x in http.get("/metrics").text.splitlines()
+                        if x.startswith("twin_model_reloads_total")]  # fmt: skip
+
+            for _ in range(200):  # the first poll after the move refuses it
+                if reload_counts():
+                    break
+                time.sleep(0.1)
+            time.sleep(2.0)  # four more polls while the alias stays on it
+            failed = reload_counts()
             assert failed == ['twin_model_reloads_total{result="failed"} 1.0'], failed
             assert http.get("/v1/model").json()["version"] == str(first.version)
             # a newer export of the same run, registered as a new version, aliased production
