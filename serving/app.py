@@ -107,8 +107,10 @@ def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastA
         service.batcher.start()
         task = asyncio.get_running_loop().create_task(housekeeping(service))
         service.ready = True
-        log.info("serving twin %s from %s: format %s (%s), setting %s", twin.label, twin.source,
-                 twin.format, twin.file, settings.format)  # fmt: skip
+        served = service.store.current  # not `twin`: the closure would keep it past release()
+        log.info("serving twin %s from %s: format %s (%s), setting %s", served.label,
+                 served.source, served.format, served.file, settings.format)  # fmt: skip
+        del served
         try:
             yield
         finally:
@@ -117,6 +119,7 @@ def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastA
             await asyncio.gather(task, return_exceptions=True)
             await service.batcher.stop()
             service.forecast_executor.shutdown(wait=True)
+            service.store.release()
 
     meta = twin.metadata
     app = FastAPI(

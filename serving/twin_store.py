@@ -10,6 +10,7 @@ of that shape, and the request schemas state the units clients send.
 """
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 
@@ -102,6 +103,15 @@ class TwinStore:
             log.info("reloaded twin %s (%s) -> %s (%s) from %s", old.label, old.format,
                      new.label, new.format, uri)  # fmt: skip
             return new, True
+
+    def release(self) -> None:
+        """Drop the served twin at shutdown so its native code is freed while the process can
+        still free it: an AOTInductor twin's loader deletes its extraction folders
+        (`aotinductor_*`, ~3 MB each, in the temp folder) only when it is freed, and uvicorn
+        ends a SIGTERM-stopped service by re-raising the signal, which frees nothing."""
+        self.current = None
+        gc.unfreeze()  # serving/heap.py froze the twin's cycles out of collection
+        gc.collect()
 
     async def changed_upstream(self) -> bool:
         """Whether the configured model_uri now names something other than what is served:

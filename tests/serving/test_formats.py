@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
+import httpx
 import pytest
 import torch
 
@@ -285,3 +287,21 @@ def test_the_fast_aoti_call_answers_bit_for_bit_as_the_runner_itself(format_file
     got, expected = answers(fast), answers(runners)
     assert len(got) == len(expected) == 5 + 14 + 1
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_stopped_aoti_service_leaves_no_extraction_folders(twin_build, tmp_path, monkeypatch):
+    # AOTInductor extracts its native code to `aotinductor_*` folders in the temp folder and
+    # deletes them when its loader is freed; a SIGTERM-stopped uvicorn ends by the signal,
+    # which frees nothing, so every stop left ~8 MB behind until the lifespan released the twin
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # the server's environment is copied from ours
+    server = start_server(tmp_path / "serve", f"model_uri={twin_build.path}", "format=aoti")
+    try:
+        assert httpx.get(f"{server.url}/readyz", timeout=10).json()["format"] == "aoti"
+        extracted = sorted(p.name for p in temp.glob("aotinductor_*"))
+        assert extracted, "the running service extracted nothing: the test would prove nothing"
+    finally:
+        code = stop_server(server)
+    assert code == -signal.SIGTERM, server.log_tail()
+    assert sorted(p.name for p in temp.glob("aotinductor_*")) == [], server.log_tail()
