@@ -135,8 +135,13 @@ def load_from_registry(uri: str, tracking_uri: str | None, setting: str = "auto"
             raise TwinFileError(f"{what}: no {fmt} file was exported ({FILES_TAG}: "
                                 f"{sorted(ref.files)})")  # fmt: skip
         artifact, sha256 = ref.files[fmt]
-        twin = load_twin_file(fetch(artifact), source=uri, expected_sha256=sha256,
-                              version=ref.version, expected_format=fmt)  # fmt: skip
+        path = fetch(artifact)
+        try:
+            twin = load_twin_file(path, source=uri, expected_sha256=sha256,
+                                  version=ref.version, expected_format=fmt)  # fmt: skip
+        except TwinFileError as error:  # named as stored: the download is deleted on return
+            stored = f"runs:/{ref.run_id}/{artifact}"
+            raise TwinFileError(str(error).replace(str(path), stored)) from error
         return dataclasses.replace(twin, file=artifact)
 
     try:

@@ -36,7 +36,7 @@ from training.simulation_eval import (
     simulation_markdown,
     summarise,
 )
-from training.tracking import git_commit, run_model_uri, tracking_uri
+from training.tracking import git_commit, load_twin, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -267,21 +267,6 @@ def _training_runs(cfg: DictConfig, kind: str, manifest_sha256: str) -> list[Run
             f"this dataset in experiment {cfg.tracking.experiment_name!r}"
         )
     return runs
-
-
-def load_twin(run_id: str, model_uri: str | None = None) -> torch.jit.ScriptModule:
-    """The scripted TwinModel of a training run (its pyfunc model's artifact).
-
-    Args:
-        run_id: the training run.
-        model_uri: which of its models: a registered version's `models:/<name>/<version>`
-            (resolve_model); None = the newest model the run logged.
-    """
-    # mlflow.pyfunc warns on import (its own type hints): load it only when needed.
-    import mlflow.pyfunc
-
-    uri = run_model_uri(run_id) if model_uri is None else model_uri
-    return mlflow.pyfunc.load_model(uri).unwrap_python_model().twin
 
 
 def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:

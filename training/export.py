@@ -6,7 +6,7 @@ split -> `fit_monitor` on their innovations -> per format in `formats`: `torch.j
 (twin.pt), `torch.export` programs (twin.pt2) and their AOTInductor build (twin.aoti.pt2;
 training/export_formats.py) -> each read back from its bytes and checked against the eager
 module on held-out runs (refused beyond the tolerance), its update latency timed -> the files,
-each with `metadata.json` -> logged to the training run (`twin_export/`), the model version
+each with `metadata.json` -> logged to the training run (`twin_export/v<version>/`), the version
 tagged. `load_twin_file` reads the TorchScript file back with a clear error for a damaged file.
 """
 
@@ -40,8 +40,8 @@ from training.export_formats import (
     measure_latency,
     package,
 )
-from training.online_twin import UPDATE_OUTPUTS, OnlineTwin, placeholder_monitor
-from training.tracking import run_model_uri, tracking_uri
+from training.online_twin import STATE_FIELDS, UPDATE_OUTPUTS, OnlineTwin, placeholder_monitor
+from training.tracking import download_run_file, load_twin, run_model_uri, tracking_uri
 from training.twin_model import TwinModel, build_twin_model
 
 FORMAT_VERSION = 1
@@ -249,11 +249,7 @@ def load_eager_twin(
         model_uri: which of the run's models holds the weights (`resolve_model`); None = the
             newest model the run logged.
     """
-    import mlflow.pyfunc
-
-    model_uri = run_model_uri(run_id) if model_uri is None else model_uri
-    config = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path="config.yaml")).read_text())
+    config = yaml.safe_load(download_run_file(run_id, "config.yaml"))
     twin = build_twin_model(
         config["flowsheet"],
         config["model"],
@@ -264,7 +260,7 @@ def load_eager_twin(
         dataset.dt_s,
         config["initial_state"],
     )
-    scripted = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().twin
+    scripted = load_twin(run_id, model_uri)
     # Buffers the code builds from the config (e.g. `readout_columns`, added after some runs
     # were logged) may be absent from older files: they keep their rebuilt value. A missing
     # parameter or an unknown key means the code and the run disagree.
@@ -455,6 +451,10 @@ def max_scaled_difference(a: Tensor, b: Tensor, scale: Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
+# Integers and flags among the `update` outputs: equal, or the file is wrong.
+EXACT_OUTPUTS = ("run_length", "alarm", "status")
+
+
 class HeldOut(NamedTuple):
     """The held-out runs a twin file is verified on (`verification_data`)."""
 
@@ -506,11 +506,14 @@ def verify_twin(
     """forecast and `update_steps` update steps, the file's twin (`fmt`) vs eager, on held-out
     runs.
 
-    Differences are scaled per quantity: states by state_normaliser.std, tag values by the
-    train std, T^2 and contributions by 1 + |eager value|; alarms must agree exactly.
+    Every `update` output is compared. Differences are scaled per quantity: states by
+    state_normaliser.std (P by their products), tag values by the train std (variances by
+    its square), the rest (T^2 and its limit, contributions, EWMA and its statistic, held
+    inputs) by 1 + |eager value|; alarms, run lengths and solver statuses must be equal.
 
     Raises:
-        ExportMismatchError: a scaled difference above `tolerance` or an alarm that differs.
+        ExportMismatchError: a scaled difference above `tolerance`, or an alarm, run length
+            or status that differs.
     """
     split, u, y, y_std, past_steps = (held_out.split, held_out.u, held_out.y, held_out.y_std,
                                       held_out.past_steps)  # fmt: skip
@@ -523,16 +526,20 @@ def verify_twin(
     steps = int(verify_cfg.update_steps)
     a = run_filter(eager, u, y, past_steps, steps)
     b = run_filter(candidate, u, y, past_steps, steps)
-    x_a, x_b = torch.stack([s[0] for s in a]), torch.stack([s[0] for s in b])
-    diffs["x"] = max_scaled_difference(x_a, x_b, x_std)
-    for i, name in ((5, "prediction"), (6, "residual")):
-        diffs[name] = max_scaled_difference(torch.stack([s[i] for s in a[1:]]),
-                                  torch.stack([s[i] for s in b[1:]]), y_std)
-    for i, name in ((8, "t2"), (12, "contributions")):
-        ref = torch.stack([s[i] for s in a[1:]])
-        candidate_values = torch.stack([s[i] for s in b[1:]])
-        diffs[name] = max_scaled_difference(ref, candidate_values, 1.0 + ref.abs())
-    alarms = int(sum(int((sa[11] != sb[11]).sum()) for sa, sb in zip(a[1:], b[1:], strict=True)))
+    # Every output the service returns is compared, by its own scale; where none is natural,
+    # relative to 1 + |eager value|. The state fields include the initial state.
+    scales = {"x": x_std, "P": x_std[:, None] * x_std[None, :], "prediction": y_std,
+              "residual": y_std, "residual_var": y_std**2}  # fmt: skip
+    mismatches = {}
+    for i, name in enumerate(UPDATE_OUTPUTS):
+        first = 0 if i < len(STATE_FIELDS) else 1  # a[0], b[0]: the initial state alone
+        ref = torch.stack([s[i] for s in a[first:]])
+        values = torch.stack([s[i] for s in b[first:]])
+        if name in EXACT_OUTPUTS:
+            mismatches[name] = int((ref != values).sum())
+        else:
+            scale = scales.get(name, 1.0 + ref.abs().to(torch.float64))
+            diffs[name] = max_scaled_difference(ref, values, scale)
     result = {
         "format": fmt,
         "split": split,
@@ -542,15 +549,16 @@ def verify_twin(
         "tolerance": float(verify_cfg.tolerance),
         "max_diff": max(diffs.values()),
         "diffs": diffs,
-        "alarm_mismatches": alarms,
+        "alarm_mismatches": mismatches["alarm"],
+        "mismatches": mismatches,
     }
-    if not result["max_diff"] <= result["tolerance"] or alarms:
+    if not result["max_diff"] <= result["tolerance"] or any(mismatches.values()):
         worst = max(diffs, key=diffs.get)
         raise ExportMismatchError(
             f"export refused: the {fmt} twin differs from eager on {split} runs {result['runs']}: "
-            f"max scaled difference {result['max_diff']:.3g} ({worst}) > tolerance "
-            f"{result['tolerance']:g} by {result['max_diff'] - result['tolerance']:.3g}; "
-            f"{alarms} alarm mismatches; per quantity: {diffs}"
+            f"max scaled difference {result['max_diff']:.3g} ({worst}), tolerance "
+            f"{result['tolerance']:g}; values that must be equal, differing: {mismatches}; "
+            f"per quantity: {diffs}"
             + ("" if fmt == "torchscript" else f"; leave {fmt} out of `formats` to go without it")
         )
     return result
@@ -644,14 +652,19 @@ def load_twin_file(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
 def _log(
     run_id: str, version: str | None, name: str, paths: dict[str, Path], metadata: dict
 ) -> None:
-    """Every format's file as an artifact of the training run, and tags naming them on the run
+    """Every format's file as an artifact of the training run (under `twin_export/v<version>/`,
+    or `twin_export/` for a run exported without a version), and tags naming them on the run
     and the model version: `twin_export.file` / `.sha256` the TorchScript file,
     `twin_export.files` all of them (JSON {format: {file, sha256}})."""
     client = mlflow.MlflowClient()
+    # One folder per version: a resumed run registers several versions, and a later version's
+    # export under the same name would replace the files an earlier version's tags (and an
+    # alias on it: a rollback) name.
+    folder = ARTIFACT_DIR if version is None else f"{ARTIFACT_DIR}/v{version}"
     files = {}
     for fmt, path in paths.items():
-        client.log_artifact(run_id, str(path), ARTIFACT_DIR)
-        files[fmt] = {"file": f"{ARTIFACT_DIR}/{path.name}",
+        client.log_artifact(run_id, str(path), folder)
+        files[fmt] = {"file": f"{folder}/{path.name}",
                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
     digest = files["torchscript"]["sha256"]
     tags = {

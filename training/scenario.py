@@ -111,8 +111,8 @@ def load_scenario_twin(cfg: DictConfig, dataset: PreparedDataset | None) -> Scen
     """
     if cfg.twin.file:
         return twin_from_file(str(cfg.twin.file))
-    from training.evaluate import load_twin
     from training.export import check_trained_on, resolve_model
+    from training.tracking import load_twin
 
     run_id, version, model_uri = resolve_model(cfg.twin)
     run = mlflow.get_run(run_id)

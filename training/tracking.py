@@ -9,6 +9,7 @@ git commit as tags, so a number in the UI can be traced to the data and code tha
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -39,6 +40,36 @@ def run_model_uri(run_id: str) -> str:
     """`runs:/<run id>/model`: the newest model the run logged. A resumed run logs one per
     `twin train`, so a registered version's own weights are at `models:/<name>/<version>`."""
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+def load_twin(run_id: str, model_uri: str | None = None):
+    """The scripted TwinModel of a training run (its pyfunc model's artifact).
+
+    Downloaded into a folder removed on return: MLflow's own default is a new temporary
+    folder per call, never removed, holding the model's whole copy (runs:/ URIs even from a
+    local store), one per export, evaluation and scenario.
+
+    Args:
+        run_id: the training run.
+        model_uri: which of its models: a registered version's `models:/<name>/<version>`
+            (resolve_model); None = the newest model the run logged.
+
+    Returns:
+        The torch.jit.ScriptModule.
+    """
+    # mlflow.pyfunc warns on import (its own type hints): load it only when needed.
+    import mlflow.pyfunc
+
+    uri = run_model_uri(run_id) if model_uri is None else model_uri
+    with tempfile.TemporaryDirectory(prefix="twin_model_") as downloads:
+        return mlflow.pyfunc.load_model(uri, dst_path=downloads).unwrap_python_model().twin
+
+
+def download_run_file(run_id: str, artifact_path: str) -> str:
+    """The text of one of a run's artifacts (e.g. its `config.yaml`), no download kept."""
+    with tempfile.TemporaryDirectory(prefix="twin_artifact_") as downloads:
+        return Path(mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=downloads)).read_text()
 
 
 def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:

@@ -2,8 +2,10 @@
 
 train.py scripts the trained `TwinModel` (torch.jit.script), saves it as the artifact
 `twin.pt` and logs `TwinPyfunc` around it with a tensor signature and an input example.
-`mlflow.pyfunc.load_model("models:/cdc-line-twin/<version>")` then needs torch and this
-module only. Inputs and outputs are in the tags' engineering units (`TwinModel.forecast`):
+`mlflow.pyfunc.load_model("models:/cdc-line-twin/<version>")` then needs torch, numpy and
+mlflow only: `TwinPyfunc` is stored by value, not as a reference to this project's module, and
+the model's requirements name those three (and cloudpickle). Inputs and outputs are in the
+tags' engineering units (`TwinModel.forecast`):
 
     {"past_u": (batch, P, n_u), "past_y": (batch, P, n_y) NaN = not sampled,
      "u": (batch, T, n_u)}  ->  (batch, T, n_y) predicted measurements
@@ -12,9 +14,13 @@ with the column orders of the dataset manifest (inputs then disturbances; measur
 recorded in the model's metadata as `input_tags` and `measurement_tags`.
 """
 
+import importlib.metadata
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import cloudpickle
 import mlflow
 import numpy as np
 import torch
@@ -22,10 +28,14 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from training.tracking import MODEL_ARTIFACT
-from training.twin_model import TwinModel
+
+if TYPE_CHECKING:
+    from training.twin_model import TwinModel
 
 ARTIFACT_KEY = "twin"
 INPUT_NAMES = ("past_u", "past_y", "u")
+# What loading the logged model imports (MLflow's requirements file).
+REQUIREMENTS = ("mlflow", "torch", "numpy", "cloudpickle")
 
 
 class TwinPyfunc(mlflow.pyfunc.PythonModel):
@@ -75,7 +85,7 @@ def signature(n_u: int, n_y: int) -> ModelSignature:
 
 
 def log_twin(
-    model: TwinModel,
+    model: "TwinModel",
     example: Mapping[str, np.ndarray],
     tags: Mapping[str, Sequence[str]],
     registered_model_name: str,
@@ -96,12 +106,26 @@ def log_twin(
     scripted = torch.jit.script(model.to("cpu").eval())
     path = Path(workdir) / "twin.pt"
     scripted.save(str(path))
-    return mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT,
-        python_model=TwinPyfunc(),
-        artifacts={ARTIFACT_KEY: str(path)},
-        signature=signature(len(tags["input_tags"]), len(tags["measurement_tags"])),
-        input_example=dict(example),
-        metadata={key: list(value) for key, value in tags.items()},
-        registered_model_name=registered_model_name,
-    )
+    # By value: pickled by reference, loading would import this project (not on any index,
+    # yet inferred as a requirement) for a class that needs torch, numpy and mlflow alone.
+    this_module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(this_module)
+    try:
+        return mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=TwinPyfunc(),
+            artifacts={ARTIFACT_KEY: str(path)},
+            signature=signature(len(tags["input_tags"]), len(tags["measurement_tags"])),
+            input_example=dict(example),
+            metadata={key: list(value) for key, value in tags.items()},
+            registered_model_name=registered_model_name,
+            pip_requirements=[f"{name}=={_release(name)}" for name in REQUIREMENTS],
+        )
+    finally:
+        cloudpickle.unregister_pickle_by_value(this_module)
+
+
+def _release(distribution: str) -> str:
+    """The installed version without its local label (torch's `+cpu` / `+cu126` names a
+    build, not a release an index serves)."""
+    return importlib.metadata.version(distribution).split("+")[0]

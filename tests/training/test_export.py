@@ -5,6 +5,7 @@ OnlineTwin rebuilt from the same run."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,14 +137,14 @@ def test_metadata_round_trips_through_the_file_and_mlflow(exported, export_datas
     versions = client.search_model_versions("name='cdc-line-twin'")
     (version,) = [v for v in versions if str(v.version) == metadata["registered_version"]]
     assert metadata["training_run_id"] == version.run_id
-    assert version.tags["twin_export.file"] == "twin_export/twin.pt"
-    logged = {a.path for a in client.list_artifacts(version.run_id, "twin_export")}
-    # (a service test may log a newer file to the same run of the shared store)
-    assert {"twin_export/twin.pt", "twin_export/twin.pt2", "twin_export/twin.aoti.pt2"} <= logged
+    folder = f"twin_export/v{version.version}"  # one per version: a later one keeps it whole
+    assert version.tags["twin_export.file"] == f"{folder}/twin.pt"
+    logged = {a.path for a in client.list_artifacts(version.run_id, folder)}
+    assert logged == {f"{folder}/twin.pt", f"{folder}/twin.pt2", f"{folder}/twin.aoti.pt2"}
     files = json.loads(version.tags["twin_export.files"])
     assert {fmt: f["file"] for fmt, f in files.items()} == {
-        "torchscript": "twin_export/twin.pt", "export": "twin_export/twin.pt2",
-        "aoti": "twin_export/twin.aoti.pt2"}  # fmt: skip
+        "torchscript": f"{folder}/twin.pt", "export": f"{folder}/twin.pt2",
+        "aoti": f"{folder}/twin.aoti.pt2"}  # fmt: skip
     assert metadata["format"] == "torchscript"
     assert metadata["files"] == {"torchscript": "twin.pt", "export": "twin.pt2",
                                  "aoti": "twin.aoti.pt2"}  # fmt: skip
@@ -356,3 +357,122 @@ def test_pt2_programs_take_the_smallest_windows_and_one_line(exported, eager):
             torch.testing.assert_close(got, expected, rtol=0, atol=SCRIPTED_VS_EAGER)
             for value, value_eager in zip(state, state_eager, strict=True):
                 torch.testing.assert_close(value, value_eager, rtol=0, atol=SCRIPTED_VS_EAGER)
+
+
+class _OneOutputOff:
+    """The scripted twin with one `update` output moved (fed back when it is a state field)."""
+
+    def __init__(self, scripted, index: int) -> None:
+        self.scripted, self.index = scripted, index
+
+    def forecast(self, *args):
+        return self.scripted.forecast(*args)
+
+    def initial_state(self, *args):
+        return self.scripted.initial_state(*args)
+
+    def update(self, *args):
+        out = list(self.scripted.update(*args))
+        value = out[self.index]
+        if value.dtype == torch.bool:
+            out[self.index] = ~value
+        elif not value.is_floating_point():
+            out[self.index] = value + 1
+        else:  # 1e-3 of the value, at least 1e-3: far above the 1e-6 tolerance on any scale
+            out[self.index] = value + 1e-3 * value.abs().clamp_min(1.0)
+        return tuple(out)
+
+
+def test_verification_compares_every_output_the_service_returns(eager):
+    # residual_var, t2_limit, ewma_stat, P, u_held, ewma, run_length and status were not
+    # compared: a file serving residual_var x3 and status 7 passed with max_diff 0.0
+    from omegaconf import OmegaConf
+
+    from training.export import ExportMismatchError, verification_data, verify_twin
+    from training.online_twin import UPDATE_OUTPUTS
+
+    online, scripted, _, dataset = eager
+    verify = OmegaConf.create({"split": "test", "max_runs": 1, "update_steps": 12,
+                               "forecast_steps": 12, "tolerance": SCRIPTED_VS_EAGER})  # fmt: skip
+    held_out = verification_data(dataset, verify, PAST_STEPS, torch.float64)
+    passed = verify_twin(online, scripted, held_out, verify, torch.float64)
+    exact = {"alarm", "run_length", "status"}
+    assert set(passed["diffs"]) == {"forecast", *(set(UPDATE_OUTPUTS) - exact)}
+    assert passed["mismatches"] == dict.fromkeys(sorted(exact, key=UPDATE_OUTPUTS.index), 0)
+    for index, name in enumerate(UPDATE_OUTPUTS):
+        with pytest.raises(ExportMismatchError) as refused:
+            verify_twin(online, _OneOutputOff(scripted, index), held_out, verify, torch.float64)
+        # its own entry is off (a state field fed back moves the others too, even more)
+        entry = re.search(rf"'{name}': ([^,}}]+)", str(refused.value)).group(1)
+        assert float(entry) > SCRIPTED_VS_EAGER, (name, str(refused.value))
+
+
+def test_two_versions_of_one_run_keep_their_own_exported_files(exported, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    # A resumed run registers a version per `twin train`; each export was logged as
+    # twin_export/twin.pt, so exporting version 2 replaced the file version 1 (and an alias
+    # on it, a rollback) names: version 1 then failed its digest check
+    import mlflow
+
+    from serving.registry import load_from_registry
+    from serving.twin_file import TwinFileError
+    from training.export import _log
+
+    _, _, out, _ = exported
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    # _log uses the process's tracking URI; set as set_tracking_uri would, restored after
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    client.create_registered_model("cdc-line-twin")
+    files = {}
+    for version, label in (("1", "first"), ("2", "second")):
+        client.create_model_version("cdc-line-twin", f"runs:/{run_id}/model", run_id)
+        scripted = torch.jit.load(str(out))  # the same twin, its metadata telling them apart
+        files[version] = tmp_path / version / "twin.pt"
+        files[version].parent.mkdir()
+        torch.jit.save(scripted, str(files[version]),
+                       _extra_files={"metadata.json": json.dumps({**json.loads(
+                           _metadata_text(out)), "label": label})})  # fmt: skip
+        _log(run_id, version, "cdc-line-twin", {"torchscript": files[version]},
+             {"verification": {"max_diff": 0.0}})  # fmt: skip
+    for version, label in (("1", "first"), ("2", "second")):
+        twin = load_from_registry(f"models:/cdc-line-twin/{version}", uri, "torchscript")
+        assert twin.metadata["label"] == label
+        assert twin.file == f"twin_export/v{version}/twin.pt"
+    # a stored file that is not the one exported is named as stored, not as its deleted
+    # temporary download
+    client.set_model_version_tag("cdc-line-twin", "1", "twin_export.files", json.dumps(
+        {"torchscript": {"file": "twin_export/v2/twin.pt", "sha256": "0" * 64}}))
+    with pytest.raises(TwinFileError, match=rf"twin file runs:/{run_id}/twin_export/v2/twin.pt: "
+                                            "sha256 [0-9a-f]+ differs from the registry's 0+ "):
+        load_from_registry("models:/cdc-line-twin/1", uri, "torchscript")
+
+
+def _metadata_text(path) -> str:
+    extra = {"metadata.json": ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    return extra["metadata.json"]
+
+
+def test_loading_a_runs_twin_leaves_nothing_in_the_temp_folder(exported, tmp_path, monkeypatch):
+    # MLflow downloads into a new temporary folder unless told where: each export,
+    # evaluation and scenario left the run's config.yaml and a whole copy of its model there
+    import tempfile
+
+    import mlflow
+
+    from training.export import load_twin_file
+    from training.tracking import download_run_file, load_twin
+
+    _, uri, out, _ = exported
+    run_id = load_twin_file(out)[1]["training_run_id"]
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert "flowsheet" in download_run_file(run_id, "config.yaml")
+    twin = load_twin(run_id)  # runs:/<run>/model: the newest model the run logged
+    assert isinstance(twin, torch.jit.ScriptModule)
+    assert list(temp.iterdir()) == []

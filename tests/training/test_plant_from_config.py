@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from hybrid_twin import ConfigError
 from tests.training.twin_cli import run_twin
 from training.config_dir import SHIPPED_CONFIG_DIR
-from training.evaluate import load_twin
+from training.tracking import load_twin
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
 ROOT = Path(__file__).resolve().parents[2]

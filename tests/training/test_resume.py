@@ -220,9 +220,9 @@ def test_a_version_of_a_resumed_run_loads_its_own_weights_not_the_runs_newest(re
     import mlflow.pyfunc
     from omegaconf import OmegaConf
 
-    from training.evaluate import load_twin
     from training.export import load_eager_twin, open_model_on_data, resolve_model
     from training.scenario import load_scenario_twin
+    from training.tracking import load_twin
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", resumed.uri)
     mlflow.set_tracking_uri(resumed.uri)

@@ -149,6 +149,36 @@ def test_logged_twin_loads_back_from_the_registry_with_the_in_memory_predictions
     assert expected.shape == (2, 12, len(dm.measurement_tags))
     np.testing.assert_allclose(loaded.predict(example), expected.numpy(), rtol=1e-6, atol=1e-6)
     assert loaded.metadata.metadata["measurement_tags"] == dm.measurement_tags
+    # A consumer without this project loads and runs it (the class was stored by reference:
+    # No module named 'training'), and its requirements name no package of ours
+    np.savez(tmp_path / "example.npz", **example)
+    result = subprocess.run([sys.executable, "-c", WITHOUT_PROJECT, uri, str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "predicted.npy"), expected.numpy(),
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    requirements = Path(mlflow.artifacts.download_artifacts(
+        "models:/cdc-line-twin/1/requirements.txt", dst_path=str(tmp_path / "req")))
+    names = {line.split("==")[0] for line in requirements.read_text().split()}
+    assert names == {"mlflow", "torch", "numpy", "cloudpickle"}, requirements.read_text()
+
+
+# The project's packages cannot be imported here, as on a machine with torch and mlflow alone.
+WITHOUT_PROJECT = r"""
+import importlib.abc, sys, warnings
+import numpy as np
+class NoProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("training", "hybrid_twin", "data_pipelines", "serving", "tests"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, NoProject())
+warnings.filterwarnings("ignore")
+import mlflow, mlflow.pyfunc
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/cdc-line-twin/1")
+example = dict(np.load(sys.argv[2] + "/example.npz"))
+np.save(sys.argv[2] + "/predicted.npy", model.predict(example))
+"""
 
 
 def _single_run(uri: str):
