@@ -143,7 +143,7 @@ class HybridVectorField(nn.Module):
     - black_box: s * g(z), z = normalised (x, u); the flowsheet only names the states.
     - hybrid, additive: f_mech + s * g(z), s = bound * state_std / time_scale_s per state.
     - hybrid, closure: f_mech(x, u; theta'), theta'_j = theta_j exp(c_j g_j(z)) for the
-      named parameters, |c_j| = closure_log_bound.
+      named parameters, |c_j| = closure_log_bound, clamped into theta_j's bounds.
 
     Args:
         flowsheet: the mechanistic line.
@@ -176,6 +176,12 @@ class HybridVectorField(nn.Module):
         self.n_closure = len(config.closure)
         closure = [flowsheet.param_names.index(name) for name in config.closure]
         self.register_buffer("closure_index", torch.tensor(closure, dtype=torch.long))
+        # A corrected value stays inside its parameter's bounds: exp(+-c) alone took a time
+        # constant learned near its 2 s floor to 1.2 s, where one 5 s RK4 step diverges.
+        bounds = [flowsheet.param_specs[i].bounds for i in closure]
+        dtype = torch.get_default_dtype()
+        self.register_buffer("closure_low", torch.tensor([b[0] for b in bounds], dtype=dtype))
+        self.register_buffer("closure_high", torch.tensor([b[1] for b in bounds], dtype=dtype))
         self.closure_log_bound = float(config.residual.closure_log_bound)
         self.state_normaliser, self.input_normaliser = default_normalisers(flowsheet)
         self.register_buffer("derivative_scale", torch.zeros(self.n_states))
@@ -253,8 +259,10 @@ class HybridVectorField(nn.Module):
         if self.kind == "black_box":
             return g * self.derivative_scale
         if self.n_closure > 0:
-            corrected = theta.index_select(1, self.closure_index) * torch.exp(
-                g * self.closure_log_bound
+            corrected = torch.clamp(
+                theta.index_select(1, self.closure_index) * torch.exp(g * self.closure_log_bound),
+                self.closure_low,
+                self.closure_high,
             )
             theta = theta.expand(x.shape[0], -1).index_copy(1, self.closure_index, corrected)
             return self.flowsheet.rhs(x, u, theta)

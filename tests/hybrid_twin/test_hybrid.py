@@ -14,6 +14,8 @@ from hybrid_twin import (
     ObservationModel,
     ResidualNet,
     ShapeError,
+    build_flowsheet,
+    cdc_line_flowsheet_spec,
 )
 
 
@@ -69,6 +71,29 @@ def test_closure_form_corrects_only_the_named_parameters_within_bounds(
         field(x, u), cdc_flowsheet.rhs(x, u, theta), rtol=tol("algebra"), atol=tol("algebra")
     )
     assert float(factor.max()) < 1.6488 and float(factor.min()) > 1 / 1.6488  # exp(+-0.5)
+
+
+@pytest.mark.parametrize("name", ["feeder_api.response_tau_s", "blender.drive_tau_s",
+                                  "press.weight_tau_s"])  # fmt: skip
+def test_a_closure_correction_keeps_a_time_constant_inside_its_bounds(name, float64, rng):
+    # exp(-0.5) took a time constant learned at 2.2 s (its floor: 2 s) to 1.33 s, where one
+    # 5 s RK4 step diverges: the state reached 1e22 within 40 steps of a setpoint step
+    spec = cdc_line_flowsheet_spec()
+    unit, param = name.split(".")
+    spec["units"][unit].setdefault("params", {})[param] = 2.2
+    flowsheet = build_flowsheet(spec)
+    field = HybridVectorField(flowsheet, {"kind": "hybrid", "closure": [name]}, generator=rng)
+    with torch.no_grad():
+        field.net.layers[-1].bias.fill_(-5.0)  # saturated: g = tanh(-5), theta' -> theta e^-0.5
+    u0 = flowsheet.nominal_inputs()
+    x0 = flowsheet.steady_state(u0, flowsheet.theta()).detach()
+    low = flowsheet.param_specs[flowsheet.param_names.index(name)].bounds[0]
+    assert field.closure_low.tolist() == [low] == [2.0]
+    u = (u0 * 1.3).unsqueeze(1).repeat(1, 40, 1)  # every setpoint 30 % up
+    with torch.no_grad():
+        states = RK4(field)(x0, u, 5.0).states
+    assert bool(torch.isfinite(states).all())
+    assert float(states.abs().max()) < 10 * float(x0.abs().max() + 1.0)
 
 
 def test_mechanistic_kind_trains_theta_only_and_black_box_has_a_network(cdc_flowsheet, rng):
