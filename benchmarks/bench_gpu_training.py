@@ -36,6 +36,9 @@ Per (batch, method): warm-up calls (1: the compile and capture; 2 for TorchScrip
 runs), then --repeats timed calls (one where a call takes > 10 s), each synchronised; the
 median is reported, with the peak GPU memory and the loss's and gradients' largest relative
 difference from the reference (from torchdiffeq where the reference ran out of memory).
+Peak memory (`peak_gib`) is the method's own: the peak above what was allocated when it
+started (`resident_gib`: inputs, parameters, the reference's gradients and whatever earlier
+methods left; before 2026-12-06 the peaks included that).
 Out-of-memory and other errors are recorded, not fatal. `--profile N`: at the largest batch,
 one more call per method under torch.profiler, its N operators/kernels with the most self
 device time. `--fused-config`: the fused kernels' rows per block and warps.
@@ -230,8 +233,13 @@ def run_rollout(args) -> list[dict]:
             if batch != min(args.batches) and name in SMALL_BATCH_ONLY:
                 continue
             row = {"batch": batch, "steps": args.steps, "method": name}
+            # Free the previous method's loss and gradients so its memory is not this one's.
+            loss = grads = None
+            field.zero_grad(set_to_none=True)
             sync(device)
+            resident = 0
             if device.type == "cuda":
+                resident = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             fn = None
             launches = fused_mlp.launches
@@ -258,9 +266,12 @@ def run_rollout(args) -> list[dict]:
                     fused_launches=fused_mlp.launches - launches,
                     median_ms=1e3 * statistics.median(times),
                     min_ms=1e3 * min(times),
-                    peak_gib=torch.cuda.max_memory_allocated() / 2**30
+                    # The method's own peak: above what was allocated before it (inputs,
+                    # parameters, the reference's gradients, anything earlier methods left).
+                    peak_gib=(torch.cuda.max_memory_allocated() - resident) / 2**30
                     if device.type == "cuda"
                     else None,
+                    resident_gib=resident / 2**30 if device.type == "cuda" else None,
                     loss=float(loss),
                 )
                 if truth is not None:  # the reference, or torchdiffeq where it did not fit

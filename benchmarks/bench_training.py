@@ -24,8 +24,13 @@ minutes; interleaving spreads the drift over all kinds alike). Reported: the med
 as windows/s = batch / median, and the spread as the windows/s of the slowest and fastest
 step. CPU rows run with torch.set_num_threads(threads); the CUDA rows (when
 torch.cuda.is_available() and not --no-cuda) synchronise before and after each step, once
-through CUDA graphs (`lit.cuda_graphs`, what `twin train trainer=gpu` does; the capture is in
-the warm-up steps) and once eagerly.
+through CUDA graphs (`lit.cuda_graphs`, with the config's compiled steps: what `twin train
+trainer=gpu` does; the capture is in the warm-up steps) and once eagerly (`lit.cuda_graphs`
+false and `solver.torch_compile=false`).
+
+Stage: the optimiser is built with every parameter (as `configure_optimizers` does in
+training), then the hybrid is set to the stage after its `lit.theta_only_epochs` theta-only
+epochs (network trained too), the stage most of a run's epochs train in.
 """
 
 import argparse
@@ -49,14 +54,15 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ["hybrid", "mechanistic", "black_box"]
 
 
-def compose_train(kind: str, dataset: Path, batch: int, seed: int):
-    """configs/train.yaml for one kind, as `twin train model=<kind>` composes it."""
+def compose_train(kind: str, dataset: Path, batch: int, seed: int, extra: tuple[str, ...] = ()):
+    """configs/train.yaml for one kind, as `twin train model=<kind> <extra>` composes it."""
     overrides = [
         f"model={kind}",
         f"datamodule.path={dataset}",
         f"datamodule.batch_size={batch}",
         "datamodule.num_workers=0",
         f"seed={seed}",
+        *extra,
     ]
     with initialize_config_dir(str(SHIPPED_CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
@@ -67,8 +73,10 @@ class Step:
 
     def __init__(self, lit: TwinLitModule, clip: float | None, device: torch.device) -> None:
         self.lit = lit.to(device)
-        lit.set_stage(0)
+        # As training does: the optimiser first (it takes every parameter then requiring
+        # grad), then the stage after the theta-only warm-up epochs, which most epochs run.
         self.optimizer = lit.configure_optimizers()
+        lit.set_stage(lit.theta_only_epochs)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.clip = clip
 
@@ -125,8 +133,10 @@ def run_block(
     if threads is not None:
         torch.set_num_threads(threads)
     steps, batches = {}, None
+    # CUDA eager rows: no compiled steps either (solver.torch_compile defaults to cuda).
+    extra = ("solver.torch_compile=false",) if device.type == "cuda" and not cuda_graphs else ()
     for kind in args.kinds:
-        cfg = compose_train(kind, args.dataset, batch, args.seed)
+        cfg = compose_train(kind, args.dataset, batch, args.seed, extra)
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         torch.manual_seed(args.seed)
         datamodule, _, lit = build_training(cfg, config)

@@ -5,6 +5,8 @@ One command reproduces benchmarks/cascaded_tanks.md (`make tanks` runs it):
     .venv/bin/python benchmarks/cascaded_tanks.py                # 3 kinds x seeds 0,1,2
     .venv/bin/python benchmarks/cascaded_tanks.py --seeds 0 1 2 3 4
     .venv/bin/python benchmarks/cascaded_tanks.py --kinds hybrid --seeds 0   # one kind, one seed
+    .venv/bin/python benchmarks/cascaded_tanks.py --kinds hybrid --seeds 0 1 2 \
+        --override lit.lr_schedule=cosine --override optimizer.lr=3e-3   # `twin train` overrides
 
 It drives the same `twin` stages as the built-in line, with the Cascaded Tanks configs:
 the benchmark CSV is written as a historian export (data_pipelines/cascaded_tanks.py),
@@ -31,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "benchmarks" / "data" / "cascaded_tanks" / "dataBenchmark.csv"
 RAW, PREPARED = Path("data/cascaded_tanks/raw"), Path("data/cascaded_tanks/prepared")
 KINDS = ("hybrid", "mechanistic", "black_box")
+SEEDS = (0, 1, 2)
+COMMAND = ".venv/bin/python benchmarks/cascaded_tanks.py"  # what `make tanks` runs
 EXPERIMENT = "cascaded-tanks"
 # Simulation RMSE on the validation record, volts, as written in the data set's README
 # (benchmarks/data/cascaded_tanks/README.md, a copy of the shared data set's README).
@@ -100,13 +104,29 @@ EXPLORATION_NOTE = (
 )
 
 
-def write_page(summary: pd.DataFrame, table: pd.DataFrame, seeds, overrides, seconds) -> Path:
-    """benchmarks/cascaded_tanks.md: our kinds (mean ± std over seeds) beside the published."""
+def reproduce_command(args: argparse.Namespace) -> str:
+    """This script's command line with the options that differ from the defaults."""
+    words = [COMMAND]
+    if tuple(args.kinds) != KINDS:
+        words.append(f"--kinds {' '.join(args.kinds)}")
+    if tuple(args.seeds) != SEEDS:
+        words.append(f"--seeds {' '.join(map(str, args.seeds))}")
+    if args.csv != CSV:
+        words.append(f"--csv {args.csv}")
+    words += [f"--override {override}" for override in args.override]
+    return " ".join(words)
+
+
+def write_page(summary: pd.DataFrame, table: pd.DataFrame, command: str, seconds) -> Path:
+    """benchmarks/cascaded_tanks.md: our kinds (mean ± std over seeds) beside the published.
+
+    `command`: the script's command line (reproduce_command); `make tanks` runs the bare one.
+    """
+    reproduce = f"`make tanks` (= `{command}`)" if command == COMMAND else f"`{command}`"
     lines = [
         "# Cascaded Tanks: simulation RMSE on the validation record",
         "",
-        f"Reproduce: `make tanks` (= `.venv/bin/python benchmarks/cascaded_tanks.py "
-        f"--seeds {' '.join(map(str, seeds))}`{' ' + ' '.join(overrides) if overrides else ''}).",
+        f"Reproduce: {reproduce}.",
         f"Run {datetime.now(timezone.utc):%Y-%m-%d} on {os.cpu_count()} CPU cores "
         f"(shared), one torch thread per training; wall time of the whole command "
         f"{seconds / 60:.1f} min.",
@@ -160,10 +180,18 @@ def write_page(summary: pd.DataFrame, table: pd.DataFrame, seeds, overrides, sec
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--csv", type=Path, default=CSV)
-    parser.add_argument("overrides", nargs="*", help="extra `twin train` overrides")
+    # An option, not positionals: after --seeds/--kinds (nargs "+") argparse would read
+    # positional overrides as more seeds or kinds.
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra `twin train` override; repeat for more",
+    )
     parser.add_argument(
         "--page-from",
         type=Path,
@@ -188,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             f"seed={','.join(map(str, args.seeds))}",
             "num_threads=1",
             "trainer.enable_progress_bar=false",
-            *args.overrides,
+            *args.override,
         )
     )
     out = run(
@@ -213,7 +241,7 @@ def write_results(folder: Path, args: argparse.Namespace, seconds: float) -> Pat
     shutil.copyfile(folder / "simulation_validation.png", plot)
     summary = pd.read_csv(folder / "simulation_summary.csv")
     table = pd.read_csv(folder / "simulation.csv")
-    return write_page(summary, table, args.seeds, args.overrides, seconds)
+    return write_page(summary, table, reproduce_command(args), seconds)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ else
     # name:variant:time limit (s)
     for run in ${FITS:-eager:eager:240 fast_cold:fast:150 fast_warm:fast:90 graphs:graphs:90}; do
         set -- ${run//:/ }
+        # A cold fit starts from an empty cache (a second call on a warm machine would not).
+        case $1 in *_cold) rm -rf /tmp/fit_cache ;; esac
         TORCHINDUCTOR_CACHE_DIR=/tmp/fit_cache/inductor TRITON_CACHE_DIR=/tmp/fit_cache/triton \
             timeout $3 $bench fit --epochs ${EPOCHS:-8} --variants $2 \
             --json "$OUT/fit_$1.json" > "/tmp/fit_$1.log" 2>&1
