@@ -6,6 +6,8 @@ subclass builtins, as STYLE.md asks, so `except ValueError` still catches them. 
 never imports hybrid_twin, so this family stands on its own rather than under TwinError.
 """
 
+import math
+
 
 class DataPipelineError(Exception):
     """Base of every error raised on purpose by data_pipelines."""
@@ -31,3 +33,19 @@ class RowAccountingError(DataPipelineError, RuntimeError):
     This is a bug of ours, never of the input; it is raised instead of asserted so that it
     also fires under `python -O`.
     """
+
+
+def config_number(value: object, where: str) -> float:
+    """A number from a data config or the tag dictionary (a numeric string too, as YAML or a
+    Hydra override may give one).
+
+    Raises:
+        ConfigError: anything else (`1 s`, `70%`, null, a list, true, NaN), naming `where`.
+    """
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isnan(number):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return number

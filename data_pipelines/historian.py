@@ -93,10 +93,16 @@ def read_historian(
     table = _read_table(path)
     name = path.name
     names = table.column_names
+    if len(names) > 1 and not names[-1].strip() and table.column(-1).null_count == len(table):
+        # a comma ending every line: a nameless empty last column, not a tag (beside an
+        # unnamed timestamp column it also made the names look duplicated)
+        table = table.remove_column(len(names) - 1)
+        names = table.column_names
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise DataValidationError(f"{name}: duplicate column names {dupes}")
     ts_col = _timestamp_column(names, name)
+    table, row_numbers = _without_blank_rows(table)
     if table.num_rows == 0:
         raise DataValidationError(f"{name}: no data rows below the header")
     parsed = parse_timestamps(
@@ -108,11 +114,11 @@ def read_historian(
     )
     lower = {n.strip().lower(): n for n in names}  # " tag" after a comma-space separator
     if "tag" in lower and "value" in lower:
-        return _long_table(table, parsed, lower, name)
+        return _long_table(table, parsed, lower, name, row_numbers)
     if "tag" in lower:  # a long export that lost its value column, not a tag called "tag"
         raise DataValidationError(f"{name}: a `tag` column but no `value` column; found {names}")
     columns = [(position, n) for position, n in enumerate(names, start=1) if n != ts_col]
-    return _wide_table(table, parsed, columns, name)
+    return _wide_table(table, parsed, columns, name, row_numbers)
 
 
 def read_tag_dictionary_units(path: Path) -> list[UnitClaim]:
@@ -161,7 +167,10 @@ def _read_table(path: Path) -> pa.Table:
         options = pcsv.ConvertOptions(
             column_types=types, strings_can_be_null=True, null_values=[""]
         )
-        return pcsv.read_csv(path, convert_options=options)
+        # A blank line stays a row (of empty cells, rejected as such): skipped, it would shift
+        # the `row` of every later reject off the file's line (line = row + 1)
+        parse = pcsv.ParseOptions(ignore_empty_lines=False)
+        return pcsv.read_csv(path, parse_options=parse, convert_options=options)
     except (OSError, pa.ArrowException, UnicodeDecodeError, csv.Error) as err:
         raise DataValidationError(f"{path.name}: cannot read the file: {err}") from err
 
@@ -187,13 +196,27 @@ def _timestamp_column(names: list[str], file: str) -> str:
     )
 
 
-def _long_table(table: pa.Table, parsed, lower: dict, file: str) -> HistorianTable:
+def _without_blank_rows(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """The rows holding any cell, and their 1-based row numbers in the file (line = row + 1).
+
+    A blank line (or one of commas only) holds no sample: it is left out, and the rows after
+    it keep the numbers of their lines, so rejects.csv points at the right one.
+    """
+    blank = np.ones(table.num_rows, dtype=bool)
+    for column in table.columns:
+        blank &= column.is_null().to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(~blank).astype(np.int64) + 1
+    return (table.filter(pa.array(~blank)) if blank.any() else table), rows
+
+
+def _long_table(table: pa.Table, parsed, lower: dict, file: str,
+                row_numbers: np.ndarray) -> HistorianTable:  # fmt: skip
     """Long layout: one sample per row."""
     n = table.num_rows
     values, value_text = _parse_values(table.column(lower["value"]), f"{file} column 'value'")
     tag = _as_categorical(table.column(lower["tag"]))
     quality = _as_categorical(table.column(lower["quality"])) if "quality" in lower else _no_text(n)
-    frame = _frame(np.arange(1, n + 1, dtype=np.int64), parsed, tag, values, quality, value_text)
+    frame = _frame(row_numbers, parsed, tag, values, quality, value_text)
     claims = []
     if "unit" in lower:
         claims = _long_unit_claims(tag, _as_categorical(table.column(lower["unit"])), file)
@@ -201,7 +224,7 @@ def _long_table(table: pa.Table, parsed, lower: dict, file: str) -> HistorianTab
 
 
 def _wide_table(
-    table: pa.Table, parsed, columns: list[tuple[int, str]], file: str
+    table: pa.Table, parsed, columns: list[tuple[int, str]], file: str, row_numbers: np.ndarray
 ) -> HistorianTable:
     """Wide layout: one row per timestamp, one column per tag; empty cells are not samples.
 
@@ -228,9 +251,10 @@ def _wide_table(
     text_cat = pd.Categorical(flat_text)
     tag_codes = np.tile(np.arange(m), n)[present]
     tag = pd.Categorical.from_codes(tag_codes, categories=pd.Index(tags, dtype=str))
-    rows = np.repeat(np.arange(1, n + 1, dtype=np.int64), m)[present]
-    expanded = (parsed.ns[rows - 1], parsed.error[rows - 1], parsed.text[rows - 1])
-    frame = _frame(rows, expanded, tag, values.ravel()[present], text_cat, text_cat)
+    positions = np.repeat(np.arange(n, dtype=np.int64), m)[present]
+    expanded = (parsed.ns[positions], parsed.error[positions], parsed.text[positions])
+    frame = _frame(row_numbers[positions], expanded, tag, values.ravel()[present], text_cat,
+                   text_cat)  # fmt: skip
     return HistorianTable(file, "wide", frame, claims, int(n * m - present.sum()))
 
 
@@ -264,7 +288,7 @@ def _parse_values(column: pa.ChunkedArray, where: str) -> tuple[np.ndarray, np.n
     kind = column.type
     if pa.types.is_null(kind):  # Parquet's type of a column with no value at all
         return np.full(len(column), np.nan), None
-    if pa.types.is_floating(kind) or pa.types.is_integer(kind):
+    if pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_decimal(kind):
         return _floats(pc.cast(column, pa.float64())), None
     if pa.types.is_dictionary(kind):
         column = pc.cast(column, pa.string())

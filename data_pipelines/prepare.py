@@ -16,7 +16,7 @@ import pandas as pd
 
 from data_pipelines.align import align_runs
 from data_pipelines.dataset import normalisation, sha256_file, split_runs, write_dataset
-from data_pipelines.errors import ConfigError, DataValidationError
+from data_pipelines.errors import ConfigError, DataValidationError, config_number
 from data_pipelines.historian import (
     SUFFIXES,
     HistorianTable,
@@ -245,25 +245,27 @@ def _good_quality(value: object) -> tuple[str, ...]:
     return tuple(str(q) for q in value)
 
 
-def _check_split(split: Mapping) -> dict:
+def _check_split(split: object) -> dict:
+    if not isinstance(split, Mapping):
+        raise ConfigError(f"data.split: expected a mapping (train, val, test, seed), got {split!r}")
     valid = ("train", "val", "test", "seed")
     unknown = sorted(set(split) - set(valid))
     if unknown:
         raise ConfigError(f"data.split: unknown keys {unknown}; valid keys: {list(valid)}")
     out = {"train": 0.7, "val": 0.15, "test": 0.15, "seed": 0, **split}
-    fractions = [float(out[k]) for k in ("train", "val", "test")]
+    fractions = [config_number(out[k], f"data.split.{k}") for k in ("train", "val", "test")]
     if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
         raise ConfigError(f"data.split fractions must be >= 0 and sum to 1, got {fractions}")
+    seed = config_number(out["seed"], "data.split.seed")
+    if seed != int(seed):  # 1.9 ran as seed 1
+        raise ConfigError(f"data.split.seed: expected a whole number, got {out['seed']!r}")
     return {
         "train": fractions[0],
         "val": fractions[1],
         "test": fractions[2],
-        "seed": int(out["seed"]),
+        "seed": int(seed),
     }
 
 
 def _number(key: str, value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"data.{key} must be a number, got {value!r}") from err
+    return config_number(value, f"data.{key}")

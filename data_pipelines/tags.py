@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from data_pipelines.errors import ConfigError
+from data_pipelines.errors import ConfigError, config_number
 
 ROLES = ("input", "disturbance", "measurement")
 _REQUIRED_KEYS = ("role", "unit", "sample_period_s", "range")
@@ -126,13 +126,13 @@ def _parse_spec(name: str, entry: object) -> TagSpec:
         raise ConfigError(f"tag {name}: missing keys {missing}")
     if entry["role"] not in ROLES:
         raise ConfigError(f"tag {name}: role {entry['role']!r} is not one of {list(ROLES)}")
-    period = float(entry["sample_period_s"])
-    if not period > 0:
+    period = config_number(entry["sample_period_s"], f"tag {name}: sample_period_s")
+    if not 0 < period < math.inf:
         raise ConfigError(f"tag {name}: sample_period_s must be > 0, got {period}")
     rng = entry["range"]
     if not isinstance(rng, (list, tuple)) or len(rng) != 2:
         raise ConfigError(f"tag {name}: range must be [low, high], got {rng!r}")
-    low, high = float(rng[0]), float(rng[1])
+    low, high = (config_number(v, f"tag {name}: range") for v in rng)
     if not (math.isfinite(low) and math.isfinite(high) and low <= high):
         raise ConfigError(f"tag {name}: range must be finite with low <= high, got {rng!r}")
     return TagSpec(

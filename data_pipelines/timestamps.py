@@ -21,8 +21,12 @@ from data_pipelines.errors import DataValidationError
 TIMESTAMP_ERRORS = ("unparseable_timestamp", "ambiguous_local_time", "nonexistent_local_time")
 DST_POLICIES = ("raise", "reject")
 NAT = np.iinfo(np.int64).min
-# An offset follows a time of day: a date alone ("2025-03-01") ends in "-01", no offset.
-_HAS_OFFSET = r"[T ]\d[\d:.,]*(?:Z|[+-]\d{2}(?::?\d{2})?)$"
+# An offset follows a time of day, with or without a space ("06:00:00+01:00", "06:00:00 Z",
+# a format's "%H:%M:%S %z"): a date alone ("2025-03-01") ends in "-01", no offset.
+_HAS_OFFSET = r"[T ]\d[\d:.,]*\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$"
+# The instants int64 nanoseconds hold (1677-09-21 to 2262-04-11); outside: unparseable.
+_NS_RANGE = (pd.Timestamp.min, pd.Timestamp.max)
+_NS_PER_UNIT = {"s": 10**9, "ms": 10**6, "us": 10**3}
 
 
 class ParsedTimestamps(NamedTuple):
@@ -68,8 +72,8 @@ def parse_timestamps(
     if isinstance(column, pa.ChunkedArray) and not column.num_chunks:
         column = pa.array([], pa.string())
     kind = column.type
-    if pa.types.is_date(kind):
-        column, kind = column.cast(pa.timestamp("ns")), pa.timestamp("ns")
+    if pa.types.is_date(kind):  # seconds hold every date; _from_arrow_time checks the ns range
+        column, kind = column.cast(pa.timestamp("s")), pa.timestamp("s")
     if pa.types.is_timestamp(kind):
         parsed = _from_arrow_time(column, timezone)
     elif pa.types.is_dictionary(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
@@ -77,7 +81,10 @@ def parse_timestamps(
         if parsed is None:
             if isinstance(column, pa.ChunkedArray):
                 column = column.combine_chunks()
-            parsed = _from_text(column, timezone, timestamp_format)
+            try:
+                parsed = _from_text(column, timezone, timestamp_format)
+            except DataValidationError as error:
+                raise DataValidationError(f"{file}: {error}") from error
     else:
         raise DataValidationError(f"{file}: timestamp column has type {kind}, not text or time")
     if dst_policy == "raise":
@@ -148,13 +155,33 @@ def _parse_text(strings: pa.Array, timestamp_format: str, *, aware: bool) -> np.
         except pa.ArrowInvalid:
             pass
     series = pd.Series(strings.to_numpy(zero_copy_only=False), dtype=object)
-    parsed = pd.to_datetime(series, utc=aware, format=timestamp_format, errors="coerce")
-    return _ns(pd.DatetimeIndex(parsed))
+    try:
+        parsed = pd.DatetimeIndex(
+            pd.to_datetime(series, utc=aware, format=timestamp_format, errors="coerce")
+        )
+    except ValueError:  # offsets _HAS_OFFSET did not see, mixed: pandas refuses to pick one
+        parsed = None
+    if parsed is None or (not aware and parsed.tz is not None):
+        # Localising such an instant again would move it by the zone's offset, silently.
+        raise DataValidationError(
+            f"timestamps such as {series.iloc[0]!r} carry a UTC offset in a form not "
+            "recognised as one; write it ISO 8601 style (+01:00 or Z after the time)"
+        )
+    return _ns(parsed)
 
 
 def _from_arrow_time(column: pa.Array, timezone: str) -> ParsedTimestamps:
     """Arrow timestamps: tz-aware ones are instants; naive ones are local times."""
     aware = column.type.tz is not None
+    outside_rows, outside_text = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
+    if column.type.unit != "ns":  # a coarser unit holds instants ns cannot ("0001-01-01")
+        per_unit = _NS_PER_UNIT[column.type.unit]
+        ticks = column.cast(pa.int64())
+        outside = pc.fill_null(pc.or_(pc.less(ticks, _NS_RANGE[0].value // per_unit + 1),
+                                      pc.greater(ticks, _NS_RANGE[1].value // per_unit)), False)
+        outside_rows = np.flatnonzero(outside.to_numpy(zero_copy_only=False))
+        outside_text = column.filter(outside).cast(pa.string()).to_numpy(zero_copy_only=False)
+        column = pc.if_else(outside, pa.scalar(None, column.type), column)
     column = column.cast(pa.timestamp("ns", tz=column.type.tz))
     values = column.to_numpy(zero_copy_only=False)
     ns = values.astype("M8[ns]").view(np.int64).copy()
@@ -167,6 +194,7 @@ def _from_arrow_time(column: pa.Array, timezone: str) -> ParsedTimestamps:
     bad = np.flatnonzero(error != 0)
     bad_text = pd.Series(values[bad].astype("M8[ns]")).astype(str).to_numpy(dtype=object)
     bad_text[pd.isna(values[bad])] = ""
+    bad_text[np.searchsorted(bad, outside_rows)] = outside_text  # as the file holds them
     categories, bad_codes = np.unique(bad_text.astype(str), return_inverse=True)
     codes = np.full(len(ns), -1, dtype=np.int64)
     codes[bad] = bad_codes
@@ -194,9 +222,11 @@ def _localize(naive: pd.DatetimeIndex, timezone: str) -> tuple[np.ndarray, np.nd
 
 
 def _ns(index: pd.DatetimeIndex) -> np.ndarray:
-    """Nanoseconds since the epoch, UTC; NaT -> NAT."""
+    """Nanoseconds since the epoch, UTC; NaT -> NAT, as is an instant nanoseconds cannot
+    hold (a "9999-12-31" end-of-time marker): unparseable, not a crash of the whole file."""
     if index.tz is not None:
         index = index.tz_convert("UTC").tz_localize(None)
+    index = index.where((index >= _NS_RANGE[0]) & (index <= _NS_RANGE[1]))
     return index.as_unit("ns").asi8.copy()
 
 

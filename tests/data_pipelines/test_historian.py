@@ -1,5 +1,8 @@
 """read_historian: long and wide, CSV and Parquet, time zones, file-level faults."""
 
+import datetime
+import decimal
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -189,3 +192,64 @@ def test_one_bad_timestamp_does_not_change_how_the_others_are_read(write_text):
     assert mixed.frame["timestamp"].iloc[:4].tolist() == clean.frame["timestamp"].tolist()
     assert mixed.frame["timestamp_error"].astype(object).tolist()[4] == "unparseable_timestamp"
     assert clean.frame["timestamp"].iloc[3].value == pd.Timestamp("2025-03-01T06:00Z").value + 1
+
+
+def test_an_offset_after_a_space_is_an_offset_not_a_local_time(write_text):
+    # " +01:00", " Z" and a format's "%z" took the naive path: pandas applied the offset,
+    # then the instant was localised in the configured zone again, 1 h off, silently
+    berlin = {"timezone": "Europe/Berlin"}
+    spaced = ["2025-03-01T06:00:00 +01:00", "2025-03-01T05:00:00 Z", "2025-03-01 06:00:00 +0100"]
+    rows = "".join(f"{t},FEED.SP,{i}\n" for i, t in enumerate(spaced))
+    ts = read_historian(write_text("a.csv", "timestamp,tag,value\n" + rows), **berlin)
+    assert (ts.frame["timestamp"] == pd.Timestamp("2025-03-01T05:00:00Z")).all()
+    custom = write_text("b.csv", "timestamp,tag,value\n01.03.2025 06:00:00 +0100,FEED.SP,1\n")
+    read = read_historian(custom, timestamp_format="%d.%m.%Y %H:%M:%S %z", **berlin)
+    assert read.frame["timestamp"].tolist() == [pd.Timestamp("2025-03-01T05:00:00Z")]
+    # a zone name the pattern cannot see as an offset is refused, not localised again
+    named = write_text("c.csv", "timestamp,tag,value\n01.03.2025 06:00:00 CET,FEED.SP,1\n")
+    with pytest.raises(DataValidationError, match=r"c.csv: timestamps such as '01.03.2025 "
+                                                   r"06:00:00 CET' carry a UTC offset"):
+        read_historian(named, timestamp_format="%d.%m.%Y %H:%M:%S %Z", **berlin)
+
+
+def test_a_time_nanoseconds_cannot_hold_is_unparseable_not_a_crash(write_text, tmp_path):
+    # "9999-12-31" (an end-of-time marker) raised OutOfBoundsDatetime out of prepare, and a
+    # Parquet "0001-01-01" ArrowInvalid, naming no file or row
+    text = write_text("a.csv", "timestamp,tag,value\n2025-03-01T06:00:00Z,FEED.SP,1\n"
+                               "9999-12-31T00:00:00Z,FEED.SP,2\n0001-01-01 00:00:00,FEED.SP,3\n")
+    frame = read_historian(text, timezone="Europe/Berlin").frame
+    assert frame["timestamp_error"].astype(object).tolist()[1:] == ["unparseable_timestamp"] * 2
+    assert frame["timestamp_text"].astype(object).tolist()[1:] == [
+        "9999-12-31T00:00:00Z", "0001-01-01 00:00:00"]  # fmt: skip
+    first = datetime.datetime(2025, 3, 1, 6)
+    for name, column in (
+        ("us", pa.array([first, datetime.datetime(1, 1, 1), None], pa.timestamp("us"))),
+        ("date", pa.array([first.date(), datetime.date(9999, 12, 31), None], pa.date32())),
+    ):
+        table = pa.table({"timestamp": column, "tag": ["FEED.SP"] * 3, "value": [1.0, 2.0, 3.0]})
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        read = read_historian(tmp_path / f"{name}.parquet", **UTC).frame
+        assert read["timestamp_error"].astype(object).tolist()[1:] == [
+            "unparseable_timestamp"] * 2, name  # fmt: skip
+        assert read["timestamp_text"].astype(object).tolist()[1][:10] in ("0001-01-01",
+                                                                          "9999-12-31"), name
+
+
+def test_rows_after_a_blank_line_keep_their_line_numbers(write_text):
+    # arrow skipped the blank line, so rejects.csv named the line above each later row
+    path = write_text("historian.csv", "timestamp,tag,value\n2025-03-01T06:00:00Z,FEED.SP,1\n"
+                                       "\n,,\n2025-03-01T06:00:01Z,FEED.SP,2\n")  # fmt: skip
+    frame = read_historian(path, **UTC).frame
+    assert frame["row"].tolist() == [1, 4]  # line = row + 1
+    assert frame["value"].tolist() == [1.0, 2.0]
+
+
+def test_a_comma_ending_every_line_is_no_column(write_text, tmp_path):
+    # beside an unnamed timestamp column it gave "duplicate column names ['']"
+    path = write_text("historian.csv", ",FEED.SP,LC.M,\n2025-03-01T06:00:00Z,1,5,\n")
+    frame = read_historian(path, **UTC).frame
+    assert frame["tag"].astype(str).tolist() == ["FEED.SP", "LC.M"]
+    value = pa.array([decimal.Decimal("1.25")], pa.decimal128(9, 2))
+    table = pa.table({"timestamp": ["2025-03-01T06:00:00Z"], "tag": ["FEED.SP"], "value": value})
+    pq.write_table(table, tmp_path / "decimal.parquet")  # was "neither number nor text"
+    assert read_historian(tmp_path / "decimal.parquet", **UTC).frame["value"].tolist() == [1.25]

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from data_pipelines import DataConfig, DataValidationError, TagDictionary, prepare_dataset
+from data_pipelines.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 # tests/data/bibmon_real_process/README.md: where it comes from, and its licence
@@ -32,6 +33,27 @@ def test_unknown_data_key_raises_value_error_listing_the_valid_keys(tmp_path, sm
         _prepare(tmp_path, tmp_path / "out", small_tags, {"dt": 5.0})
     with pytest.raises(ValueError, match=r"data.split: unknown keys \['validation'\]"):
         _prepare(tmp_path, tmp_path / "out", small_tags, {"split": {"validation": 0.2}})
+
+
+def test_a_config_value_that_is_not_a_number_is_refused_naming_its_key():
+    # bare ValueError / TypeError from float() named nothing; a seed of 1.9 ran as seed 1
+    tag = {"role": "input", "unit": "kg/h", "sample_period_s": 1.0, "range": [0.0, 10.0]}
+    for entry, message in (
+        ({**tag, "sample_period_s": "1 s"}, r"sample_period_s: expected a number, got '1 s'"),
+        ({**tag, "sample_period_s": None}, r"tag SP: sample_period_s: expected a number, got No"),
+        ({**tag, "range": [0.0, "10 kg/h"]}, r"tag SP: range: expected a number, got '10 kg/h'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            TagDictionary.from_mapping({"SP": entry})
+    for split, message in (
+        ({"train": "70%"}, r"data.split.train: expected a number, got '70%'"),
+        ({"seed": "x"}, r"data.split.seed: expected a number, got 'x'"),
+        ({"seed": 1.9}, r"data.split.seed: expected a whole number, got 1.9"),
+        (None, r"data.split: expected a mapping \(train, val, test, seed\), got None"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            DataConfig.from_mapping({"split": split})
+    assert DataConfig.from_mapping({"split": {"seed": "3"}}).split["seed"] == 3
 
 
 def test_shipped_data_config_and_plant_dictionary_are_accepted():

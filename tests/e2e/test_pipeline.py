@@ -61,8 +61,9 @@ def _project_copy(destination: Path) -> Path:
     for folder in ("configs", "data_pipelines", ".dvc"):
         shutil.copytree(REPO / folder, destination / folder,
                         ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-    (destination / "training").mkdir()  # the prepare stage's entry (a dvc.yaml dep)
-    shutil.copy(REPO / "training" / "data_stages.py", destination / "training")
+    (destination / "training").mkdir()  # the stages' entry points (dvc.yaml deps)
+    for module in ("data_stages.py", "cli.py", "config_dir.py"):
+        shutil.copy(REPO / "training" / module, destination / "training")
     (destination / "data").mkdir()
     shutil.copy(REPO / "data" / ".gitignore", destination / "data" / ".gitignore")
     sim_file = destination / "configs" / "sim" / "cdc_default.yaml"
@@ -86,3 +87,11 @@ def test_dvc_repro_runs_both_stages_in_a_fresh_project_and_then_has_nothing_to_d
         module.write("# changed\n")
     status = run(["dvc", "status"], cwd=project)
     assert "prepare:" in status.stdout and "data_pipelines/runs.py" in status.stdout
+    # so does a key added to a stage's own config file (only seed and file_format of
+    # generate.yaml were tracked, prepare.yaml not at all)
+    for config in ("generate", "prepare"):
+        with (project / "configs" / f"{config}.yaml").open("a") as file:
+            file.write("extra_key: 1\n")
+    status = run(["dvc", "status"], cwd=project)
+    assert "generate:" in status.stdout and "configs/generate.yaml" in status.stdout
+    assert "configs/prepare.yaml" in status.stdout
