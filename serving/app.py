@@ -14,7 +14,7 @@ import logging
 
 from fastapi import Depends, FastAPI
 
-from serving.auth import token_dependency
+from serving.auth import request_token_check, token_dependency
 from serving.batcher import UpdateBatcher
 from serving.errors import install_error_handlers
 from serving.heap import refreeze
@@ -142,7 +142,7 @@ def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastA
     )
     app.state.service = service
     auth = token_dependency(settings.tokens)
-    install_error_handlers(app)
+    install_error_handlers(app, request_token_check(auth))
     routers = [ops_router(service, auth), model_router(service), sessions_router(service)]
     app.include_router(routers[0])
     for router in routers[1:]:

@@ -37,3 +37,13 @@ def token_dependency(tokens: list[str]):
                               "invalid_token", CHALLENGE)  # fmt: skip
 
     return require_token
+
+
+def request_token_check(require_token):
+    """`require_token` run on a request by hand: FastAPI validates a body before it runs any
+    dependency, so the validation error handler asks for the token first (401 before 422)."""
+
+    async def check(request) -> None:
+        await require_token(await bearer(request))
+
+    return check

@@ -48,9 +48,28 @@ async def _bug(request: Request, error: Exception) -> JSONResponse:
                                               "logged)", "internal_error")}, status_code=500)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+# Routes answered without a token (serving/routes_model.py's ops_router).
+OPEN_PATHS = ("/healthz", "/readyz")
+
+
+def install_error_handlers(app: FastAPI, check_token=None) -> None:
+    """The handlers that give every error the `detail` shape of docs/serving.md.
+
+    Args:
+        check_token: async (request) -> None raising the 401 HTTPException; run before a
+            validation error is answered, since FastAPI validates a body before the token
+            dependency runs (a malformed body without a token answered 422, not 401).
+    """
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        if check_token is not None and request.url.path not in OPEN_PATHS:
+            try:
+                await check_token(request)
+            except StarletteHTTPException as refused:
+                return await _http_error(request, refused)
+        return await _validation_error(request, error)
+
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _bug)

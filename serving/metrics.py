@@ -68,8 +68,9 @@ class MetricsMiddleware:
     """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware): counts and
     times each HTTP request under its route template (`/v1/sessions/{session_id}`, never the
     raw path, so ids do not multiply the series); unmatched paths count as `unmatched`. A
-    request the client dropped before any answer counts as status 499 (nginx's "client closed
-    request"), not as a failure of the service.
+    request the client dropped before the app answered (during the upload) counts as status
+    499 (nginx's "client closed request"), not as a failure of the service; one the app ran
+    to its end counts with its own status, whether or not its client is still there.
 
     Args:
         app: the ASGI app inside.

@@ -111,7 +111,7 @@ def check_no_body(raw: bytes) -> None:
         return
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
         body = None
     if body == {}:
         return

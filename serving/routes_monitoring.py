@@ -138,12 +138,13 @@ def sessions_router(service: Service) -> APIRouter:
             raise _no_room(error) from None
         columns = [row_values(row) for row in body.past]
         u, y = [c[0] for c in columns], [c[1] for c in columns]
-        state = await batcher.run_torch(_initial_state, service.store.current, u, y)
+        twin = service.store.current
+        state = await batcher.run_torch(_initial_state, twin, u, y)
         if state is None:
             raise field_error(422, ["body", "past"], "the initial state estimated from these "
                               "rows is not finite: check the values", "state_not_finite")
         try:  # the line or the last slot may have been taken while the state ran
-            session = registry.add(body.line_id, body.past[-1].timestamp, state)
+            session = registry.add(body.line_id, body.past[-1].timestamp, state, twin.label)
         except (LineBusyError, SessionLimitError) as error:
             raise _no_room(error) from None
         service.metrics.sessions_open.set(len(registry))
@@ -184,9 +185,11 @@ def sessions_router(service: Service) -> APIRouter:
                     registry.restore(session, undo)
                 raise
             session.last_result = results[-1]
+            session.model_version = twin.label
             body_out = {"session_id": session.session_id, "line_id": session.line_id,
                         "model_version": twin.label, "n_updates": session.n_updates,
                         "results": results}  # fmt: skip
+            registry.used(session)
         return FastJSONResponse(body_out)
 
     async def run_rows(session: Session, twin, rows, steps: list[int]) -> list[dict]:
@@ -227,6 +230,8 @@ def sessions_router(service: Service) -> APIRouter:
         """Close the session (after any post in flight) and free its slot."""
         session = open_session(session_id)
         async with session.lock:
+            if session.closed:  # a DELETE queued behind a post and another DELETE
+                open_session(session_id)
             registry.remove(session)
         service.metrics.sessions_open.set(len(registry))
 

@@ -79,7 +79,7 @@ class Service:
             "created_utc": session.created_utc,
             "last_timestamp": session.last_timestamp,
             "n_updates": session.n_updates,
-            "model_version": self.store.current.label,
+            "model_version": session.model_version,
             "alarm": session.alarm,
             "state": dict(zip(names, x[0].tolist(), strict=True)),
             "state_std": dict(zip(names, std.tolist(), strict=True)),

@@ -77,6 +77,7 @@ class Session:
     closed: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     grid_origin: datetime | None = None
+    model_version: str = ""  # the label of the twin that made its state (a reload may follow)
 
     def __post_init__(self) -> None:
         if self.grid_origin is None:
@@ -92,6 +93,7 @@ class SessionSnapshot:
     last_timestamp: datetime
     alarm: bool
     last_result: dict | None
+    model_version: str
 
 
 class SessionRegistry:
@@ -124,21 +126,23 @@ class SessionRegistry:
         Raises:
             LineBusyError, SessionLimitError: as `add`.
         """
+        if line_id in self._by_line or not self._free:
+            self.expire()  # the line's own session may be idle past its expiry, not yet swept
         if line_id in self._by_line:
             raise LineBusyError(
                 f"line {line_id!r} already has session {self._by_line[line_id].session_id}: "
                 "close it first (DELETE /v1/sessions/{session_id})"
             )
         if not self._free:
-            self.expire()
-        if not self._free:
             raise SessionLimitError(
                 f"{self.pool.capacity} sessions open (sessions.max_sessions) and none idle for "
                 f"{self.idle_expiry_s:g} s: close one first"
             )
 
-    def add(self, line_id: str, last_timestamp: datetime, state: tuple[Tensor, ...]) -> Session:
-        """Register a session whose initial state is `state` (each field batch 1).
+    def add(self, line_id: str, last_timestamp: datetime, state: tuple[Tensor, ...],
+            model_version: str = "") -> Session:  # fmt: skip
+        """Register a session whose initial state is `state` (each field batch 1), made by the
+        twin labelled `model_version`.
 
         Raises:
             LineBusyError: the line has an open session.
@@ -148,7 +152,7 @@ class SessionRegistry:
         slot = self._free.pop()
         self.pool.write(torch.tensor([slot]), state)
         session = Session(uuid.uuid4().hex, line_id, slot, last_timestamp,
-                          last_used=self.clock())  # fmt: skip
+                          last_used=self.clock(), model_version=model_version)  # fmt: skip
         self._sessions[session.session_id] = session
         self._by_line[line_id] = session
         return session
@@ -160,13 +164,24 @@ class SessionRegistry:
         """The open session, marked as used now.
 
         Raises:
-            UnknownSessionError: no such open session.
+            UnknownSessionError: no such open session, or one idle past its expiry that no
+                sweep dropped yet (it is dropped now: a post must not revive it).
         """
         session = self._sessions.get(session_id)
+        if session is not None and self._idle(session, self.clock() - self.idle_expiry_s):
+            self.remove(session)
+            if self.on_expired is not None:
+                self.on_expired(1)
+            session = None
         if session is None:
             raise UnknownSessionError(session_id)
         session.last_used = self.clock()
         return session
+
+    def used(self, session: Session) -> None:
+        """Mark the session used now (its request ends): idle time counts from here, not
+        from the start of a post that ran for a while."""
+        session.last_used = self.clock()
 
     def remove(self, session: Session) -> None:
         """Close a session and free its slot (idempotent)."""
@@ -178,13 +193,16 @@ class SessionRegistry:
     def expire(self) -> int:
         """Drop sessions idle past idle_expiry_s and not busy; returns how many."""
         cutoff = self.clock() - self.idle_expiry_s
-        idle = [s for s in self._sessions.values()
-                if s.last_used < cutoff and not s.lock.locked()]  # fmt: skip
+        idle = [s for s in self._sessions.values() if self._idle(s, cutoff)]
         for session in idle:
             self.remove(session)
         if idle and self.on_expired is not None:
             self.on_expired(len(idle))
         return len(idle)
+
+    @staticmethod
+    def _idle(session: Session, cutoff: float) -> bool:
+        return session.last_used < cutoff and not session.lock.locked()
 
     def state_of(self, session: Session) -> tuple[Tensor, ...]:
         """The session's state tuple (each field batch 1), a copy."""
@@ -194,7 +212,7 @@ class SessionRegistry:
         """The session as it is now (its state copied), for `restore`."""
         return SessionSnapshot(self.state_of(session), session.n_updates,
                                session.last_timestamp, session.alarm,
-                               session.last_result)  # fmt: skip
+                               session.last_result, session.model_version)  # fmt: skip
 
     def restore(self, session: Session, snapshot: SessionSnapshot) -> None:
         """Put the session back as `snapshot` found it. Call with its lock held and none of
@@ -205,3 +223,4 @@ class SessionRegistry:
         session.last_timestamp = snapshot.last_timestamp
         session.alarm = snapshot.alarm
         session.last_result = snapshot.last_result
+        session.model_version = snapshot.model_version
