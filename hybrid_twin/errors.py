@@ -50,6 +50,18 @@ def config_number(value: object, where: str, unit: str = "", allow_inf: bool = F
     return number
 
 
+def config_bool(value: object, where: str) -> bool:
+    """A switch from a config: true or false only. `bool()` took any text as true, so
+    `plant_check.enabled=no` (a string to Hydra) switched the check on.
+
+    Raises:
+        ConfigError: anything else, naming `where`.
+    """
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
 def config_range(
     value: object, where: str, unit: str = "", allow_inf: bool = False
 ) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hybrid_twin import ConfigError
+from hybrid_twin.errors import config_bool
 from training.dataset import DatasetError, Normalisation, PreparedDataset, RunTensors
 from training.windows import RandomWindowSampler, SequentialWindows, TrajectoryWindows, Window
 
@@ -122,6 +123,9 @@ class CDCDataModule(LightningDataModule):
             seed = secrets.randbelow(2**62)
             log.info("datamodule.seed is null: train windows drawn with seed %d", seed)
         _require("eval_window_steps", eval_window_steps, 1, allow_none=True)
+        for name, value in (("eval_full_runs", eval_full_runs),
+                            ("train_full_runs", train_full_runs)):  # fmt: skip
+            config_bool(value, f"datamodule.{name}")
         if val_split not in VAL_SPLITS:
             raise ConfigError(
                 f"datamodule.val_split: expected one of {list(VAL_SPLITS)}, got {val_split!r} "

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from hybrid_twin import ConfigError, TwinError, fit_monitor
+from hybrid_twin.errors import config_number
 from hybrid_twin.monitoring import CALIBRATIONS
 from training.dataset import PreparedDataset, RunTensors
 from training.export_formats import (
@@ -200,14 +201,19 @@ def _format_record(check: dict, timing: dict) -> dict:
     return {"max_diff": check["max_diff"], **{key: timing[key] for key in keys}}
 
 
-def resolve_model(cfg: DictConfig) -> ResolvedModel:
+def resolve_model(cfg: DictConfig, prefix: str = "") -> ResolvedModel:
     """The twin `run_id`, `model_uri` or the latest registered version names.
 
     A version's weights are loaded from the version itself: a resumed run registers a version
     per `twin train`, and `runs:/<run id>/model` holds only the newest of them.
 
+    Args:
+        cfg: the mapping with `run_id`, `model_uri`, `registered_model_name`.
+        prefix: where that mapping sits in the command's config (`twin.`), for messages.
+
     Raises:
-        ConfigError: a model_uri not of `registered_model_name` or not in the registry, or no
+        ConfigError: a run_id that is not a finished `twin train` run of this store, a
+            model_uri not of `registered_model_name` or not in the registry, or no
             registered version at all.
     """
     client = mlflow.MlflowClient()
@@ -215,28 +221,53 @@ def resolve_model(cfg: DictConfig) -> ResolvedModel:
     versions = client.search_model_versions(f"name='{name}'")
     if cfg.run_id:
         run_id = str(cfg.run_id)
+        check_training_run(client, run_id, f"{prefix}run_id")
         mine = [v for v in versions if v.run_id == run_id]
         newest = str(max(mine, key=lambda v: int(v.version)).version) if mine else None
         return ResolvedModel(run_id, newest, run_model_uri(run_id))
     if cfg.model_uri:
-        prefix = f"models:/{name}/"
+        registered = f"models:/{name}/"
         ref = str(cfg.model_uri)
-        if not ref.startswith(prefix) or not ref[len(prefix) :].isdigit():
-            raise ConfigError(f"model_uri: expected {prefix}<version number>, got {ref!r}")
-        wanted = ref[len(prefix) :]
+        if not ref.startswith(registered) or not ref[len(registered) :].isdigit():
+            raise ConfigError(f"{prefix}model_uri: expected {registered}<version number>, "
+                              f"got {ref!r}")  # fmt: skip
+        wanted = ref[len(registered) :]
         found = [v for v in versions if str(v.version) == wanted]
         if not found:
             known = sorted(int(v.version) for v in versions)
-            raise ConfigError(f"model_uri: {ref} not in the registry at {tracking_uri()}; "
-                              f"versions: {known}")
-        return ResolvedModel(found[0].run_id, wanted, f"{prefix}{wanted}")
+            raise ConfigError(f"{prefix}model_uri: {ref} not in the registry at "
+                              f"{tracking_uri()}; versions: {known}")  # fmt: skip
+        return ResolvedModel(found[0].run_id, wanted, f"{registered}{wanted}")
     if not versions:
         raise ConfigError(
             f"no registered version of {name!r} at {tracking_uri()}: run `twin train`, or "
-            "give model_uri=models:/<name>/<version> or run_id=<run id>"
+            f"give {prefix}model_uri=models:/<name>/<version> or {prefix}run_id=<run id>"
         )
     latest = max(versions, key=lambda v: int(v.version))
     return ResolvedModel(latest.run_id, str(latest.version), f"models:/{name}/{latest.version}")
+
+
+def check_training_run(client, run_id: str, key: str) -> None:
+    """Refuse a run id that names no finished `twin train` run: MLflow's own answers were a
+    30-line traceback ("Run with id=... not found") or a failed artifact download.
+
+    Raises:
+        ConfigError: no such run in this store, a run of another stage, or one that did
+            not finish (it registered no model), naming `key`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"{key}: no run {run_id!r} in the MLflow store at {tracking_uri()}"
+                          ) from None  # fmt: skip
+    if "datamodule.past_steps" not in run.data.params:
+        raise ConfigError(f"{key}: run {run_id} ({run.info.run_name}) is not a `twin train` "
+                          "run: give a training run, or a model_uri")  # fmt: skip
+    if run.info.status != "FINISHED":
+        raise ConfigError(f"{key}: training run {run_id} ({run.info.run_name}) is "
+                          f"{run.info.status}: only a finished run has its model")  # fmt: skip
 
 
 def load_eager_twin(
@@ -277,13 +308,23 @@ def load_eager_twin(
 
 
 def noise_settings(twin: TwinModel, dataset: PreparedDataset, filter_cfg) -> dict[str, Tensor]:
-    """q, r, p0_std (docs/export.md): fractions of the field's state scales and the train std."""
+    """q, r, p0_std (docs/export.md): fractions of the field's state scales and the train std.
+
+    Raises:
+        ConfigError: q or r not a number > 0, p0 not >= 0 (squared, -1e-3 acted as 1e-3).
+    """
+    fractions = {}
+    for key, low in (("q_std_fraction", "> 0"), ("r_std_fraction", "> 0"),
+                     ("p0_std_fraction", ">= 0")):  # fmt: skip
+        fractions[key] = config_number(filter_cfg[key], f"filter.{key}")
+        if fractions[key] < 0 or (low == "> 0" and fractions[key] == 0):
+            raise ConfigError(f"filter.{key}: expected a number {low}, got {filter_cfg[key]!r}")
     state_std = twin.field.state_normaliser.std.detach().to(torch.float64)
     y_std = dataset.normalisation(torch.float64)[3]
     return {
-        "q": (float(filter_cfg.q_std_fraction) * state_std) ** 2,
-        "r": (float(filter_cfg.r_std_fraction) * y_std) ** 2,
-        "p0_std": float(filter_cfg.p0_std_fraction) * state_std,
+        "q": (fractions["q_std_fraction"] * state_std) ** 2,
+        "r": (fractions["r_std_fraction"] * y_std) ** 2,
+        "p0_std": fractions["p0_std_fraction"] * state_std,
     }
 
 

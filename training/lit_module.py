@@ -27,6 +27,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from hybrid_twin import ConfigError, ZOHSolution, check_status
+from hybrid_twin.errors import config_bool
 from training.cuda_graphs import CapturedLoss, cuda_graphs_usable
 from training.twin_model import TwinModel
 from training.windows import Window
@@ -157,7 +158,7 @@ class TwinLitModule(LightningModule):
         self.measurement_tags = list(measurement_tags)
         self.residual_penalty = float(residual_penalty)
         self.theta_only_epochs = int(theta_only_epochs)
-        self.cuda_graphs = bool(cuda_graphs)
+        self.cuda_graphs = config_bool(cuda_graphs, "lit.cuda_graphs")
         self.lr_schedule = lr_schedule
         # Not a submodule: the model's parameters must not appear twice in the state dict.
         self._captured: CapturedLoss | None = None

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_twin import ConfigError
+from hybrid_twin.errors import config_bool
 from training.config_dir import config_dir
 from training.dataset import PreparedDataset
 from training.operating_point import (
@@ -57,7 +58,7 @@ def run_optimise(cfg: DictConfig) -> dict[str, float]:
     twin = load_scenario_twin(cfg, dataset)
     problem = parse_problem(config["optimise"], line, twin)
     check = config["plant_check"]
-    if check["enabled"]:  # what the plant cannot run is refused before the search, not after
+    if config_bool(check["enabled"], "plant_check.enabled"):  # refused before the search
         plant_runs(problem.start, problem, line, _sim(check["sim"]), str(config["speed_tag"]),
                    str(check["weight_tag"]), int(check["seed"]))  # fmt: skip
     result = optimise_settings(twin, line, problem)

@@ -114,7 +114,7 @@ def load_scenario_twin(cfg: DictConfig, dataset: PreparedDataset | None) -> Scen
     from training.export import check_trained_on, resolve_model
     from training.tracking import load_twin
 
-    run_id, version, model_uri = resolve_model(cfg.twin)
+    run_id, version, model_uri = resolve_model(cfg.twin, prefix="twin.")
     run = mlflow.get_run(run_id)
     check_trained_on(run, dataset, dataset.root, where="twin: ")
     units = {t: dataset.manifest["tags"][t]["unit"] for t in dataset.manifest["tags"]}
@@ -185,6 +185,8 @@ def _raw_scenarios(config: dict) -> dict[str, dict]:
         ConfigError: an empty list or a file that does not exist.
     """
     names = config.get("run") or []
+    if isinstance(names, str):  # run=api_feeder_dip: one name, not its letters
+        names = [names]
     if not names:
         raise ConfigError("run: list at least one scenario (a name in configs/scenarios/)")
     found = {}

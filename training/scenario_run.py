@@ -7,6 +7,7 @@ plotted, and the out-of-spec windows of the diversion attribute with the rule's 
 (training/diversion.py).
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,11 @@ def start_rows(
     where = f"{scenario.source}: start"
     if dataset is None:
         raise ConfigError(f"{where}: a recorded start needs data_path (a prepared dataset)")
+    if not math.isclose(dataset.dt_s, twin.dt_s):  # its rows would run as the twin's steps
+        raise ConfigError(
+            f"{where}: data_path {dataset.root} is on a {dataset.dt_s:g} s grid, the twin on "
+            f"{twin.dt_s:g} s: prepare the data with data.dt_s={twin.dt_s:g}"
+        )
     runs = dataset.manifest["runs"]
     if start.run not in runs:
         raise ConfigError(

@@ -34,6 +34,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_twin import ConfigError
+from hybrid_twin.errors import config_number
 from training.build import build_training
 from training.datamodule import CDCDataModule
 from training.tracking import (
@@ -111,6 +112,7 @@ def run_train(cfg: DictConfig) -> float:
         FileNotFoundError: `resume_from` names no file.
         KeyError: `cfg.monitor` was never logged (the message lists the metrics that were).
     """
+    check_run_settings(cfg)
     check_validation_cadence(cfg.trainer)
     if cfg.seed is not None:  # seed 0 is a seed (STYLE.md)
         seed_everything(int(cfg.seed), workers=True)
@@ -178,6 +180,30 @@ def trainer_arguments(trainer_cfg: DictConfig) -> dict:
     return arguments
 
 
+def check_run_settings(cfg: DictConfig) -> None:
+    """The numbers a run needs before anything is built: Lightning and torch met a bad one
+    late and without its name (`trainer.max_epochs=three`: a bare AssertionError after the
+    build; `optimizer.lr=abc`: a TypeError inside AdamW; `max_epochs=0`: no val/loss).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    counts = {"trainer.max_epochs": cfg.trainer.get("max_epochs"),
+              "trainer.check_val_every_n_epoch": cfg.trainer.get("check_val_every_n_epoch"),
+              "seed": cfg.get("seed"), "num_threads": cfg.get("num_threads")}  # fmt: skip
+    for key, value in counts.items():
+        if value is None:  # null: Lightning's default, a drawn seed, torch's threads
+            continue
+        number = config_number(value, key)
+        low = 0 if key == "seed" else 1
+        if number != int(number) or number < low:
+            raise ConfigError(f"{key}: expected a whole number >= {low}, got {value!r}")
+    for key in ("lr", "weight_decay"):
+        value = cfg.optimizer.get(key)
+        if value is not None and config_number(value, f"optimizer.{key}") < 0:
+            raise ConfigError(f"optimizer.{key}: expected a number >= 0, got {value!r}")
+
+
 def check_validation_cadence(trainer_cfg: DictConfig) -> None:
     """The last epoch must validate: its val/loss is what `twin train` returns and records
     with the model it registers.
@@ -211,7 +237,9 @@ def read_checkpoint(path: Path, max_epochs: int | None) -> Resume:
         raise FileNotFoundError(f"resume_from: no checkpoint file {str(path)!r}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    # what torch.load raises on a file that is not a checkpoint varies with its bytes
+    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, KeyError,
+            ValueError) as error:  # fmt: skip
         raise ConfigError(
             f"resume_from: {str(path)!r} is not a Lightning checkpoint ({type(error).__name__})"
         ) from error
