@@ -27,6 +27,7 @@ from mlflow.entities import Run
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hybrid_twin import ConfigError
+from hybrid_twin.errors import config_number, unknown_key_message
 from training.dataset import PreparedDataset
 from training.evaluation import forecast, forecast_origins, horizon_errors
 from training.simulation_eval import (
@@ -60,23 +61,51 @@ def run_evaluate(cfg: DictConfig) -> pd.DataFrame:
     mlflow.set_tracking_uri(tracking_uri())
     if mode == "simulation":
         return run_simulation(cfg, dataset)
+    horizons, stride_min, batch_size = forecast_settings(cfg, dataset.measurement_tags)
     runs = {kind: _training_run(cfg, kind, dataset.manifest_sha256) for kind in cfg.kinds}
     table = evaluate_runs(
         runs,
         dataset,
         split=str(cfg.split),
-        horizons_min=list(cfg.horizons_min),
-        stride_min=float(cfg.stride_min),
-        batch_size=int(cfg.batch_size),
+        horizons_min=horizons,
+        stride_min=stride_min,
+        batch_size=batch_size,
     )
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     markdown = comparison_markdown(table, headline_tag=str(cfg.headline_tag))
     table.to_csv(output_dir / "evaluation.csv", index=False)
     (output_dir / "evaluation.md").write_text(markdown)
-    _log(cfg, table, runs, dataset.manifest_sha256, output_dir)
+    _log(cfg, table, runs, dataset.manifest_sha256, output_dir, horizons)
     print(markdown)
     print(f"evaluate: wrote {output_dir / 'evaluation.csv'} and evaluation.md")
     return table
+
+
+def forecast_settings(
+    cfg: DictConfig, measurement_tags: Sequence[str]
+) -> tuple[list[float], float, int]:
+    """(horizons_min, stride_min, batch_size) of `mode=forecast`, checked with headline_tag
+    before any forecast: otherwise a bare TypeError minutes in, or silently no bold row.
+
+    Raises:
+        ConfigError: naming the key and its value.
+    """
+    value = cfg.horizons_min
+    values = list(value) if isinstance(value, ListConfig | list) else [value]  # 10: [10]
+    horizons = [config_number(h, "horizons_min", "min") for h in values]
+    if not horizons or min(horizons) <= 0:
+        raise ConfigError(
+            f"horizons_min: expected a non-empty list of numbers > 0 (min), got {value!r}"
+        )
+    horizons = [int(h) if h.is_integer() else h for h in horizons]  # the table shows 10, not 10.0
+    stride_min = config_number(cfg.stride_min, "stride_min", "min")
+    batch_size = _whole(cfg.batch_size, "batch_size")
+    tag = str(cfg.headline_tag)
+    if tag not in measurement_tags:
+        raise ConfigError(
+            f"headline_tag: {unknown_key_message('measurement tag', tag, measurement_tags)}"
+        )
+    return horizons, stride_min, batch_size
 
 
 def evaluate_runs(
@@ -239,7 +268,7 @@ def _init_steps(cfg: DictConfig, runs: Sequence[Run]) -> int:
     """n: `init_steps`, else the runs' common `datamodule.past_steps`."""
     configured = OmegaConf.select(cfg, "init_steps")
     if configured is not None:
-        return int(configured)
+        return _whole(configured, "init_steps")
     steps = {int(r.data.params["datamodule.past_steps"]) for r in runs}
     if len(steps) != 1:
         raise ConfigError(
@@ -259,7 +288,7 @@ def _training_runs(cfg: DictConfig, kind: str, manifest_sha256: str) -> list[Run
         for run in runs:
             _check_run(cfg, run, kind, manifest_sha256)
         return runs
-    last_n = int(OmegaConf.select(cfg, "last_n", default=1))
+    last_n = _whole(OmegaConf.select(cfg, "last_n", default=1), "last_n")
     runs = _search_runs(cfg, kind, manifest_sha256, last_n)
     if len(runs) < last_n:
         raise ConfigError(
@@ -330,6 +359,7 @@ def _log(
     runs: Mapping[str, Run],
     manifest_sha256: str,
     output_dir: Path,
+    horizons_min: Sequence[float],
 ) -> None:
     def key(row) -> str:
         return f"test/rmse/{row.regime}/{row.tag}/{row.horizon_min:g}min"
@@ -353,7 +383,7 @@ def _log(
         mlflow.log_params(
             {
                 "split": cfg.split,
-                "horizons_min": list(cfg.horizons_min),
+                "horizons_min": list(horizons_min),
                 "stride_min": cfg.stride_min,
                 "data_path": cfg.data_path,
             }
@@ -372,6 +402,13 @@ def _steps(seconds: float, dt_s: float, what: str) -> int:
     if steps < 1 or not math.isclose(steps, round(steps), rel_tol=0, abs_tol=1e-6):
         raise ConfigError(f"{what}: {seconds:g} s is not a whole number >= 1 of dt {dt_s:g} s")
     return int(round(steps))
+
+
+def _whole(value: object, key: str) -> int:
+    number = config_number(value, key)
+    if not number.is_integer() or number < 1:
+        raise ConfigError(f"{key}: expected a whole number >= 1, got {value!r}")
+    return int(number)
 
 
 def _fmt(value: float) -> str:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from hybrid_twin import ConfigError
+from hybrid_twin.errors import config_number
 from training.dataset import PreparedDataset, RunTensors
 from training.export import (
     build_online_twin,
@@ -320,6 +321,15 @@ def load_labels(dataset: PreparedDataset, runs: list[str]) -> pd.DataFrame:
     labels = pd.read_csv(path)
     missing = sorted(set(runs) - set(labels.run_id))
     if missing:
+        manifest_runs = dataset.manifest["runs"]
+        normal = [r for r in missing if manifest_runs[r].get("kind", "normal") != "fault"]
+        if normal:  # fault_split chose runs that are no fault runs: the CSV is not to blame
+            splits = ", ".join(sorted({repr(manifest_runs[r].get("split")) for r in normal}))
+            raise ConfigError(
+                f"fault_split: split {splits} holds runs that are not fault runs and have no "
+                f"fault label ({normal}); use the split of the labelled fault runs in "
+                f"{LABELS_FILE}, e.g. fault"
+            )
         raise ConfigError(f"{path}: no label for fault runs {missing}")
     twice = sorted(labels.run_id[labels.run_id.duplicated()].unique())
     if twice:  # a run scored twice, each window a false alarm period of the other
@@ -354,25 +364,59 @@ def check_scoring_splits(cfg: DictConfig) -> None:
         return {str(value)} if isinstance(value, str) else {str(v) for v in value}
 
     monitor = cfg.monitor
-    fitting = names(monitor.fit_split)
+    fitting = {"monitor.fit_split": names(monitor.fit_split)}
     if str(monitor.get("calibration", "in_sample")) == "split":
-        fitting |= names(monitor.get("calibration_split"))
-    for key in ("normal_split", "fault_split"):
-        if str(cfg[key]) in fitting:
+        fitting["monitor.calibration_split"] = names(monitor.get("calibration_split"))
+    for key, held_out in (("normal_split", "test"), ("fault_split", "fault")):
+        split = str(cfg[key])
+        setters = [k for k, splits in fitting.items() if split in splits]
+        if not setters:
+            continue
+        if split == held_out:  # the scored split is the usual one: the fitting key is wrong
+            fit_key = setters[0]
+            example = "[train, val]" if fit_key == "monitor.fit_split" else "[val]"
             raise ConfigError(
-                f"{key}: {cfg[key]!r} also sets the detector's limits (monitor.fit_split "
-                f"{sorted(names(monitor.fit_split))}, calibration_split under calibration: "
-                f"split): its rates would be scored on the runs that made them; use test"
+                f"{fit_key}: {sorted(fitting[fit_key])} includes {split!r}, the split {key} "
+                f"scores the detector on: its rates would be scored on the runs that set its "
+                f"limits; use splits that are not scored, e.g. {example}"
             )
+        raise ConfigError(
+            f"{key}: {split!r} also sets the detector's limits (monitor.fit_split "
+            f"{sorted(fitting['monitor.fit_split'])}, calibration_split under calibration: "
+            f"split): its rates would be scored on the runs that made them; use {held_out}"
+        )
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The numbers of the stage's config, before minutes of filtering make them fail bare.
+
+    Raises:
+        ConfigError: naming the key and its value.
+    """
+    first = config_number(cfg.isolation_first_alarms, "isolation_first_alarms")
+    if not first.is_integer() or first < 1:
+        raise ConfigError(
+            f"isolation_first_alarms: expected a whole number >= 1, got "
+            f"{cfg.isolation_first_alarms!r}"
+        )
+    rate = config_number(cfg.monitor.false_alarm_rate, "monitor.false_alarm_rate")
+    if not 0.0 < rate < 0.5:
+        raise ConfigError(f"monitor.false_alarm_rate: expected a number in (0, 0.5), got "
+                          f"{cfg.monitor.false_alarm_rate!r}")
+    variance = config_number(cfg.pca.variance, "pca.variance")
+    if not 0.0 < variance < 1.0:  # a fraction of the variance (sklearn's n_components)
+        raise ConfigError(f"pca.variance: expected a number in (0, 1), got {cfg.pca.variance!r}")
+    check_scoring_splits(cfg)
 
 
 def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
     """`twin evaluate-faults`: the fault table, written, printed and logged; returns it."""
     from hydra.core.hydra_config import HydraConfig
 
-    check_scoring_splits(cfg)
+    check_settings(cfg)
     started = time.perf_counter()
     run_id, version, run, dataset, dtype, past_steps, model_uri = open_model_on_data(cfg)
+    labels = load_labels(dataset, dataset.run_ids(str(cfg.fault_split)))  # before the fit
     twin = load_eager_twin(run_id, dataset, model_uri)
     online, fit_record = build_online_twin(twin, dataset, cfg, past_steps, dtype)
 
@@ -382,7 +426,6 @@ def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
                    if manifest_runs[r.run_id].get("kind", "normal") == "normal"]
     runs = [r for r in [*fault_runs, *normal_runs] if r.u.shape[0] > past_steps + 1]
     report_short_runs([*fault_runs, *normal_runs], runs, past_steps)
-    labels = load_labels(dataset, [r.run_id for r in fault_runs])
     by_id = {r.run_id: r for r in runs}
     labels = labels[labels.run_id.isin(by_id)]
 

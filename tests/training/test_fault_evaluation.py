@@ -220,3 +220,58 @@ def test_rows_from_a_filter_divergence_on_are_lost_to_the_end_of_the_run():
     lost = diverged_rows(status, prediction)
     # their alarm state is stale from there: neither false alarms nor detections
     assert lost.tolist() == [[False, False, False, True, True], [False, False, True, True, True]]
+
+
+def test_a_scored_split_in_the_fit_splits_is_blamed_on_the_fitting_key():
+    # `monitor.fit_split=[test]`: normal_split test is right, the fit split is not
+    cfg = OmegaConf.create({"normal_split": "test", "fault_split": "fault",
+                            "monitor": {"fit_split": ["test"], "calibration": "in_sample"}})
+    with pytest.raises(ConfigError, match=r"^monitor\.fit_split: \['test'\] includes 'test'.*"
+                                          r"not scored, e.g\. \[train, val\]$"):
+        check_scoring_splits(cfg)
+    cfg = OmegaConf.create({"normal_split": "test", "fault_split": "fault",
+                            "monitor": {"fit_split": ["train"], "calibration": "split",
+                                        "calibration_split": ["test"]}})
+    with pytest.raises(ConfigError, match=r"^monitor\.calibration_split: \['test'\]"):
+        check_scoring_splits(cfg)
+
+
+def _settings(**changes):
+    cfg = OmegaConf.load("configs/evaluate_faults.yaml")
+    cfg.pop("hydra")
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def test_the_numbers_of_the_config_are_checked_naming_the_key():
+    from training.fault_evaluation import check_settings
+
+    check_settings(_settings())
+    check_settings(_settings(isolation_first_alarms=1))
+    for value in (0, -3, 2.5, "abc", True):
+        with pytest.raises(ConfigError, match=r"^isolation_first_alarms: expected a (whole )?n"):
+            check_settings(_settings(isolation_first_alarms=value))
+    for key, bad in (("pca.variance", "abc"), ("pca.variance", 1.5),
+                     ("monitor.false_alarm_rate", "abc"), ("monitor.false_alarm_rate", 0.7)):
+        with pytest.raises(ConfigError, match=rf"^{key}: expected a number.*got"):
+            check_settings(_settings(**{key: bad}))
+    with pytest.raises(ConfigError, match=r"^monitor\.fit_split"):  # the split check too
+        check_settings(_settings(**{"monitor.fit_split": ["test"]}))
+
+
+def test_normal_runs_given_as_fault_runs_blame_fault_split_not_the_labels(tmp_path):
+    header = "run_id,fault_kind,onset,end,affected_tag,affected_unit\n"
+    row = "run_027,nir_fouling,2025-03-01T08:40:00Z,2025-03-01T09:00:00Z,NIR.API_CONC,NIR\n"
+    (tmp_path / LABELS_FILE).write_text(header + row)
+    manifest = {"runs": {"run_003": {"kind": "normal", "split": "test"},
+                         "run_027": {"kind": "fault", "split": "fault"},
+                         "run_028": {"kind": "fault", "split": "fault"}}}
+    dataset = SimpleNamespace(root=tmp_path, manifest=manifest)
+    with pytest.raises(ConfigError, match=r"^fault_split: split 'test' holds runs that are not "
+                                          r"fault runs and have no fault label \(\['run_003'\]"):
+        load_labels(dataset, ["run_003"])
+    # a fault run the CSV forgot is the CSV's fault
+    with pytest.raises(ConfigError, match=r"fault_labels\.csv: no label for fault runs"):
+        load_labels(dataset, ["run_027", "run_028"])
+    assert list(load_labels(dataset, ["run_027"]).run_id) == ["run_027"]
