@@ -123,6 +123,7 @@ def sessions_router(service: Service) -> APIRouter:
         try:
             return registry.get(session_id)
         except UnknownSessionError:
+            service.metrics.sessions_open.set(len(registry))  # get() may have expired it
             raise field_error(404, ["path", "session_id"], f"no open session {session_id!r} "
                               "(never created, closed, or expired after idle_expiry_s)",
                               "unknown_session") from None  # fmt: skip

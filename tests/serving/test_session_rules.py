@@ -34,15 +34,18 @@ def test_a_session_idle_past_its_expiry_is_gone_before_any_sweep(twin_build, run
             now[0] += IDLE_S + 1
             post = await client.post(f"/v1/sessions/{first}/observations",
                                      json={"observations": runs[0][PAST : PAST + 1]})
+            open_after_post = (await client.get("/metrics")).text
             second = await _create(client, "LINE-a", runs)
             now[0] += IDLE_S + 1  # the new one idles out too: the pool (1 slot) is full
             third = await _create(client, "LINE-a", runs)
             metrics = (await client.get("/metrics")).text
-            return post.status_code, second.status_code, third.status_code, metrics
+            return post.status_code, second.status_code, third.status_code, metrics, \
+                open_after_post
 
-    post, second, third, metrics = asyncio.run(scenario())
+    post, second, third, metrics, open_after_post = asyncio.run(scenario())
     assert (post, second, third) == (404, 201, 201)
     assert "twin_sessions_expired_total 2.0" in metrics
+    assert "twin_sessions_open 0.0" in open_after_post  # the gauge follows the drop
 
 
 def test_idle_time_counts_from_the_end_of_a_post(twin_build, runs):
