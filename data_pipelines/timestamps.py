@@ -159,9 +159,12 @@ def _parse_text(strings: pa.Array, timestamp_format: str, *, aware: bool) -> np.
         parsed = pd.DatetimeIndex(
             pd.to_datetime(series, utc=aware, format=timestamp_format, errors="coerce")
         )
-    except ValueError:  # offsets _HAS_OFFSET did not see, mixed: pandas refuses to pick one
-        parsed = None
-    if parsed is None or (not aware and parsed.tz is not None):
+    except ValueError as error:  # e.g. mixed offsets _HAS_OFFSET did not see as offsets
+        raise DataValidationError(
+            f"timestamps such as {series.iloc[0]!r} cannot be read with timestamp_format "
+            f"{timestamp_format!r}: {error}"
+        ) from error
+    if not aware and parsed.tz is not None:
         # Localising such an instant again would move it by the zone's offset, silently.
         raise DataValidationError(
             f"timestamps such as {series.iloc[0]!r} carry a UTC offset in a form not "
