@@ -125,6 +125,7 @@ def run_export(cfg: DictConfig) -> dict:
     """
     started = time.perf_counter()
     formats = check_formats(cfg.formats)
+    check_out_path(Path(str(cfg.out)), formats)
     run_id, version, run, dataset, dtype, past_steps, model_uri = open_model_on_data(cfg)
     twin = load_eager_twin(run_id, dataset, model_uri)
     online, fit_record = build_online_twin(twin, dataset, cfg, past_steps, dtype)
@@ -193,6 +194,23 @@ def check_formats(formats) -> list[str]:
             + (f"; unknown: {unknown}" if unknown else "; torchscript is always written")
         )
     return [f for f in FORMATS if f in wanted]
+
+
+def check_out_path(out: Path, formats: list[str]) -> None:
+    """Refuse an `out` no file can be written to, before minutes of building: a folder gave
+    IsADirectoryError at the end (and left `<out>.partial`), a file as its folder a
+    FileExistsError naming only that file.
+
+    Raises:
+        ConfigError: naming `out` and what is in the way.
+    """
+    for fmt, path in format_paths(out).items():
+        if fmt in formats and path.is_dir():
+            raise ConfigError(f"out: {path} is a folder; give the twin file's path, e.g. "
+                              f"{path / 'twin.pt'}")  # fmt: skip
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"out: {out} cannot be written: {blocking} is a file, not a folder")
 
 
 def _format_record(check: dict, timing: dict) -> dict:

@@ -123,3 +123,21 @@ def test_filter_fractions_below_zero_are_refused(twin, dataset):  # noqa: F811
                        ("p0_std_fraction", -1.0), ("q_std_fraction", "abc")):  # fmt: skip
         with pytest.raises(ConfigError, match=rf"filter.{key}: expected a number"):
             noise_settings(twin.model, dataset, OmegaConf.create({**fractions, key: value}))
+
+
+def test_an_export_path_no_file_can_be_written_to_is_refused_before_the_build(tmp_path):
+    # a folder gave IsADirectoryError after minutes of building and left <out>.partial
+    from training.export import check_out_path
+
+    formats = ["torchscript", "export", "aoti"]
+    check_out_path(tmp_path / "models" / "twin.pt", formats)  # a folder to be made: fine
+    (tmp_path / "twin.pt").mkdir()
+    with pytest.raises(ConfigError, match=r"out: .*twin.pt is a folder; give the twin file's"):
+        check_out_path(tmp_path / "twin.pt", formats)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"cannot be written: .*a_file is a file, not a"):
+        check_out_path(tmp_path / "a_file" / "twin.pt", formats)
+    (tmp_path / "x.aoti.pt2").mkdir()  # in the way of one format only
+    with pytest.raises(ConfigError, match=r"x.aoti.pt2 is a folder"):
+        check_out_path(tmp_path / "x.pt", formats)
+    check_out_path(tmp_path / "x.pt", ["torchscript"])
