@@ -1,20 +1,16 @@
 """`twin evaluate`'s settings are refused naming the key before any forecast or simulation."""
 
 import pytest
-from omegaconf import OmegaConf
 
 from hybrid_twin import ConfigError
+from tests.training.shipped import stage_config
 from training.evaluate import _init_steps, _training_runs, forecast_settings
 
 TAGS = ["NIR.API_CONC", "PRESS.COMP_FORCE"]
 
 
 def config(**changes):
-    cfg = OmegaConf.load("configs/evaluate.yaml")
-    cfg.pop("hydra")
-    for key, value in changes.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+    return stage_config("evaluate", **changes)
 
 
 def test_the_defaults_pass_and_one_horizon_is_a_list_of_one():

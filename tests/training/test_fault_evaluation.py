@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from hybrid_twin import ConfigError
+from tests.training.shipped import stage_config
 from training.dataset import RunTensors
 from training.fault_evaluation import (
     LABELS_FILE,
@@ -237,11 +238,7 @@ def test_a_scored_split_in_the_fit_splits_is_blamed_on_the_fitting_key():
 
 
 def _settings(**changes):
-    cfg = OmegaConf.load("configs/evaluate_faults.yaml")
-    cfg.pop("hydra")
-    for key, value in changes.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+    return stage_config("evaluate_faults", **changes)
 
 
 def test_the_numbers_of_the_config_are_checked_naming_the_key():
