@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch `twin <stage> ...` to the stage's Hydra application."""
     argv = list(sys.argv[1:] if argv is None else argv)
     stages = _stages()
-    if not argv or argv[0] in {"-h", "--help", "help"}:
+    if not argv:
+        # No stage is a usage error (exit 2, as for an unknown stage): a script calling
+        # `twin $STAGE` with an empty variable must not pass.
+        print(_usage(stages), file=sys.stderr)
+        return 2
+    if argv[0] in {"-h", "--help", "help"}:
         print(_usage(stages))
         return 0
     name, overrides = argv[0], argv[1:]

@@ -30,6 +30,13 @@ def test_help_lists_every_stage_with_one_line_each():
     assert all(len(words) > 3 for words in stage_lines)
 
 
+def test_no_stage_is_a_usage_error():
+    result = run_twin()
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "usage: twin <stage>" in result.stderr
+
+
 def test_unknown_stage_names_the_valid_ones():
     result = run_twin("trian")
     assert result.returncode == 2
