@@ -126,9 +126,14 @@ class UpdateBatcher:
         try:
             outputs = await self.run_torch(self._compute, twin, items)
         except Exception as error:  # a bug of ours or the file's: fail these rows only
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            if len(items) > 1:
+                # One line's row must not take the other lines' steps down with it: each
+                # item again on its own (a failed call wrote no state), so only it fails.
+                for item in items:
+                    await self._run_batch(twin, [item])
+                return
+            if not items[0].future.done():
+                items[0].future.set_exception(error)
             return
         self._commit(items, outputs)
 

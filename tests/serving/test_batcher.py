@@ -93,3 +93,60 @@ def test_each_format_runs_on_the_thread_its_gil_use_calls_for(twin_build, runs, 
     want = torch.tensor([o.x for o in reference], dtype=torch.float64)
     # the formats agree to the export's verification bound (compiled kernels round otherwise)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+class _FailingOnSentinel:
+    """The twin, whose update raises for a batch holding a row that measured SENTINEL (a bug
+    of the file's that one line's data trips)."""
+
+    SENTINEL = 123456.0
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.update_sizes: list[int] = []
+
+    def initial_state(self, *args):
+        return self.module.initial_state(*args)
+
+    def update(self, *args):
+        measurement = args[6]
+        self.update_sizes.append(measurement.shape[0])
+        if bool((measurement == self.SENTINEL).any()):
+            raise RuntimeError("the file's update failed on this row")
+        return self.module.update(*args)
+
+
+def test_one_lines_failing_row_fails_only_its_own_step(twin_build, runs, metadata):
+    loaded = load_twin_path(twin_build.path, "torchscript")
+    failing = _FailingOnSentinel(loaded.module)
+    twin = dataclasses.replace(loaded, module=failing)
+    inputs, tags = metadata["input_tags"], metadata["measurement_tags"]
+    rows = runs[0]
+    u = [[r["inputs"][t] for t in inputs] for r in rows[:PAST]]
+    y = [[math.nan if r["measurements"][t] is None else r["measurements"][t] for t in tags]
+         for r in rows[:PAST]]  # fmt: skip
+    stamp = datetime.fromisoformat(rows[PAST - 1]["timestamp"])
+
+    async def run():
+        registry = SessionRegistry(4, 600.0)
+        batcher = UpdateBatcher(TwinStore(twin, "unused", None), registry, ServiceMetrics(), 8)
+        batcher.start()
+        try:
+            state = await batcher.run_torch(_initial_state, twin, u, y)
+            good = registry.add("LINE-good", stamp, state)
+            bad = registry.add("LINE-bad", stamp, tuple(t.clone() for t in state))
+            step = stamp + timedelta(seconds=float(metadata["dt_s"]))
+            n_tags = len(tags)
+            return good, bad, await asyncio.gather(
+                batcher.step(good, step, u[-1], y[-1], [True] * n_tags),
+                batcher.step(bad, step, u[-1], [failing.SENTINEL] * n_tags, [True] * n_tags),
+                return_exceptions=True,
+            )
+        finally:
+            await batcher.stop()
+
+    good, bad, (good_out, bad_out) = asyncio.run(run())
+    assert failing.update_sizes[0] == 2  # both rows were one batch, and it failed
+    assert isinstance(bad_out, RuntimeError)
+    assert not isinstance(good_out, BaseException) and good_out.ok
+    assert (good.n_updates, bad.n_updates) == (1, 0)
