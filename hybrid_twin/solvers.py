@@ -447,9 +447,11 @@ class Dopri5(AbstractZOHSolver):
         torch_compile: bool | str = False,
     ) -> None:
         super().__init__(vector_field, torch_compile)
-        if not (rtol > 0 and atol >= 0):
+        # atol 0 would make a state that is exactly 0 (an empty hopper) 0/0 in the error
+        # norm: every step rejected until max_steps.
+        if not (rtol > 0 and atol > 0):
             raise ConfigError(
-                f"solver.dopri5: expected rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}"
+                f"solver.dopri5: expected rtol > 0 and atol > 0, got rtol={rtol}, atol={atol}"
             )
         self.rtol, self.atol = float(rtol), float(atol)
         self.max_steps = _positive_int(max_steps, "max_steps")

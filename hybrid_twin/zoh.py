@@ -117,6 +117,8 @@ def odeint_zoh(
     fixed = method in FIXED_GRID_METHODS
     if fixed:
         opts.setdefault("step_size", dt_s)
+    if u.shape[1] == 0:  # no interval: the hold of "jump_t" / "naive" has no input to read
+        return x0.unsqueeze(1)
     grid = torch.arange(u.shape[1] + 1, dtype=x0.dtype, device=x0.device) * dt_s
     if mode == "intervals":
         states, x = [x0], x0

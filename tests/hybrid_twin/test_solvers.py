@@ -101,6 +101,13 @@ def test_torchdiffeq_zoh_modes_match_first_order_lag_closed_form(lag_case, mode)
     torch.testing.assert_close(states, truth[:, :9], rtol=0.0, atol=1e-7)  # as for our dopri5 above
 
 
+@pytest.mark.parametrize("mode", ["intervals", "jump_t", "naive"])
+def test_torchdiffeq_zoh_with_no_interval_returns_the_start(lag_case, mode):
+    field, x0, u, dt_s, _ = lag_case
+    states = odeint_zoh(field, x0, u[:, :0], dt_s, method="dopri5", mode=mode)
+    assert torch.equal(states, x0.unsqueeze(1))
+
+
 class _Counting(torch.nn.Module):
     def __init__(self, field):
         super().__init__()
@@ -255,6 +262,9 @@ def test_unknown_solver_and_option_errors_list_the_valid_ones(linear_problem):
         build_solver(field, {"name": "rk4", "substeps": 2})
     with pytest.raises(ConfigError, match="n_substeps: expected an integer >= 1, got 0"):
         build_solver(field, {"name": "rk4", "n_substeps": 0})
+    # atol 0 would stall on a state that is exactly 0 (0/0 in the error norm)
+    with pytest.raises(ConfigError, match="expected rtol > 0 and atol > 0, got rtol=1e-06, atol=0"):
+        build_solver(field, {"name": "dopri5", "atol": 0.0})
 
 
 def test_shape_errors_say_what_was_expected_and_what_arrived(linear_problem):
