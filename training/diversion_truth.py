@@ -19,6 +19,7 @@ first row). Out-of-spec time elsewhere in a run (transients after setpoint steps
 per run, not compared.
 """
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from training.plant_truth import (
     seconds_between,
 )
 from training.tracking import git_commit
+
+log = logging.getLogger(__name__)
 
 PREDICTION, ALARM = 5, 11  # positions in OnlineTwin.update's outputs (UPDATE_OUTPUTS)
 
@@ -206,11 +209,14 @@ def diversion_per_run(
 
     Args:
         online: an OnlineTwin (eager or scripted; only its filter's prediction and alarm are
-            read); runs: the fault runs, longer than past_steps + 1 rows; labels: their
-            fault_labels.csv rows; sim, seed: `twin generate`'s config and seed.
+            read); runs: the fault run segments, longer than past_steps + 1 rows; labels:
+            their `load_labels` rows; sim, seed: `twin generate`'s config and seed. A segment
+            with < 2 rows in its run's fault window (before a data gap that split the run)
+            is left out, warned.
 
     Raises:
-        ConfigError: a run that the re-simulation does not reproduce (seed / sim).
+        ConfigError: a run that the re-simulation does not reproduce (seed / sim); a run
+            none of whose segments has 2 rows in the fault window after past_steps.
     """
     label = labels.set_index("run_id")
     ids = [r.run_id for r in runs]
@@ -233,7 +239,7 @@ def diversion_per_run(
                 f"{settings.max_loadcell_dev:g}: not the run `twin generate` wrote"
             )
     prediction, alarm, u = twin_predictions(online, dataset, runs, past_steps, dtype, settings.tag)
-    rows = []
+    rows, outside_fault = [], []
     for i, run in enumerate(runs):
         spec, offset_s = matched[run.run_id]
         r = row_of[spec.run_id]
@@ -244,9 +250,9 @@ def diversion_per_run(
         onset_s = seconds_between(start_of[run.run_id]["start"], lab.onset)
         end_s = seconds_between(start_of[run.run_id]["start"], lab.end)
         region = (t >= onset_s) & (t < end_s + settings.tail_s) & (np.arange(n) >= past_steps)
-        if region.sum() < 2:
-            raise ConfigError(f"fault_labels.csv: run {run.run_id} has < 2 rows from its onset "
-                              f"after past_steps ({past_steps})")  # fmt: skip
+        if region.sum() < 2:  # e.g. the segment before a data gap, the fault after it
+            outside_fault.append(run.run_id)
+            continue
         rows_ = np.flatnonzero(region)
         twin = (prediction[i, :n], u[i, :n][:, flow_cols].sum(axis=1), u[i, :n, weight_col])
         truth_series = (true.tablet_api_lc, true.pressed_kg_h, true.tablet_weight_mg)
@@ -266,6 +272,13 @@ def diversion_per_run(
             * dataset.dt_s,
             **repro[run.run_id],
         })  # fmt: skip
+    unscored = sorted(set(label.source_run) - {label.source_run[row["run_id"]] for row in rows})
+    if unscored:
+        raise ConfigError(f"fault_labels.csv: runs {unscored} have no segment with 2 rows from "
+                          f"their onset after past_steps ({past_steps})")
+    if outside_fault:
+        log.warning("evaluate-diversion: run segments with < 2 rows in their run's fault window "
+                    "after past_steps (%d) are left out: %s", past_steps, ", ".join(outside_fault))
     return pd.DataFrame(rows)
 
 

@@ -149,27 +149,23 @@ def fault_table(scores: dict[str, dict[str, Scores]], runs: dict[str, RunTensors
                 first_alarms: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per method and fault kind: the metrics (docs/evaluation.md); and per method and fault run.
 
+    Args:
+        labels: `load_labels` rows, one per run segment scored (run_id the segment, source_run
+            the labelled run); a fault run counts once, whatever its segments.
+
     Returns:
         (table, per_run): table has method, fault_kind, n_runs, detection_rate, mean_delay_s,
         far_before_onset, isolation_tag_rate, isolation_unit_rate, top_tags, plus a row with
-        fault_kind "normal (test)" holding far_normal; per_run one row per method and fault run,
-        then one per method and normal run (fault_kind "normal (test)", its alarmed and
-        monitored steps in pre_alarmed / pre_monitored).
+        fault_kind "normal (test)" holding far_normal; per_run one row per method and fault run
+        (`segments`: its segments scored), then one per method and normal run segment
+        (fault_kind "normal (test)", its alarmed and monitored steps in pre_alarmed /
+        pre_monitored).
     """
     rows, per_run, per_normal_run = [], [], []
     for method, by_run in scores.items():
-        for label in labels.itertuples():
-            s = by_run[label.run_id]
-            t = runs[label.run_id].time_s.numpy()
-            i0, i1, onset_s = label_rows(t, starts[label.run_id], label.onset, label.end)
-            detected, delay = detection(s.alarm, t, i0, i1, onset_s)
-            alarmed, monitored = false_alarm_counts(s.alarm, s.monitored, i0)
-            top, tag_ok, unit_ok = isolation(s.contributions, s.alarm, i0, i1, s.tags,
-                                             label.affected_tag, label.affected_unit, first_alarms)
-            per_run.append({"method": method, "run_id": label.run_id,
-                            "fault_kind": label.fault_kind, "detected": detected,
-                            "delay_s": delay, "pre_alarmed": alarmed, "pre_monitored": monitored,
-                            "top_tag": top, "tag_ok": tag_ok, "unit_ok": unit_ok})
+        for source, segments in labels.groupby("source_run", sort=False):
+            per_run.append({"method": method, "run_id": source,
+                            **_score_fault_run(by_run, runs, segments, starts, first_alarms)})
         normal = [false_alarm_counts(by_run[r].alarm, by_run[r].monitored) for r in normal_runs]
         per_normal_run += [{"method": method, "run_id": r, "fault_kind": "normal (test)",
                             "pre_alarmed": a, "pre_monitored": m}
@@ -195,6 +191,29 @@ def fault_table(scores: dict[str, dict[str, Scores]], runs: dict[str, RunTensors
     table["method"] = pd.Categorical(table["method"], list(scores))
     per_run_df = pd.concat([per_run_df, pd.DataFrame(per_normal_run)], ignore_index=True)
     return table.sort_values(["fault_kind", "method"]).reset_index(drop=True), per_run_df
+
+
+def _score_fault_run(by_run: dict[str, Scores], runs: dict[str, RunTensors],
+                     segments: pd.DataFrame, starts: dict[str, str], first_alarms: int) -> dict:
+    """One fault run's per_run entry from its segments' rows (one row, unless a data gap split
+    the run): false alarms before onset summed over the segments; detection, delay and
+    isolation from the first segment, in time, whose alarm is raised in the fault window."""
+    label = segments.iloc[0]
+    alarmed = monitored = 0
+    detected, delay, top, tag_ok, unit_ok = False, math.nan, None, False, False
+    for segment in sorted(segments.run_id, key=lambda r: _utc(starts[r])):
+        s, t = by_run[segment], runs[segment].time_s.numpy()
+        i0, i1, onset_s = label_rows(t, starts[segment], label.onset, label.end)
+        counts = false_alarm_counts(s.alarm, s.monitored, i0)
+        alarmed, monitored = alarmed + counts[0], monitored + counts[1]
+        if not detected:
+            detected, delay = detection(s.alarm, t, i0, i1, onset_s)
+            top, tag_ok, unit_ok = isolation(s.contributions, s.alarm, i0, i1, s.tags,
+                                             label.affected_tag, label.affected_unit,
+                                             first_alarms)  # fmt: skip
+    return {"fault_kind": label.fault_kind, "detected": detected, "delay_s": delay,
+            "pre_alarmed": alarmed, "pre_monitored": monitored, "top_tag": top,
+            "tag_ok": tag_ok, "unit_ok": unit_ok, "segments": len(segments)}
 
 
 # --------------------------------------------------------------------------- PCA baseline
@@ -315,13 +334,24 @@ def twin_scores(online, dataset: PreparedDataset, runs: list[RunTensors], past_s
 
 
 def load_labels(dataset: PreparedDataset, runs: list[str]) -> pd.DataFrame:
+    """The label of each run segment in `runs`, one row per segment, in the order given.
+
+    A run that `twin prepare` split at a data gap (segments <run>, <run>_s1, ...) has one label,
+    its source run's (manifest `runs[id].source_run`): every segment gets it; the column
+    `source_run` names the labelled run, `run_id` the segment.
+
+    Raises:
+        ConfigError: no labels file, a segment whose source run has no label, or a run with
+            more than one label.
+    """
     path = Path(dataset.root) / LABELS_FILE
     if not path.is_file():
         raise ConfigError(f"{path}: no fault labels in the prepared dataset")
     labels = pd.read_csv(path)
-    missing = sorted(set(runs) - set(labels.run_id))
+    manifest_runs = dataset.manifest["runs"]
+    source = {r: str(manifest_runs.get(r, {}).get("source_run", r)) for r in runs}
+    missing = sorted(r for r in runs if source[r] not in set(labels.run_id))
     if missing:
-        manifest_runs = dataset.manifest["runs"]
         normal = [r for r in missing if manifest_runs[r].get("kind", "normal") != "fault"]
         if normal:  # fault_split chose runs that are no fault runs: the CSV is not to blame
             splits = ", ".join(sorted({repr(manifest_runs[r].get("split")) for r in normal}))
@@ -334,7 +364,10 @@ def load_labels(dataset: PreparedDataset, runs: list[str]) -> pd.DataFrame:
     twice = sorted(labels.run_id[labels.run_id.duplicated()].unique())
     if twice:  # a run scored twice, each window a false alarm period of the other
         raise ConfigError(f"{path}: more than one label for runs {twice}; one fault per run")
-    return labels[labels.run_id.isin(runs)].reset_index(drop=True)
+    rows = labels.set_index("run_id").loc[[source[r] for r in runs]]
+    rows = rows.reset_index(names="source_run")
+    rows.insert(0, "run_id", list(runs))
+    return rows
 
 
 def report_short_runs(given: list[RunTensors], kept: list[RunTensors], past_steps: int) -> None:
@@ -427,7 +460,7 @@ def run_evaluate_faults(cfg: DictConfig) -> pd.DataFrame:
     runs = [r for r in [*fault_runs, *normal_runs] if r.u.shape[0] > past_steps + 1]
     report_short_runs([*fault_runs, *normal_runs], runs, past_steps)
     by_id = {r.run_id: r for r in runs}
-    labels = labels[labels.run_id.isin(by_id)]
+    labels = labels[labels.run_id.isin(by_id)]  # segments too short are left out (warned)
 
     scores = {"twin": twin_scores(online, dataset, runs, past_steps, dtype)}
     fit_x = []

@@ -9,6 +9,7 @@ with a never-alarming monitor: the windows depend on the filter's prediction alo
 """
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from training.config_dir import SHIPPED_CONFIG_DIR
 from training.dataset import PreparedDataset
 from training.diversion_truth import DiversionSettings, compare_windows, diversion_per_run
 from training.export import noise_settings
+from training.fault_evaluation import load_labels
 from training.online_twin import OnlineTwin, placeholder_monitor
 from training.plant_truth import cell_means
 from training.twin_model import build_twin_model
@@ -72,7 +74,7 @@ def settings(dataset) -> DiversionSettings:
 
 
 @pytest.fixture(scope="module")
-def per_run(dataset, sim, settings) -> pd.DataFrame:
+def online(dataset) -> OnlineTwin:
     torch.set_num_threads(1)
     model = build_twin_model(
         _load("flowsheet/cdc_line.yaml"), _load("model/mechanistic.yaml"),
@@ -82,11 +84,15 @@ def per_run(dataset, sim, settings) -> pd.DataFrame:
     noise = noise_settings(model, dataset, OmegaConf.create(_load("export.yaml")).filter)
     monitor = placeholder_monitor(len(dataset.measurement_tags))
     online = OnlineTwin(model, noise["q"], noise["r"], noise["p0_std"], monitor)
-    online = online.to(torch.float64).eval()
+    return online.to(torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def per_run(dataset, sim, settings, online) -> pd.DataFrame:
     runs = dataset.load_split("fault", torch.float64)
-    labels = pd.read_csv(Path(dataset.root) / "fault_labels.csv")
     return diversion_per_run(
-        online, dataset, runs, labels, sim, SEED, settings, PAST_STEPS, torch.float64
+        online, dataset, runs, load_labels(dataset, [r.run_id for r in runs]), sim, SEED,
+        settings, PAST_STEPS, torch.float64,
     ).set_index("fault_kind")
 
 
@@ -121,7 +127,7 @@ def test_nir_fouling_leaves_the_tablets_in_spec(per_run):
 
 def test_wrong_seed_is_refused_naming_it(dataset, sim, settings):
     runs = dataset.load_split("fault", torch.float64)[:1]
-    labels = pd.read_csv(Path(dataset.root) / "fault_labels.csv")
+    labels = load_labels(dataset, [runs[0].run_id])
     with pytest.raises(ConfigError, match="seed"):
         diversion_per_run(None, dataset, runs, labels, sim, SEED + 1, settings, PAST_STEPS,
                           torch.float64)  # fmt: skip
@@ -174,3 +180,44 @@ def test_settings_errors_name_the_key(dataset):
     )
     with pytest.raises(ConfigError, match="diversion.rule.margin_s"):
         DiversionSettings.from_config(bad_rule, dataset)
+
+
+@pytest.fixture(scope="module")
+def gapped(tmp_path_factory, dataset) -> tuple[PreparedDataset, str]:
+    """The campaign again, with a 5 min historian outage 10 min before the blockage's onset:
+    `twin prepare` splits that run into two segments, the first wholly before the fault."""
+    from data_pipelines import prepare_dataset
+
+    root = tmp_path_factory.mktemp("gapped_campaign")
+    shutil.copytree(Path(dataset.root).parent / "raw", root / "raw")  # the `dataset` export
+    labels = pd.read_csv(root / "raw" / "fault_labels.csv").set_index("fault_kind")
+    blockage = labels.loc["api_feeder_blockage"]
+    onset = pd.Timestamp(blockage.onset)
+    historian = pd.read_parquet(root / "raw" / "historian.parquet")
+    outage = historian.timestamp.between(onset - pd.Timedelta(minutes=10),
+                                         onset - pd.Timedelta(minutes=5))  # fmt: skip
+    historian[~outage].to_parquet(root / "raw" / "historian.parquet", index=False)
+    data = {**_load("data/cdc_default.yaml"), "raw_dir": str(root / "raw")}
+    data["out_dir"] = str(root / "prepared")
+    prepare_dataset(root / "raw", root / "prepared", tags=_load("plant/cdc_line.yaml")["tags"],
+                    data=data, plant_name="cdc_line")  # fmt: skip
+    return PreparedDataset.open(root / "prepared"), str(blockage.run_id)
+
+
+def test_a_run_split_at_a_data_gap_is_scored_on_its_segment_in_the_fault(gapped, sim, settings,
+                                                                        online, caplog):
+    dataset, blocked = gapped
+    segments = [r for r in dataset.run_ids("fault") if r.startswith(blocked)]
+    assert segments == [blocked, f"{blocked}_s1"]  # the outage split the run
+    runs = [r for r in dataset.load_split("fault", torch.float64) if r.run_id in segments]
+    labels = load_labels(dataset, segments)
+    assert list(labels.source_run) == [blocked, blocked]  # both segments carry its label
+    with caplog.at_level("WARNING", logger="training.diversion_truth"):
+        per_run = diversion_per_run(online, dataset, runs, labels, sim, SEED, settings,
+                                    PAST_STEPS, torch.float64)  # fmt: skip
+    # the first segment ends before the onset: left out; the second is scored as a whole run
+    assert list(per_run.run_id) == [f"{blocked}_s1"]
+    assert f"left out: {blocked}" in caplog.text
+    run = per_run.iloc[0]
+    assert run.fault_kind == "api_feeder_blockage" and run.loadcell_dev < 1e-3
+    assert run.onset_s > 0 and run.true_windows >= 1

@@ -115,6 +115,7 @@ def test_fault_table_per_kind():
         "end": ["2025-03-01T08:31:00Z"] * 3,
         "affected_unit": ["NIR", "NIR", "FEED_API"],
         "affected_tag": ["NIR.API_CONC", "NIR.API_CONC", "FEED_API.MASSFLOW"],
+        "source_run": ["f1", "f2", "f3"],
     })
     by_method = {"twin": {"f1": scores([0, 7], 1), "f2": scores([], 1),
                           "f3": scores([16], 0), "n1": scores([3, 4], 0)}}
@@ -133,6 +134,38 @@ def test_fault_table_per_kind():
     normal = per_run.set_index("run_id").loc["n1"]
     assert normal.fault_kind == "normal (test)"
     assert (normal.pre_alarmed, normal.pre_monitored) == (2, 20)
+
+
+def test_a_fault_run_split_at_a_data_gap_is_scored_once_from_its_segments(tmp_path):
+    # f1: rows 0-19 (08:30:00-08:31:35), a gap, f1_s1: 20 rows from 08:32:00; onset 08:32:20
+    header = "run_id,fault_kind,onset,end,affected_tag,affected_unit\n"
+    (tmp_path / LABELS_FILE).write_text(
+        header + "f1,nir_fouling,2025-03-01T08:32:20Z,2025-03-01T08:33:00Z,NIR.API_CONC,NIR\n")
+    later = "2025-03-01T08:32:00.000+00:00"
+    manifest = {"runs": {"f1": {"kind": "fault", "source_run": "f1", "start": START},
+                         "f1_s1": {"kind": "fault", "source_run": "f1", "start": later}}}
+    labels = load_labels(SimpleNamespace(root=tmp_path, manifest=manifest), ["f1_s1", "f1"])
+    assert list(labels.run_id) == ["f1_s1", "f1"] and set(labels.source_run) == {"f1"}
+
+    def scores(alarm_rows, top_col):
+        alarm = np.zeros(20, bool)
+        alarm[alarm_rows] = True
+        c = np.zeros((20, 3))
+        c[:, top_col] = 1.0
+        return Scores(alarm, np.ones(20, bool), c, TAGS)
+
+    # the first segment, all before the onset: 2 false alarms; the second: a false alarm at
+    # row 1 (5 s), then the detection at row 7 (35 s, 15 s after the onset at 20 s)
+    by_method = {"twin": {"f1": scores([3, 9], 0), "f1_s1": scores([1, 7, 8], 1)}}
+    runs = {r: _run(r) for r in ("f1", "f1_s1")}
+    starts = {"f1": START, "f1_s1": later}
+    table, per_run = fault_table(by_method, runs, labels, starts, [], 3)
+    row = table.set_index("fault_kind").loc["nir_fouling"]
+    assert row.n_runs == 1 and row.detection_rate == 1.0 and row.mean_delay_s == 15.0
+    assert row.far_before_onset == pytest.approx(3 / 24)  # 20 + 4 monitored rows before onset
+    assert row.isolation_tag_rate == 1.0
+    fault = per_run.set_index("run_id").loc["f1"]
+    assert fault.segments == 2 and (fault.pre_alarmed, fault.pre_monitored) == (3, 24)
 
 
 def test_held_matrix_holds_last_sample_and_skips_rows_before_every_tag():
@@ -195,7 +228,7 @@ def test_two_labels_for_one_run_are_refused_naming_it(tmp_path):
     row = "run_027,nir_fouling,2025-03-01T08:40:00Z,2025-03-01T09:00:00Z,NIR.API_CONC,NIR\n"
     (tmp_path / LABELS_FILE).write_text(header + row + row.replace("08:40", "08:50"))
     with pytest.raises(ConfigError, match=r"more than one label for runs \['run_027'\]"):
-        load_labels(SimpleNamespace(root=tmp_path), ["run_027"])
+        load_labels(SimpleNamespace(root=tmp_path, manifest={"runs": {}}), ["run_027"])
 
 
 def test_the_false_alarm_rate_is_not_scored_on_the_runs_that_set_the_limits():
