@@ -422,7 +422,9 @@ class Dopri5(AbstractZOHSolver):
     the batch. Error norm: RMS over states of err / (atol + rtol max(|x|, |x_new|)); steps
     with norm <= 1 are accepted; the next step is h min(10, max(0.2, 0.9 norm^-1/5)), never
     longer than the interval. Step-size control is detached from autograd (the gradient is
-    that of the computed solution for its step sequence).
+    that of the computed solution for its step sequence); with autograd on, each accepted
+    step is computed twice (decided off the graph, then taken on it), so that a rejected
+    trial, which may have overflowed, leaves no NaN in the gradient.
 
     Args:
         vector_field: module with theta() and rhs(x, u, theta).
@@ -518,9 +520,21 @@ class Dopri5(AbstractZOHSolver):
             remaining = dt_s - t
             last = h * 1.01 >= remaining  # stretch a step by <= 1 % rather than leave a sliver
             step = torch.where(last, remaining, h)
-            x_new, k_new, error = self._step(x, k1, u, theta, step)
-            ratio = self._error_ratio(x.detach(), x_new.detach(), error.detach())
-            accept = (ratio <= 1.0) & ~done
+            if torch.is_grad_enabled():
+                # A rejected trial must stay off the graph: one that overflowed would give
+                # its rows 0 * inf = NaN gradients. So the trial only decides, and the kept
+                # step is taken again on the graph, a zero step where rejected.
+                with torch.no_grad():
+                    x_new, _, error = self._step(x, k1, u, theta, step)
+                    ratio = self._error_ratio(x, x_new, error)
+                    accept = (ratio <= 1.0) & ~done
+                x_new, k_new, _ = self._step(
+                    x, k1, u, theta, torch.where(accept, step, torch.zeros_like(step))
+                )
+            else:
+                x_new, k_new, error = self._step(x, k1, u, theta, step)
+                ratio = self._error_ratio(x, x_new, error)
+                accept = (ratio <= 1.0) & ~done
             x = torch.where(accept, x_new, x)
             k1 = torch.where(accept, k_new, k1)
             t = torch.where(accept, torch.where(last, torch.full_like(t, dt_s), t + step), t)
