@@ -76,6 +76,7 @@ def parse_problem(
 
     Raises:
         ConfigError: an unknown decision variable, feeder or tag, bounds not low < start < high,
+            throughput_kg_h together with a feeder setpoint,
             a time off the twin's grid, an objective that starts at or after the horizon, an
             empty or nonpositive range; names the key.
     """
@@ -98,6 +99,13 @@ def parse_problem(
         bounds[name], start[name] = (low, high), nominal[name]
     if not bounds:
         raise ConfigError(f"{where}.settings: name at least one decision variable")
+    feeder_setpoints = [f.setpoint for f in line.feeders.values() if f.setpoint in bounds]
+    if THROUGHPUT in bounds and feeder_setpoints:  # both would set the same feeder setpoints
+        raise ConfigError(
+            f"{where}.settings: {THROUGHPUT} scales every feeder setpoint (the recipe kept), so "
+            f"it cannot be optimised together with {', '.join(feeder_setpoints)}; drop one "
+            f"(null drops a default setting)"
+        )
     dist = raw["disturbances"]
     feeder = str(dist["feeder"])
     if feeder not in line.feeders:
@@ -152,8 +160,8 @@ def draw_profiles(
     numpy's default_rng(seed); onset and duration rounded to the twin's grid.
 
     Raises:
-        ConfigError: a range that is not [low, high], a size outside (-1, 1), a disturbance
-            that does not end before the horizon.
+        ConfigError: a range that is not [low, high], an onset < 0, a duration <= 0, a size
+            outside (-1, 1), a disturbance that does not end before the horizon.
     """
     rng = np.random.default_rng(_count(raw["seed"], f"{where}.seed", minimum=0))
     ranges = {}
@@ -162,6 +170,12 @@ def draw_profiles(
         if not low <= high:
             raise ConfigError(f"{where}.{key}: expected [low, high], got {list(raw[key])}")
         ranges[key] = (low, high)
+    if ranges["onset_min"][0] < 0.0:  # a negative row would wrap to the horizon's end
+        raise ConfigError(f"{where}.onset_min: expected minutes >= 0 after the start, got "
+                          f"{list(raw['onset_min'])}")
+    if not ranges["duration_min"][0] > 0.0:
+        raise ConfigError(f"{where}.duration_min: expected minutes > 0, got "
+                          f"{list(raw['duration_min'])}")
     if not (-1.0 < ranges["size"][0] and ranges["size"][1] < 1.0):
         raise ConfigError(
             f"{where}.size: expected a relative change of the delivered flow in (-1, 1), got "

@@ -11,6 +11,7 @@ MLflow run `scenario-<time>`.
 """
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
@@ -43,7 +44,7 @@ def run_scenario(cfg: DictConfig) -> pd.DataFrame:
     config = OmegaConf.to_container(cfg, resolve=True)
     line = parse_line(config["line"])
     needs_data = not config["twin"]["file"] or any(
-        (s.get("start") or {}).get("from") == "recorded" for s in _raw_scenarios(config).values()
+        starts_from_recording(s) for s in _raw_scenarios(config).values()
     )
     dataset = PreparedDataset.open(config["data_path"]) if needs_data else None
     twin = load_scenario_twin(cfg, dataset)
@@ -63,6 +64,13 @@ def run_scenario(cfg: DictConfig) -> pd.DataFrame:
     print(markdown)
     print(f"scenario: wrote {len(results)} scenario(s) to {out}")
     return summary
+
+
+def starts_from_recording(raw) -> bool:
+    """Whether a scenario starts from a recorded run (a malformed start is parse_scenario's
+    to name)."""
+    start = raw.get("start") if isinstance(raw, Mapping) else None
+    return isinstance(start, Mapping) and start.get("from") == "recorded"
 
 
 def check_unique_names(scenarios: list[Scenario]) -> None:

@@ -111,12 +111,20 @@ def run_scenario_once(
 
     Raises:
         ConfigError: see start_rows and scenario_inputs; a spec-limit or diversion tag the
-            twin does not predict.
+            twin does not predict, a diversion tag without spec limits (the rule checks its
+            windows), a weight tag that is no input of the twin.
     """
     for tag in [*scenario.spec_limits, diversion_tag]:
         if tag not in twin.measurement_tags:
             raise ConfigError(f"{scenario.source}: spec_limits/diversion tag {tag!r} is not "
                               f"predicted; tags: {', '.join(twin.measurement_tags)}")  # fmt: skip
+    if diversion_tag not in scenario.spec_limits:
+        raise ConfigError(f"diversion.tag: {diversion_tag!r} has no spec limits in "
+                          f"{scenario.source} (spec_limits: {', '.join(scenario.spec_limits)}): "
+                          "the diversion rule is checked on its out-of-spec windows")  # fmt: skip
+    if weight_tag not in twin.input_tags:
+        raise ConfigError(f"diversion.weight_tag: {weight_tag!r} is no input of the twin; "
+                          f"inputs: {', '.join(twin.input_tags)}")  # fmt: skip
     past_u, past_y, first = start_rows(twin, scenario, line, dataset)
     inputs = scenario_inputs(scenario, line, twin.input_tags, first, twin.dt_s)
     u = torch.as_tensor(inputs.u, dtype=twin.dtype).unsqueeze(0)
@@ -135,6 +143,10 @@ def run_scenario_once(
     for j, tag in enumerate(twin.measurement_tags):
         table[f"predicted.{tag}"] = y[:, j]
     weight = inputs.u[:, twin.input_tags.index(weight_tag)]
+    if not (weight > 0.0).all():  # tablets = mass / weight
+        k = int(np.argmax(~(weight > 0.0)))
+        raise ConfigError(f"{scenario.source}: {weight_tag} (diversion.weight_tag) is "
+                          f"{weight[k]:g} at {k * twin.dt_s / 60:g} min; a tablet weight is > 0")
     windows = {
         tag: out_of_spec_windows(
             time_s, table[f"predicted.{tag}"].to_numpy(), limits, inputs.throughput_kg_h, weight
@@ -146,9 +158,8 @@ def run_scenario_once(
     if disturbances:
         envelope = (min(e.rows[0] for e in disturbances) * twin.dt_s,
                     max(e.rows[1] for e in disturbances) * twin.dt_s)  # fmt: skip
-        if diversion_tag in windows:
-            horizon_s = scenario.steps * twin.dt_s
-            check = check_rule(windows[diversion_tag], rule.window(*envelope), horizon_s)
+        horizon_s = scenario.steps * twin.dt_s
+        check = check_rule(windows[diversion_tag], rule.window(*envelope), horizon_s)
     return ScenarioResult(scenario, inputs, table, windows, envelope, check)
 
 

@@ -259,6 +259,11 @@ def _parse_start(raw: Mapping, where: str, line: LineSpec, setpoint_tags: Sequen
                           f"line.hoppers_kg")  # fmt: skip
     setpoints = {k: config_number(v, f"{where}.setpoints.{k}") for k, v in setpoints.items()}
     hoppers = {k: config_number(v, f"{where}.hoppers_kg.{k}", "kg") for k, v in hoppers.items()}
+    for key, values in (("setpoints", setpoints), ("hoppers_kg", hoppers)):
+        negative = [k for k, v in values.items() if v < 0.0]
+        if negative:  # flows, speeds, weights and masses are >= 0 in their units
+            raise ConfigError(f"{where}.{key}.{negative[0]}: must be >= 0, got "
+                              f"{values[negative[0]]:g}")  # fmt: skip
     return Start(kind, setpoints, hoppers)
 
 
@@ -276,6 +281,8 @@ def _parse_event(
     if kind == "setpoint_step":
         _check_tag(raw["tag"], setpoint_tags, f"{where}.tag")
         value = config_number(raw["value"], f"{where}.value")
+        if value < 0.0:  # flows, speeds, weights are >= 0 in their units
+            raise ConfigError(f"{where}.value: a setpoint must be >= 0, got {raw['value']}")
         return Event(kind, (k0, steps), tag=str(raw["tag"]), value=value)
     if kind == "throughput_change":
         factor = config_number(raw["factor"], f"{where}.factor")
@@ -289,8 +296,9 @@ def _parse_event(
             raise ConfigError(f"{where}.to_kg: must be > 0 kg, got {raw['to_kg']}")
         return Event(kind, (k0, k0 + 1), feeder=str(raw["feeder"]), value=to_kg)
     size = config_number(raw["size"], f"{where}.size", "relative change, e.g. -0.2")
-    if not size > -1.0:
-        raise ConfigError(f"{where}.size: relative change of the delivered flow must be > -1")
+    if not -1.0 < size <= 1.0:  # 20 for +20 % would be a 21-fold feed
+        raise ConfigError(f"{where}.size: a relative change of the delivered flow in (-1, 1] "
+                          f"(-0.2: 20 % less), got {raw['size']}")
     duration_min = config_number(raw["duration_min"], f"{where}.duration_min", "min")
     k1 = k0 + _rows(duration_min * 60.0, dt_s, f"{where}.duration_min")
     return Event(kind, (k0, min(k1, steps)), feeder=str(raw["feeder"]), value=size)

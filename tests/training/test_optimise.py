@@ -148,6 +148,19 @@ def test_objective_gradient_matches_central_differences(line, twin):
             {"disturbances": {**SMALL["disturbances"], "n_profiles": 0}},
             r"optimise\.disturbances\.n_profiles: expected a whole number >= 1, got 0",
         ),
+        (  # a negative row wrapped the twin's dip to the horizon's end; the plant's was over
+            {"disturbances": {**SMALL["disturbances"], "onset_min": [-3, -2]}},
+            r"optimise\.disturbances\.onset_min: expected minutes >= 0 .*got \[-3, -2\]",
+        ),
+        (
+            {"disturbances": {**SMALL["disturbances"], "duration_min": [-1, 1]}},
+            r"optimise\.disturbances\.duration_min: expected minutes > 0, got \[-1, 1\]",
+        ),
+        (  # both set the API feeder's setpoint: the reported settings were not what ran
+            {"settings": {"throughput_kg_h": [20, 40], "FEED_API.MASSFLOW_SP": [2.5, 3.5]}},
+            r"optimise\.settings: throughput_kg_h scales every feeder setpoint .* together with "
+            r"FEED_API\.MASSFLOW_SP",
+        ),
     ],
 )
 def test_bad_optimise_settings_name_the_key(line, twin, change, match):

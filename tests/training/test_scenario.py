@@ -24,7 +24,7 @@ from training.diversion import (
     out_of_spec_windows,
     step_window_tanks_in_series,
 )
-from training.scenario import check_unique_names
+from training.scenario import check_unique_names, starts_from_recording
 from training.scenario_run import run_scenario_once, start_rows, summary_rows
 from training.scenario_spec import parse_line, parse_scenario, scenario_inputs
 from training.scenario_twin import ScenarioTwin, input_factor, twin_from_model
@@ -263,6 +263,25 @@ def test_a_recorded_start_continues_from_the_runs_state(root, line, twin, datase
             {"start": {"from": "steady_state", "hoppers_kg": {"api": "full"}}},
             r"start\.hoppers_kg\.api: expected a number \(kg\), got 'full'",
         ),
+        (  # percent for a fraction: 20 would be a 21-fold feed
+            {"events": [{"type": "feeder_disturbance", "feeder": "api", "at_min": 1,
+                         "duration_min": 1, "size": 20}]},
+            r"events\[0\]\.size: a relative change of the delivered flow in \(-1, 1\].*got 20",
+        ),  # fmt: skip
+        (
+            {"start": {"from": "steady_state", "setpoints": {"BLEND.SPEED_SP": -400}}},
+            r"start\.setpoints\.BLEND\.SPEED_SP: must be >= 0, got -400",
+        ),
+        (
+            {"start": {"from": "steady_state", "hoppers_kg": {"api": -1}}},
+            r"start\.hoppers_kg\.api: must be >= 0, got -1",
+        ),
+        (
+            {"events": [{"type": "setpoint_step", "tag": "BLEND.SPEED_SP", "at_min": 1,
+                         "value": -5}]},
+            r"events\[0\]\.value: a setpoint must be >= 0, got -5",
+        ),  # fmt: skip
+        ({"start": "steady_state"}, r"start\.from: expected one of .*got None"),
     ],
 )
 def test_bad_scenario_errors_name_the_file_and_key(root, line, twin, change, match):
@@ -270,6 +289,28 @@ def test_bad_scenario_errors_name_the_file_and_key(root, line, twin, change, mat
     with pytest.raises(ConfigError, match=match) as error:
         _scenario(root, line, twin, raw, source="configs/scenarios/mine.yaml")
     assert "configs/scenarios/mine.yaml" in str(error.value)
+
+
+def test_run_settings_the_scenario_cannot_honour_are_refused_naming_the_key(root, line, twin):
+    scenario = _scenario(root, line, twin, _load("scenarios/api_feeder_dip.yaml"))
+    rule = DiversionRule.from_config(root["diversion"]["rule"])
+    # a diversion tag without limits used to skip the rule's check, silently
+    with pytest.raises(ConfigError, match=r"diversion\.tag: 'PRESS\.COMP_FORCE' has no spec lim"):
+        run_scenario_once(twin, scenario, line, rule, "PRESS.COMP_FORCE", "PRESS.WEIGHT_SP")
+    with pytest.raises(ConfigError, match=r"diversion\.weight_tag: 'PRESS\.TABLET_WEIGHT' is no "):
+        run_scenario_once(twin, scenario, line, rule, "PRESS.TABLET_API", "PRESS.TABLET_WEIGHT")
+    zero_weight = {**_load("scenarios/api_feeder_dip.yaml"), "events": [
+        {"type": "setpoint_step", "tag": "PRESS.WEIGHT_SP", "at_min": 1, "value": 0}]}
+    with pytest.raises(ConfigError, match=r"PRESS\.WEIGHT_SP \(diversion\.weight_tag\) is 0 "
+                                          r"at 1 min; a tablet weight is > 0"):
+        _run(root, line, twin, _scenario(root, line, twin, zero_weight))
+
+
+def test_a_start_written_as_a_word_reaches_the_parser_that_names_it():
+    # `start: steady_state` crashed run_scenario with AttributeError ('str' has no 'get')
+    assert not starts_from_recording({"start": "steady_state"})
+    assert not starts_from_recording("not a mapping")
+    assert starts_from_recording({"start": {"from": "recorded", "run": "run_001"}})
 
 
 def test_two_scenarios_of_one_name_are_refused_naming_both_files(root, line, twin):
@@ -376,6 +417,7 @@ def test_twin_optimise_refuses_what_the_plant_cannot_run_before_the_search(twin_
     result = run_twin(tmp_path, f"sqlite:///{tmp_path / 'store.db'}", "optimise",
                       f"twin.file={twin_file}",
                       "+optimise.settings={FEED_API.MASSFLOW_SP: [2.5, 3.5]}",
+                      "optimise.settings.throughput_kg_h=null",  # it, too, sets FEED_API
                       "optimise.optimiser.iterations=1000000", "hydra.run.dir=out",
                       timeout=300)  # fmt: skip
     assert result.returncode != 0
