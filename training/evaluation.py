@@ -5,7 +5,9 @@ sit every `stride_steps` rows from row P on, wherever the past window (P rows) a
 horizon fit inside the segment. From each origin the twin estimates its initial state from the
 past window and then simulates open loop over the measured inputs, never seeing another
 measurement. The RMSE "at horizon h" of a tag pools every sampled measurement with lead time
-in (0, h]; row 0 (lead 0) is left out because its states were just reset from measurements.
+in (0, h] after the origin (row 0, one dt after the last past row), i.e. rows 1..h: at most
+h + dt after the last measurement used. Row 0 is left out by convention (a one-step forecast
+whose directly measured states hold their last past value).
 Errors are in the tag's engineering unit.
 
 Torch only (no MLflow, no files): `twin evaluate` (training/evaluate.py) does the I/O.
