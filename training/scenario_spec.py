@@ -173,7 +173,8 @@ class ScenarioInputs:
         u: (steps, n_u) inputs then disturbances in tag units; hopper columns from the mass
             balance (delivered flow drains the hopper, a refill sets it).
         flow_factor: (steps, n_feeders) factor on each feeder's delivered flow (1 = none).
-        throughput_kg_h: (steps,) the sum of the feeders' delivered flows.
+        throughput_kg_h: (steps,) the sum of the feeders' delivered flows (0 from a feeder
+            whose hopper is empty, until a refill).
         hopper_empty_s: feeder -> first time its hopper reaches 0 (the mass balance stops at
             0: a hopper cannot hold less), for the feeders that run empty.
     """
@@ -227,8 +228,9 @@ def scenario_inputs(
         for k in range(scenario.steps):
             mass = refills.get(k, {}).get(column, mass)
             u[k, column] = mass
-            if mass <= 0.0 and feeder.name not in empty:
-                empty[feeder.name] = k * dt_s
+            if mass <= 0.0:  # an empty feeder delivers nothing: not to the kg and tablets
+                delivered[k, j] = 0.0
+                empty.setdefault(feeder.name, k * dt_s)
             mass = max(mass - delivered[k, j] * dt_s / 3600.0, 0.0)
     return ScenarioInputs(u, factor, delivered.sum(axis=1), empty)
 

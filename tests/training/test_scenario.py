@@ -109,6 +109,24 @@ def test_scenario_without_feeder_disturbance_equals_the_twins_forecast(root, lin
     assert result_changed(inputs.throughput_kg_h, before=29.9, after=39.9)
 
 
+def test_an_empty_hopper_drains_no_more_and_its_feeder_delivers_nothing(root, line, twin):
+    raw = {"name": "api_runs_dry", "duration_min": 12,
+           "start": {"from": "steady_state", "hoppers_kg": {"api": 0.2}},
+           "events": [{"type": "refill", "feeder": "api", "at_min": 10, "to_kg": 5.0}]}
+    scenario = _scenario(root, line, twin, raw)
+    _, _, first = start_rows(twin, scenario, line, None)
+    inputs = scenario_inputs(scenario, line, twin.input_tags, first, twin.dt_s)
+    api = line.nominal_setpoints["FEED_API.MASSFLOW_SP"]
+    total = sum(line.nominal_setpoints[f.setpoint] for f in line.feeders.values())
+    # 0.2 kg at 3 kg/h: empty after 240 s, i.e. from row 48 (5 s rows)
+    assert inputs.hopper_empty_s == {"api": 240.0}
+    hopper = inputs.u[:, twin.input_tags.index("FEED_API.HOPPER_MASS")]
+    assert hopper[47] > 0.0 and (hopper[48:120] == 0.0).all() and hopper[120] == 5.0
+    np.testing.assert_allclose(inputs.throughput_kg_h[:48], total)
+    np.testing.assert_allclose(inputs.throughput_kg_h[48:120], total - api)  # was still total
+    np.testing.assert_allclose(inputs.throughput_kg_h[120:], total)  # refilled at 10 min
+
+
 def result_changed(throughput: np.ndarray, before: float, after: float) -> bool:
     return throughput[0] > before and throughput[-1] > after
 
