@@ -129,6 +129,16 @@ def test_bad_quality_placeholder_does_not_make_the_good_sample_a_duplicate(write
     assert _reasons(result) == {1: "bad_quality: quality 'Bad'"}
 
 
+def test_a_padded_quality_string_is_its_word(write_text, small_tags):
+    path = write_text(
+        "historian.csv",
+        HEADER + "2025-03-01T06:00:00Z,FEED.SP,1,Good \n2025-03-01T06:00:05Z,FEED.SP,2, Good\n"
+        "2025-03-01T06:00:10Z,FEED.SP,3,Bad \n",
+    )
+    result = _validate(path, small_tags)
+    assert _reasons(result) == {3: "bad_quality: quality 'Bad '"}
+
+
 def test_time_going_backwards_within_a_tag_is_rejected(write_text, small_tags):
     path = write_text(
         "historian.csv",
