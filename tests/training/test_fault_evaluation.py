@@ -100,14 +100,16 @@ def _run(run_id: str) -> RunTensors:
                       torch.zeros(n, 1), torch.zeros(n, 3), torch.ones(n, 3, dtype=torch.bool))
 
 
-def test_fault_table_per_kind():
-    def scores(alarm_rows, top_col):
-        alarm = np.zeros(20, bool)
-        alarm[alarm_rows] = True
-        c = np.zeros((20, 3))
-        c[:, top_col] = 1.0
-        return Scores(alarm, np.ones(20, bool), c, TAGS)
+def _scores(alarm_rows: list[int], top_col: int) -> Scores:
+    """20 monitored rows alarmed at `alarm_rows`, tag `top_col` contributing everywhere."""
+    alarm = np.zeros(20, bool)
+    alarm[alarm_rows] = True
+    contributions = np.zeros((20, 3))
+    contributions[:, top_col] = 1.0
+    return Scores(alarm, np.ones(20, bool), contributions, TAGS)
 
+
+def test_fault_table_per_kind():
     labels = pd.DataFrame({
         "run_id": ["f1", "f2", "f3"],
         "fault_kind": ["nir_fouling", "nir_fouling", "api_feeder_blockage"],
@@ -117,8 +119,8 @@ def test_fault_table_per_kind():
         "affected_tag": ["NIR.API_CONC", "NIR.API_CONC", "FEED_API.MASSFLOW"],
         "source_run": ["f1", "f2", "f3"],
     })
-    by_method = {"twin": {"f1": scores([0, 7], 1), "f2": scores([], 1),
-                          "f3": scores([16], 0), "n1": scores([3, 4], 0)}}
+    by_method = {"twin": {"f1": _scores([0, 7], 1), "f2": _scores([], 1),
+                          "f3": _scores([16], 0), "n1": _scores([3, 4], 0)}}
     runs = {r: _run(r) for r in ("f1", "f2", "f3", "n1")}
     table, per_run = fault_table(by_method, runs, labels, {r: START for r in runs}, ["n1"], 3)
     t = table.set_index("fault_kind")
@@ -147,16 +149,9 @@ def test_a_fault_run_split_at_a_data_gap_is_scored_once_from_its_segments(tmp_pa
     labels = load_labels(SimpleNamespace(root=tmp_path, manifest=manifest), ["f1_s1", "f1"])
     assert list(labels.run_id) == ["f1_s1", "f1"] and set(labels.source_run) == {"f1"}
 
-    def scores(alarm_rows, top_col):
-        alarm = np.zeros(20, bool)
-        alarm[alarm_rows] = True
-        c = np.zeros((20, 3))
-        c[:, top_col] = 1.0
-        return Scores(alarm, np.ones(20, bool), c, TAGS)
-
     # the first segment, all before the onset: 2 false alarms; the second: a false alarm at
     # row 1 (5 s), then the detection at row 7 (35 s, 15 s after the onset at 20 s)
-    by_method = {"twin": {"f1": scores([3, 9], 0), "f1_s1": scores([1, 7, 8], 1)}}
+    by_method = {"twin": {"f1": _scores([3, 9], 0), "f1_s1": _scores([1, 7, 8], 1)}}
     runs = {r: _run(r) for r in ("f1", "f1_s1")}
     starts = {"f1": START, "f1_s1": later}
     table, per_run = fault_table(by_method, runs, labels, starts, [], 3)
