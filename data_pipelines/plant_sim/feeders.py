@@ -243,7 +243,11 @@ def _refill(st: FeederState, sp_kg_h: np.ndarray, t_s: float, dt_s: float, p: Fe
         st.blocked_since_s = np.where(
             failed & np.isnan(st.blocked_since_s), t_s, st.blocked_since_s
         )
-        starved = st.flow_meas_kg_h <= st.block_threshold * sp_kg_h
+        # the screw starving, not a setpoint step: a step up leaves the shown flow below the
+        # new setpoint for a while, and a refill then would end the fault before it starved
+        starved = (st.flow_meas_kg_h <= st.block_threshold * sp_kg_h) & (
+            st.hopper_kg < p.starve_kg
+        )
         manual = st.blocked & ~np.isnan(st.blocked_since_s) & starved
         st.manual_at_s = np.where(manual, t_s, st.manual_at_s)
         st.blocked &= ~manual

@@ -237,6 +237,23 @@ def _check_refill_failure(truth, f, c, run, sim, tags):
     if np.isfinite(truth.refill_manual_s[f]):
         assert flow_ratio[onset : end + 1].min() < 1.0 - run.fault.magnitude + 0.05
         assert refilling[f, end + 1]
+        # refilled by hand because the screw starved, not because a setpoint step left the
+        # shown flow below the new setpoint
+        assert hopper[f, end] < sim["feeders"]["excipient"]["starve_kg"]
+
+
+def test_a_throughput_step_after_a_failed_refill_does_not_set_off_the_manual_refill(default_sim):
+    sim = validate_sim_config(default_sim)
+    [run] = [r for r in design_campaign(sim, 37) if r.run_id == "run_023"]
+    # the case found: the excipient refill fails at ~2380 s, throughput 20.7 -> 34.5 kg/h at
+    # 3232 s with 5.5 kg in the hopper, above the 4 kg where the screw starves
+    assert run.fault.kind == "excipient_refill_failure"
+    assert [(s.time_s, round(s.throughput_kg_h, 1)) for s in run.steps][1:3] == [
+        (1066, 20.7), (3232, 34.5)]  # fmt: skip
+    truth = simulate_runs([run], default_sim)
+    manual = int(truth.refill_manual_s[0])
+    assert manual > 3232 + 60  # was 3232: the label's end and magnitude were the step's
+    assert truth["hopper_kg"][0, manual, 1] < sim["feeders"]["excipient"]["starve_kg"]
 
 
 def _check_lubricant_stop(truth, f, c, run, sim, tags):
