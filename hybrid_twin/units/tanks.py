@@ -18,17 +18,20 @@ Overflow (`overflow=True`, after the grey-box model of Rogers, Holmes, Cross and
 a full tank holds no more; the inflow it cannot hold spills, a fraction k5 of the upper tank's
 spill into the lower tank, the rest and the lower tank's spill out of the rig:
 
-    n1 = k4 u - k1 sqrt(x1)                 s1 = max(n1, 0) ramp(x1 - h1)
-    n2 = k2 sqrt(x1) + k5 s1 - k3 sqrt(x2 - o)   s2 = max(n2, 0) ramp(x2 - h2)
+    n1 = k4 u - k1 sqrt(x1)                 s1 = max(n1, 0) ramp(x1 - h1) + c max(x1 - r1, 0)
+    n2 = k2 sqrt(x1) + k5 s1 - k3 sqrt(x2 - o)   s2 = max(n2, 0) ramp(x2 - h2) + c max(x2 - r2, 0)
     dx1/dt = n1 - s1,  dx2/dt = n2 - s2
 
 ramp(d) = max(d / w + 1/2, 0) with w = `overflow_width_v`: the spill ramps in over the last
-w volts below h + w/2, where it takes all of the net inflow and the level stops; above, it
-takes more, so a level carried past (by a solver step, an initial state) falls back. A hard
+w volts below the rim r = h + w/2, where it takes all of the net inflow and the level stops;
+above, it takes more. A tank holds nothing above its rim, whatever comes in: the excess
+spills at c = 0.25 /s, so that a level carried past (a solver step, a learned initial state,
+a residual) falls back even while the tank drains. (Without c, a level above the rim with
+no net inflow drained by Torricelli alone, to an equilibrium above the rim.) A hard
 switch (w -> 0) would make the field discontinuous, which a fixed-step solver and a gradient
 both handle badly; the ramp's slope is n / w, so one RK4 step of dt stays stable while
-dt n / w < 2.78. h1 (in the upper level's V-equivalent: no sensor reads it), h2 and k5 are
-learnable.
+dt n / w < 2.78 (and dt c = 1 at the benchmark's 4 s). h1 (in the upper level's
+V-equivalent: no sensor reads it), h2 and k5 are learnable.
 
 A sensor gain is not a parameter: scaling both levels by a maps k1, k2, k3 to k / sqrt(a) and
 k4 to k4 / a, so a gain would not be identifiable.
@@ -57,6 +60,7 @@ OVERFLOW_PARAMS = (
     ParamSpec("lower_overflow_v", "V", 10.0, (1.0, 20.0), True, "lower level where it spills"),
     ParamSpec("k5_spill_to_lower", "1", 0.5, (0.0, 1.0), True, "upper spill reaching the lower"),
 )
+RIM_SPILL_PER_S = 0.25  # c: the rate the water above a rim spills at, 1/s (module docstring)
 
 
 class CascadedTanks(AbstractUnit):
@@ -103,6 +107,7 @@ class CascadedTanks(AbstractUnit):
             raise ConfigError(f"{name}.overflow_width_v: expected > 0 V, got {overflow_width_v}")
         self.overflow = bool(overflow)
         self.overflow_width_v = float(overflow_width_v)
+        self.rim_spill_per_s = RIM_SPILL_PER_S  # scripted code reads attributes, not globals
         low, high = (float(v) for v in pump_range_v)
         if not low <= nominal_pump_v <= high:
             raise ConfigError(
@@ -146,11 +151,13 @@ class CascadedTanks(AbstractUnit):
         return d, torch.zeros_like(inflow)
 
     def _spill(self, net_inflow: Tensor, level: Tensor, overflow_level: Tensor) -> Tensor:
-        """The part of a positive net inflow a (nearly) full tank cannot hold."""
+        """The part of a positive net inflow a (nearly) full tank cannot hold, plus whatever
+        stands above its rim."""
         # Not capped at 1 above h + w/2: a level a solver step carried past it spills more
         # than comes in and falls back (capped, every level above would be an equilibrium).
         ramp = ((level - overflow_level) / self.overflow_width_v + 0.5).clamp_min(0.0)
-        return net_inflow.clamp_min(0.0) * ramp
+        above_rim = (level - overflow_level - 0.5 * self.overflow_width_v).clamp_min(0.0)
+        return net_inflow.clamp_min(0.0) * ramp + self.rim_spill_per_s * above_rim
 
     def outputs(self, x: Tensor, theta: list[Tensor]) -> Tensor:
         """[lower_level_v], (batch, 1): the sensor reading, saturated."""

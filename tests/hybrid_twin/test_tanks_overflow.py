@@ -57,8 +57,8 @@ def test_below_the_ramp_the_law_is_plain_torricelli(float64):
         k: v for k, v in PARAMS.items() if k not in
         ("upper_overflow_v", "lower_overflow_v", "k5_spill_to_lower")})  # fmt: skip
     tanks = _tanks()
-    x = torch.tensor([[0.0, 0.5], [3.0, 2.0], [8.0 - WIDTH / 2, 9.0 - WIDTH / 2], [20.0, 1.0]])
-    u = torch.tensor([[0.0], [2.5], [6.0], [0.0]])  # last row: far above h1 but draining
+    x = torch.tensor([[0.0, 0.5], [3.0, 2.0], [8.0 - WIDTH / 2, 9.0 - WIDTH / 2], [8.2, 1.0]])
+    u = torch.tensor([[0.0], [2.5], [6.0], [0.0]])  # last row: in the ramp, but draining
     args = (x, u, torch.zeros(4, 1))
     torch.testing.assert_close(
         tanks.derivative(*args, tanks.theta())[0],
@@ -66,6 +66,25 @@ def test_below_the_ramp_the_law_is_plain_torricelli(float64):
         rtol=0.0,
         atol=tol("algebra"),
     )
+
+
+@torch.no_grad()
+def test_a_level_above_the_rim_spills_back_to_it_even_while_draining(float64):
+    # The learned start or a residual may put a level above h + w/2 with no net inflow: it
+    # used to drain by Torricelli alone there, to an equilibrium above the rim (u 4 V from
+    # x1 20 V: 17.9 V against a rim at 13.2 V, in the stored benchmark run's parameters).
+    flowsheet = build_flowsheet(_overflow_spec())
+    theta = flowsheet.theta()
+    # u 4 V: Torricelli alone would hold the upper tank at (k4 u / k1)^2 = 16 V, above its rim
+    # at 8.25 V: overflowing, it stops at the rim; started at 20 V it has no net inflow
+    pump = torch.full((1, 300, 1), 4.0)
+    x0 = torch.tensor([[20.0, 14.0]])  # both above their rims, 8.25 and 9.25 V
+    states = integrate_zoh(flowsheet, x0, pump, 4.0, "rk4", n_substeps=1).states[0]
+    rims = torch.tensor([8.0, 9.0]) + WIDTH / 2
+    settled = flowsheet.steady_state(torch.tensor([[4.0]]), theta)[0]
+    assert float(settled[0]) == pytest.approx(8.25)
+    torch.testing.assert_close(states[-1], settled, rtol=0.0, atol=1e-4)  # was 16 V up there
+    assert bool((states[1:, 0].diff() <= 1e-12).all())  # the upper level only falls
 
 
 def test_steady_state_is_an_equilibrium_overflowing_or_not(float64):
