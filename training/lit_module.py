@@ -331,27 +331,35 @@ class TwinLitModule(LightningModule):
         checkpoint[LR_SCHEDULE_KEY] = {"name": self.lr_schedule, "epochs": epochs}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse to resume with another lr schedule than the checkpoint's.
-
-        Why: the restored scheduler continues the checkpoint's epoch count, so another schedule
-        or, for cosine, another trainer.max_epochs would put the lr on a different curve from
-        the next epoch on (a jump, not the annealing the run started). Checkpoints written
-        before schedules existed trained with `none`.
-
-        Raises:
-            ConfigError: the schedule or (cosine) its number of epochs differs; names both.
-        """
+        """Refuse to resume with another lr schedule than the checkpoint's (`twin train`
+        checks it before the run opens, `check_resumed_schedule`; this is the fit's own
+        guard)."""
         if self._trainer is None:  # weights loaded outside a fit: no schedule goes on
             return
-        saved = checkpoint.get(LR_SCHEDULE_KEY, {"name": "none", "epochs": None})
-        now = {"name": self.lr_schedule, "epochs": self._schedule_epochs()}
-        if saved != now:
-            raise ConfigError(
-                f"lit.lr_schedule: the checkpoint trained with schedule {saved['name']!r} over "
-                f"{saved['epochs']} epochs (trainer.max_epochs), this run asks for "
-                f"{now['name']!r} over {now['epochs']}; a resumed run keeps its lr schedule "
-                f"(to train a cosine run longer, start a new run)"
-            )
+        check_resumed_schedule(checkpoint, self.lr_schedule, self.trainer.max_epochs)
+
+
+def check_resumed_schedule(checkpoint: dict, lr_schedule: str, max_epochs: int | None) -> None:
+    """A resumed run must go on with the checkpoint's lr schedule.
+
+    Why: the restored scheduler continues the checkpoint's epoch count, so another schedule
+    or, for cosine, another trainer.max_epochs would put the lr on a different curve from
+    the next epoch on (a jump, not the annealing the run started). Checkpoints written
+    before schedules existed trained with `none`.
+
+    Raises:
+        ConfigError: the schedule or (cosine) its number of epochs differs; names both.
+    """
+    saved = checkpoint.get(LR_SCHEDULE_KEY, {"name": "none", "epochs": None})
+    epochs = None if lr_schedule == "none" or max_epochs is None else int(max_epochs)
+    now = {"name": lr_schedule, "epochs": epochs}
+    if saved != now:
+        raise ConfigError(
+            f"lit.lr_schedule: the checkpoint trained with schedule {saved['name']!r} over "
+            f"{saved['epochs']} epochs (trainer.max_epochs), this run asks for "
+            f"{now['name']!r} over {now['epochs']}; a resumed run keeps its lr schedule "
+            f"(to train a cosine run longer, start a new run)"
+        )
 
 
 def check_status_of(status: Tensor, states: Tensor) -> None:

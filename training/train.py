@@ -37,6 +37,7 @@ from hybrid_twin import ConfigError
 from hybrid_twin.errors import config_number
 from training.build import build_training
 from training.datamodule import CDCDataModule
+from training.lit_module import check_resumed_schedule
 from training.tracking import (
     flatten_params,
     git_commit,
@@ -46,6 +47,10 @@ from training.tracking import (
 )
 from training.twin_model import TwinModel
 
+# trainer.precision values whose weights stay float32 (mixed: autocast around the networks)
+TRAINING_PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16", "bf16")
+# Trainer arguments `run_train` passes itself; under trainer.* they were a duplicate keyword
+TRAINER_ARGUMENTS_OF_TWIN = {"default_root_dir", "logger", "callbacks"}
 CHECKPOINT_DIR = "checkpoints"  # under the Hydra output dir; `last.ckpt` is rewritten every epoch
 RUN_ID_KEY = "mlflow_run_id"  # the MLflow run a checkpoint belongs to, inside the checkpoint
 # Config keys a resumed run may change: how it trains (epochs, devices, threads), not what.
@@ -121,15 +126,17 @@ def run_train(cfg: DictConfig) -> float:
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     resume = None
     if cfg.resume_from is not None:
-        resume = read_checkpoint(Path(cfg.resume_from), cfg.trainer.max_epochs)
+        resume = read_checkpoint(Path(cfg.resume_from), cfg.trainer.max_epochs,
+                                 str(cfg.lit.lr_schedule))  # fmt: skip
     ckpt_path = None if resume is None else str(resume.path)
     datamodule, model, lit = build_training(cfg, config)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     callbacks: list[Callback] = [MlflowEpochMetrics()]
     if cfg.trainer.enable_checkpointing:
         callbacks.append(_last_checkpoint(output_dir))
+    arguments = trainer_arguments(cfg.trainer)
     trainer = Trainer(
-        **trainer_arguments(cfg.trainer),
+        **arguments,
         logger=False,
         callbacks=callbacks,
         default_root_dir=str(output_dir),
@@ -140,6 +147,8 @@ def run_train(cfg: DictConfig) -> float:
         return float("nan")
     mlflow.set_tracking_uri(tracking_uri())
     with _mlflow_run(cfg, config, datamodule, output_dir, resume) as run:
+        # what ran, beside the param asked for (trainer=gpu falls back to the CPU)
+        mlflow.set_tag("trainer.accelerator_used", str(arguments.get("accelerator", "auto")))
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         if cfg.monitor not in trainer.callback_metrics:
             raise KeyError(
@@ -168,7 +177,8 @@ def run_train(cfg: DictConfig) -> float:
 def trainer_arguments(trainer_cfg: DictConfig) -> dict:
     """`lightning.Trainer` keyword arguments from configs/trainer/<name>.yaml. `trainer=gpu`
     on a machine without a CUDA device falls back to the CPU with a warning (the GPU-only
-    options already apply on CUDA only), rather than stop in Lightning's accelerator check."""
+    options already apply on CUDA only), rather than stop in Lightning's accelerator check;
+    the run's tag `trainer.accelerator_used` says so."""
     arguments = instantiate(trainer_cfg, _convert_="all")
     if arguments.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         warnings.warn(
@@ -188,12 +198,16 @@ def check_run_settings(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the key.
     """
+    tracking = cfg.get("tracking") or {}
     counts = {"trainer.max_epochs": cfg.trainer.get("max_epochs"),
               "trainer.check_val_every_n_epoch": cfg.trainer.get("check_val_every_n_epoch"),
-              "seed": cfg.get("seed"), "num_threads": cfg.get("num_threads")}  # fmt: skip
+              "seed": cfg.get("seed"), "num_threads": cfg.get("num_threads"),
+              "tracking.example_windows": tracking.get("example_windows", 1)}  # fmt: skip
     for key, value in counts.items():
         if value is None:  # null: Lightning's default, a drawn seed, torch's threads
             continue
+        if key == "tracking.example_windows" and value is None:
+            raise ConfigError(f"{key}: expected a whole number >= 1, got null")
         number = config_number(value, key)
         low = 0 if key == "seed" else 1
         if number != int(number) or number < low:
@@ -202,6 +216,20 @@ def check_run_settings(cfg: DictConfig) -> None:
         value = cfg.optimizer.get(key)
         if value is not None and config_number(value, f"optimizer.{key}") < 0:
             raise ConfigError(f"optimizer.{key}: expected a number >= 0, got {value!r}")
+    precision = str(cfg.trainer.get("precision", 32))
+    if precision not in TRAINING_PRECISIONS:  # bf16-true registered a model that cannot predict
+        raise ConfigError(
+            f"trainer.precision: expected one of {', '.join(TRAINING_PRECISIONS)}, got "
+            f"{precision!r}: the solver, the unit models and the registered model are float32 "
+            "(a mixed precision autocasts the networks only; model.fused_precision sets the "
+            "fused network's products)"
+        )
+    reserved = sorted(set(cfg.trainer) & TRAINER_ARGUMENTS_OF_TWIN)
+    if reserved:
+        raise ConfigError(
+            f"trainer.{reserved[0]}: set by `twin train` itself (the Hydra output folder, "
+            "MLflow, the checkpoint and metric callbacks), not a trainer setting"
+        )
 
 
 def check_validation_cadence(trainer_cfg: DictConfig) -> None:
@@ -222,16 +250,19 @@ def check_validation_cadence(trainer_cfg: DictConfig) -> None:
         )
 
 
-def read_checkpoint(path: Path, max_epochs: int | None) -> Resume:
-    """The checkpoint `resume_from` names, checked before anything trains.
+def read_checkpoint(path: Path, max_epochs: int | None, lr_schedule: str | None = None
+                    ) -> Resume:  # fmt: skip
+    """The checkpoint `resume_from` names, checked before anything trains or is recorded.
 
     Args:
-        path: a `last.ckpt` that `twin train` wrote; max_epochs: `trainer.max_epochs`.
+        path: a `last.ckpt` that `twin train` wrote; max_epochs: `trainer.max_epochs`;
+        lr_schedule: `lit.lr_schedule`, checked against the checkpoint's when given.
 
     Raises:
         FileNotFoundError: no such file.
         ConfigError: not a Lightning checkpoint, no MLflow run id in it (not written by
-            `twin train`), or `trainer.max_epochs` does not go past the epochs it has done.
+            `twin train`), `trainer.max_epochs` does not go past the epochs it has done, or
+            another lr schedule (`check_resumed_schedule`).
     """
     if not path.is_file():
         raise FileNotFoundError(f"resume_from: no checkpoint file {str(path)!r}")
@@ -254,6 +285,8 @@ def read_checkpoint(path: Path, max_epochs: int | None) -> Resume:
             f"resume_from: checkpoint {str(path)!r} has trained {epochs_done} epochs; set "
             f"trainer.max_epochs above {epochs_done} (got {max_epochs}) to train on"
         )
+    if lr_schedule is not None:  # refused in the fit, the run would be marked FAILED
+        check_resumed_schedule(checkpoint, lr_schedule, max_epochs)
     return Resume(path.resolve(), str(checkpoint[RUN_ID_KEY]), epochs_done)
 
 

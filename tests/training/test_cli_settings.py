@@ -69,11 +69,19 @@ def _train_settings(**changes) -> OmegaConf:
     ("optimizer.lr", "-0.1", r"optimizer.lr: expected a number >= 0, got -0.1"),
     ("num_threads", "1.5", r"num_threads: expected a whole number >= 1, got 1.5"),
     ("seed", "abc", r"seed: expected a number, got 'abc'"),
+    # bf16-true registered a model whose predict fails; 64 one whose outputs are not float32
+    ("trainer.precision", "bf16-true", r"trainer.precision: expected one of 32, 32-true, "),
+    ("trainer.precision", "64", r"trainer.precision: .*got '64'"),
+    # crashed after the whole fit, with nothing registered
+    ("tracking.example_windows", "0", r"tracking.example_windows: expected a whole number >= 1"),
+    # a duplicate keyword for lightning.Trainer, after the dataset loaded
+    ("trainer.default_root_dir", "/tmp/x", r"trainer.default_root_dir: set by `twin train`"),
 ])  # fmt: skip
 def test_training_numbers_are_checked_before_anything_is_built(key, value, message):
     # Lightning and torch met these late: a bare AssertionError after the build, a TypeError
     # inside AdamW, a missing val/loss
     check_run_settings(_train_settings())
+    check_run_settings(_train_settings(**{"trainer.precision": "bf16-mixed"}))
     with pytest.raises(ConfigError, match=message):
         check_run_settings(_train_settings(**{key: value}))
 

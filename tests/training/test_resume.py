@@ -97,6 +97,7 @@ def test_checkpoints_hold_the_run_id_and_the_run_records_the_resume(resumed):
     assert run.data.params["trainer.max_epochs"] == "2"
     assert run.data.params["resume_from"] == "null"
     tags = run.data.tags
+    assert tags["trainer.accelerator_used"] == "cpu"  # what ran (trainer=gpu may fall back)
     assert tags["resume.count"] == "1"
     assert tags["resume.1.checkpoint"] == str(resumed.first_checkpoint)
     assert tags["resume.1.epoch"] == "2"
@@ -205,6 +206,14 @@ def test_read_checkpoint_wants_max_epochs_past_the_epochs_done(resumed):
         read_checkpoint(resumed.first_checkpoint, 2)
     resume = read_checkpoint(resumed.first_checkpoint, 3)
     assert (resume.run_id, resume.epochs_done) == (resumed.run_id, 2)
+
+
+def test_read_checkpoint_refuses_another_lr_schedule_before_the_run_is_reopened(resumed):
+    # Refused in the fit, the reopened run was marked FAILED with resume tags that lied
+    assert read_checkpoint(resumed.first_checkpoint, 6, "none").epochs_done == 2
+    with pytest.raises(ConfigError, match=r"lit\.lr_schedule: the checkpoint trained with "
+                                          r"schedule 'none'.*asks for 'cosine' over 6"):
+        read_checkpoint(resumed.first_checkpoint, 6, "cosine")
 
 
 def _state(module) -> dict[str, torch.Tensor]:
