@@ -7,13 +7,19 @@
 # which is the CUDA build. Without a GPU, the CPU build (about 200 MB instead of several GB):
 # first from a local wheelhouse if pip is configured with one (PIP_FIND_LINKS), otherwise from
 # the index named by TORCH_CPU_INDEX_URL (PyTorch's CPU wheel index by default).
-# TWIN_TORCH_BUILD=cpu|cuda overrides the detection.
+# TWIN_TORCH_BUILD=cpu|cuda (gpu: cuda) overrides the detection.
 set -euo pipefail
 venv=${1:-.venv}
 torch_version=${TWIN_TORCH_VERSION:-2.13.0}
 python=${PYTHON:-python3}
 
 build=${TWIN_TORCH_BUILD:-}
+case "$build" in
+    ""|cpu|cuda) ;;
+    gpu) build=cuda ;;  # as in `twin train trainer=gpu`
+    *) echo "install.sh: TWIN_TORCH_BUILD=$build: expected cpu or cuda (or unset: detect)" >&2
+       exit 2 ;;
+esac
 if [ -z "$build" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         build=cuda
@@ -53,6 +59,17 @@ PY
 
 if installed=$("$venv/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null); then
     check_torch_range "$installed" "the torch already in $venv"
+    if [ "$build" = cuda ] && ! "$venv/bin/python" -c \
+            "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+        advice="remove $venv (or pip uninstall torch in it) and run this again"
+        if [ -n "${TWIN_TORCH_BUILD:-}" ]; then  # asked for, not to be had by keeping it
+            echo "install.sh: TWIN_TORCH_BUILD=${TWIN_TORCH_BUILD}, but the torch already in" \
+                 "$venv ($installed) is a CPU build; $advice" >&2
+            exit 1
+        fi
+        echo "install.sh: an NVIDIA GPU is here, but the torch already in $venv ($installed)" \
+             "is a CPU build: keeping it; for the CUDA build, $advice" >&2
+    fi
     echo "install.sh: torch $installed already in $venv, keeping it"
 elif ! check_torch_range "$torch_version" "TWIN_TORCH_VERSION"; then
     exit 1
@@ -68,6 +85,8 @@ elif [ "$build" = cuda ]; then
         echo "install.sh: TWIN_TORCH_BUILD=cuda, but pip installed a CPU build of torch" \
              "($("$venv/bin/python" -c "import torch; print(torch.__version__)")); check pip's" \
              "index configuration (pip config list)" >&2
+        # removed, so that a rerun does not find it and keep it
+        "$venv/bin/python" -m pip uninstall --quiet --yes torch
         exit 1
     fi
 else
