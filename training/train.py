@@ -357,11 +357,17 @@ def _resume_tags(resume: Resume, config: dict, manifest_sha256: str) -> dict[str
         f"resume.{n}.git.commit": git_commit(),
     }
     params = run.data.params
+    flat = flatten_params(config)
     changed = {
         key: value
-        for key, value in flatten_params(config).items()
-        if key in params and params[key] != value and key != "resume_from"
+        for key, value in flat.items()
+        if key != "resume_from"
+        and (params[key] != value if key in params else key.startswith("trainer."))
     }
+    # trainer=ddp turns `trainer.strategy: auto` into trainer.strategy._target_ and more:
+    # the added keys are above, the one they replace is recorded as unset
+    changed.update({key: "(unset)" for key in params
+                    if key.startswith("trainer.") and key not in flat})  # fmt: skip
     refused = [f"{k}: {params[k]} -> {v}" for k, v in changed.items() if not _may_change(k)]
     if refused:
         raise ConfigError(

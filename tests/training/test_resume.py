@@ -173,6 +173,9 @@ def test_resume_with_ddp_continues_the_run_and_only_rank_zero_records(tiny_cdc_d
     assert after.info.run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [0, 1]
     assert after.data.tags["resume.1.trainer.devices"] == "2"
+    # the strategy's keys changed too: `auto` became a DDPStrategy (recorded since 2026-12-06)
+    assert after.data.tags["resume.1.trainer.strategy"] == "(unset)"
+    assert after.data.tags["resume.1.trainer.strategy._target_"].endswith("DDPStrategy")
     assert client.get_model_version("cdc-line-twin", "2").run_id == run.info.run_id
     newest = torch.load(after.data.tags["checkpoint"], map_location="cpu", weights_only=True)
     assert (newest[RUN_ID_KEY], newest["epoch"]) == (run.info.run_id, 1)
