@@ -27,7 +27,7 @@ from serving.service import Service
 from serving.sessions import SessionRegistry
 from serving.settings import ServeSettings
 from serving.twin_file import LoadedTwin
-from serving.twin_store import TwinStore, load_twin
+from serving.twin_store import IncompatibleTwinError, TwinStore, load_twin
 
 log = logging.getLogger("serving")
 API_VERSION = "1"
@@ -82,7 +82,11 @@ async def poll_reload(service: Service) -> None:
     """Reload the changed model_uri; a file that cannot be served is logged and counted."""
     try:
         twin, changed = await service.store.reload()
-    except (ValueError, OSError) as error:  # TwinFileError, IncompatibleTwinError
+    except IncompatibleTwinError as error:  # labelled as the reload route labels it
+        service.metrics.reloads.labels("incompatible").inc()
+        log.error("reload poll: %s", error)
+        return
+    except (ValueError, OSError) as error:  # TwinFileError, an unreadable file
         service.metrics.reloads.labels("failed").inc()
         log.error("reload poll: %s", error)
         return

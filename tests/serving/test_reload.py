@@ -162,6 +162,31 @@ def test_a_twin_whose_tag_units_changed_is_incompatible(file_server):
     assert after == before
 
 
+def test_the_poll_counts_an_incompatible_file_as_the_route_does(twin_build, tmp_path):
+    served = tmp_path / "twin.pt"
+    shutil.copy(twin_build.path, served)
+    server = start_server(tmp_path, f"model_uri={served}", "format=torchscript",
+                          "reload_poll_s=0.2")  # fmt: skip
+    try:
+        with server.client() as client:
+            before = _label(client)
+            units = {**client.get("/v1/model").json()["metadata"]["units"],
+                     "PRESS.WEIGHT_SP": "g"}  # fmt: skip
+            rewrite(served, tmp_path / "changed.pt", units=units)
+            os.replace(tmp_path / "changed.pt", served)
+            for _ in range(100):
+                counts = [x for x in client.get("/metrics").text.splitlines()
+                          if x.startswith("twin_model_reloads_total")]  # fmt: skip
+                if counts:
+                    break
+                time.sleep(0.1)
+            # "failed" before: a poll and the route named the same refusal differently
+            assert counts == ['twin_model_reloads_total{result="incompatible"} 1.0'], counts
+            assert _label(client) == before
+    finally:
+        stop_server(server)
+
+
 def test_reload_refuses_a_body_naming_its_field(file_server):
     server, _ = file_server
     with server.client() as client:
