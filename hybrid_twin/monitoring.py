@@ -382,16 +382,29 @@ class _Calibration:
             [m > 0 and self.sorted_t2[m].numel() >= min_count for m in range(n_tags + 1)]
         )
         self.sorted_ewma = series.ewma_max.sort().values
+        sizes = [t.numel() if bool(self.empirical[m]) else 0 for m, t in enumerate(self.sorted_t2)]
+        self.dominant = max(range(n_tags + 1), key=lambda m: sizes[m]) if any(sizes) else None
 
     def limits(self, a: float) -> tuple[Tensor, float]:
-        """T^2 limit per count (empirical quantile where enough steps, else chi-square), and
-        the EWMA limit, each exceeded by a fraction a of the normal steps."""
+        """T^2 limit per count and the EWMA limit, each exceeded by a fraction a of the normal
+        steps: the empirical quantile where a count has enough steps, else the chi-square
+        quantile times the ratio of the best-sampled count's empirical quantile to its own
+        chi-square one.
+
+        Why the ratio: the innovations' tails are those of the tags every step samples, also
+        on the rare steps that add a tag (an assay). Plain chi-square limits there were 5x
+        below the common count's (22 for 7 tags against 111 for 6), so the rare steps took
+        5-20x the per-step rate and, in-sample, the level a of every other step fell."""
         limits = torch.full((self.n_tags + 1,), float("inf"), dtype=torch.float64)
+        ratio = 1.0
+        if self.dominant is not None:
+            m = self.dominant
+            ratio = _sorted_quantile(self.sorted_t2[m], 1.0 - a) / chi2_quantile(1.0 - a, m)
         for m in range(1, self.n_tags + 1):
             limits[m] = (
                 _sorted_quantile(self.sorted_t2[m], 1.0 - a)
                 if bool(self.empirical[m])
-                else chi2_quantile(1.0 - a, m)
+                else chi2_quantile(1.0 - a, m) * ratio
             )
         return limits, _sorted_quantile(self.sorted_ewma, 1.0 - a)
 
@@ -445,9 +458,10 @@ def fit_monitor(
             for count m (else the chi-square quantile); default ceil(10 / false_alarm_rate).
         tags: names for error messages; default "tag0", "tag1", ...
         calibration: "in_sample": limits exceeded at false_alarm_rate on the fitting data
-            themselves; "split": those limits times one factor, the conformal quantile of the
-            steps of `calibration_data` (`_split_scale`), so that runs the standardisation
-            never saw set how wide the limits are.
+            themselves; "split": those limits scaled by one factor c (T^2's by c, the
+            EWMA's by sqrt(c)), the conformal quantile of the steps of `calibration_data`
+            (`_split_scale`), so that runs the standardisation never saw set how wide the
+            limits are.
         calibration_data: (innovation, innovation_var, mask) of other normal runs, shaped as
             above with the same n_tags; required by "split", refused by "in_sample".
 
@@ -501,7 +515,7 @@ def fit_monitor(
         assert calibration_data is not None  # _check_calibration
         reference = _Reference(mean, std, corr, ewma_rms, ewma_lambda, limits, ewma_limit)
         scale, exceed_rate = _split_scale(calibration_data, reference, tags, false_alarm_rate)
-        limits, ewma_limit = limits * scale, ewma_limit * scale
+        limits, ewma_limit = limits * scale, ewma_limit * math.sqrt(scale)  # _split_scale
 
     dtype = torch.get_default_dtype()
     monitor = InnovationMonitor(
@@ -583,9 +597,12 @@ def _split_scale(
 ) -> tuple[float, float]:
     """Factor c on the reference limits from held-out normal runs, and their exceed rate at it.
 
-    One score per monitored step, max(T^2 / its limit, EWMA stat / its limit), makes the
+    One score per monitored step, max(T^2 / its limit, (EWMA stat / its limit)^2), makes the
     union of the two tests a single threshold c, so the conformal quantile applies (and c may
-    exceed the largest fitting-run value, which a level search on the reference cannot).
+    exceed the largest fitting-run value, which a level search on the reference cannot). The
+    square puts both in T^2's units: innovations k times wider scale T^2 by k^2 and the EWMA
+    statistic by k, so the T^2 limits take c and the EWMA limit sqrt(c) (one c on both
+    over-widened the EWMA: it never alarmed at k = 1.6).
     The guarantee is for steps exchangeable with the calibration steps; steps of one run are
     not independent, so it is only as good as the calibration runs are typical
     (docs/evaluation.md, "Fault detection").
@@ -604,7 +621,8 @@ def _split_scale(
             f"false_alarm_rate {alpha} needs at least {needed}"
         )
     score = torch.maximum(
-        series.t2 / reference.t2_limits[series.count], series.ewma_max / reference.ewma_limit
+        series.t2 / reference.t2_limits[series.count],
+        (series.ewma_max / reference.ewma_limit).pow(2),
     )
     scale = conformal_quantile(score, alpha)
     if not scale > 0.0:
@@ -612,7 +630,12 @@ def _split_scale(
             f"fit_monitor: calibration_data: conformal limit {scale} is not > 0 (statistics "
             f"of {n} steps all 0?)"
         )
-    return scale, float((score > scale).double().mean())
+    # the rate at the limits as scaled, compared as the monitor compares: score > scale can
+    # miss the step whose score is the quantile, which the scaled limits round below
+    exceed = (series.t2 > (reference.t2_limits * scale)[series.count]) | (
+        series.ewma_max > reference.ewma_limit * math.sqrt(scale)
+    )
+    return scale, float(exceed.double().mean())
 
 
 def _normal_series(

@@ -88,13 +88,27 @@ def test_split_calibration_holds_the_rate_on_fresh_runs_like_the_calibration_run
 def test_split_calibration_standardises_on_the_fit_runs_only(float64, split_fit):
     in_sample, split, _ = split_fit
     # The calibration runs never enter the standardisation: the statistics equal those of
-    # the in-sample fit on the fit runs alone, and only the limits change, by one factor.
+    # the in-sample fit on the fit runs alone, and only the limits change: T^2's by the factor,
+    # the EWMA's (linear in the innovations, T^2 quadratic) by its square root.
     for name in ("mean", "std", "corr", "ewma_rms"):
         torch.testing.assert_close(getattr(split, name), getattr(in_sample, name), rtol=0, atol=0)
     scale = split.calibration_scale
     finite = torch.isfinite(in_sample.t2_limits)
     torch.testing.assert_close(split.t2_limits[finite], scale * in_sample.t2_limits[finite])
-    assert float(split.ewma_limit) == pytest.approx(scale * float(in_sample.ewma_limit))
+    assert float(split.ewma_limit) == pytest.approx(math.sqrt(scale) * float(in_sample.ewma_limit))
+
+
+def test_split_limits_keep_both_statistics_alarming_on_wider_runs(float64, split_fit):
+    # 1.3x wider calibration and fresh runs: with one factor on both limits the EWMA's was
+    # widened in T^2's squared units, and T^2 took the whole false-alarm budget (at 1.6x the
+    # EWMA never exceeded). Each statistic keeps a share of the steps now.
+    _, split, rng = split_fit
+    fresh = wider(normal_innovations(rng, 120, 500), 1.3)
+    out = run_monitor(split, *fresh)
+    monitored = fresh[2].any(dim=2)
+    t2_rate = float((out["t2"] > out["t2_limit"])[monitored].double().mean())
+    ewma_rate = float((out["ewma_stat"] > split.ewma_limit).any(dim=2)[monitored].double().mean())
+    assert t2_rate > 0.002 and ewma_rate > 0.002, (t2_rate, ewma_rate)
 
 
 def test_split_calibrated_monitor_scripts(float64, split_fit):
