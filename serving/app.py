@@ -14,7 +14,7 @@ import logging
 
 from fastapi import Depends, FastAPI
 
-from serving.auth import request_token_check, token_dependency
+from serving.auth import header_check, request_token_check, token_dependency
 from serving.batcher import UpdateBatcher
 from serving.errors import install_error_handlers
 from serving.heap import refreeze
@@ -156,7 +156,9 @@ def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastA
     async def openapi() -> dict:
         return app.openapi()
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes,
+                       timeout_s=settings.limits.body_timeout_s,
+                       authorised=header_check(settings.tokens))  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=service.metrics,
                        routes=[route for router in routers for route in router.routes])  # fmt: skip
     return app

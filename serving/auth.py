@@ -39,6 +39,23 @@ def token_dependency(tokens: list[str]):
     return require_token
 
 
+def header_check(tokens: list[str]):
+    """For the body limit middleware: whether a raw `Authorization` header (bytes, as the
+    client sent them) carries one of `tokens`; None when there are no tokens (all admitted)."""
+    if not tokens:
+        return None
+    known = [t.encode() for t in tokens]
+
+    def authorised(header: bytes | None) -> bool:
+        scheme, _, given = (header or b"").strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        given = given.strip()
+        return any([secrets.compare_digest(given, token) for token in known])  # no early exit
+
+    return authorised
+
+
 def request_token_check(require_token):
     """`require_token` run on a request by hand: FastAPI validates a body before it runs any
     dependency, so the validation error handler asks for the token first (401 before 422)."""

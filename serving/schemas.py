@@ -10,12 +10,23 @@ on more than one field and are checked by the routes (serving/routes.py).
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, create_model
 
 from serving.settings import Limits
 from serving.twin_formats import min_past_rows
 
 LINE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+TIMESTAMP_YEARS = (1900, 2999)  # a plant's clock; near 9999 the grid arithmetic overflowed
+
+
+def _plausible_year(stamp: datetime) -> datetime:
+    low, high = TIMESTAMP_YEARS
+    if not low <= stamp.astimezone(UTC).year <= high:
+        raise ValueError(f"a timestamp in the years {low}-{high} (UTC), got {stamp.isoformat()}")
+    return stamp
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_plausible_year)]
 STRICT = ConfigDict(extra="forbid")
 
 
@@ -165,7 +176,7 @@ class TagSchemas:
         inputs_type, measurements_type = self.Inputs, self.Measurements
         self.Observation = create_model(
             "Observation", __config__=STRICT,
-            timestamp=(AwareDatetime, Field(description="the row's time, with a UTC offset")),
+            timestamp=(Timestamp, Field(description="the row's time, with a UTC offset")),
             inputs=(inputs_type, Field(description="every input and disturbance tag")),
             measurements=(measurements_type, Field(default_factory=measurements_type)),
         )  # fmt: skip

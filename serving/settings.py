@@ -31,6 +31,9 @@ class Limits(BaseModel):
     max_forecast_steps: int = Field(720, ge=1)
     max_gap_steps: int = Field(60, ge=1)
     max_abs_value: float = Field(1.0e6, gt=0)
+    # a body still arriving after this long is refused (408): slow uploads held memory and a
+    # connection for as long as the client liked
+    body_timeout_s: float = Field(30.0, gt=0)
 
 
 class SessionSettings(BaseModel):
@@ -56,7 +59,7 @@ class ServeSettings(BaseModel):
     max_batch: int = Field(64, ge=1)
     reload_poll_s: float = Field(0.0, ge=0)
     num_threads: int = Field(1, ge=1)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     limits: Limits = Field(default_factory=Limits)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
 
@@ -97,6 +100,9 @@ def load_settings(config: Mapping, environ: Mapping[str, str] | None = None) -> 
     tokens = [str(t) for t in settings.tokens] + from_env
     if any(not t.strip() for t in tokens):
         raise SettingsError("serve settings: tokens: an empty token would accept anyone")
+    if any(not t.isascii() for t in tokens):  # HTTP headers carry them as latin-1 bytes
+        raise SettingsError("serve settings: tokens: a token of other than ASCII characters "
+                            "cannot be sent as clients send it (HTTP headers are latin-1)")
     settings.tokens = tokens
     check_security(settings)
     return settings

@@ -50,6 +50,18 @@ def test_insecure_is_refused_off_loopback(tmp_path):
     assert "insecure=true is refused on host '0.0.0.0'" in log
 
 
+def test_a_token_a_client_cannot_send_and_a_misspelt_log_level_are_refused_by_name():
+    from serving.settings import SettingsError, load_settings
+
+    base = {"model_uri": "twin.pt"}
+    # HTTP headers are latin-1: a UTF-8 client's bytes of this token never matched
+    with pytest.raises(SettingsError, match=r"tokens: a token of other than ASCII"):
+        load_settings(base, {"TWIN_SERVE_TOKENS": "pässwörd-0123456789"})
+    # uvicorn raised KeyError: 'verbose' after the twin had loaded
+    with pytest.raises(SettingsError, match=r"log_level: Input should be 'critical'"):
+        load_settings({**base, "log_level": "verbose"}, {"TWIN_SERVE_TOKENS": "abc"})
+
+
 def test_insecure_on_loopback_serves_without_a_token(twin_build, tmp_path):
     server = start_server(tmp_path, f"model_uri={twin_build.path}", "insecure=true", token=None)
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.serving.reference import replay
-from tests.serving.server import in_process
+from tests.serving.server import TOKEN, in_process
 
 PAST = 6
 
@@ -137,7 +137,8 @@ def test_a_client_gone_during_the_upload_counts_as_499_not_500(twin_build):
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/sessions",
              "raw_path": b"/v1/sessions", "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"in-process"), (b"content-type", b"application/json")],
+             "headers": [(b"host", b"in-process"), (b"content-type", b"application/json"),
+                         (b"authorization", f"Bearer {TOKEN}".encode())],
              "server": ("in-process", 80), "client": ("127.0.0.1", 50000)}  # fmt: skip
 
     async def scenario() -> tuple[list, str]:
@@ -160,6 +161,71 @@ def test_a_client_gone_during_the_upload_counts_as_499_not_500(twin_build):
     assert counted == [
         'twin_http_requests_total{method="POST",route="/v1/sessions",status="499"} 1.0'
     ], counted
+
+
+def _upload_scope(headers: list[tuple[bytes, bytes]]) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/sessions",
+            "raw_path": b"/v1/sessions", "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"in-process"), (b"content-type", b"application/json"),
+                        *headers],
+            "server": ("in-process", 80), "client": ("127.0.0.1", 50000)}  # fmt: skip
+
+
+async def _answer(app, scope: dict, receive) -> list[dict]:
+    answered = []
+
+    async def send(message: dict) -> None:
+        answered.append(message)
+
+    await app(scope, receive, send)
+    return answered
+
+
+def test_a_body_without_a_token_is_answered_401_without_being_read(twin_build):
+    # A client without a token could hold max_body_bytes of memory and a connection per
+    # request for as long as it liked: 64 such uploads held +65 MiB for minutes
+    reads = []
+
+    async def receive() -> dict:
+        reads.append(1)
+        return {"type": "http.request", "body": b'{"line_id": ', "more_body": True}
+
+    async def scenario() -> list[dict]:
+        async with in_process(twin_build.path) as served:
+            return await _answer(served.app, _upload_scope([]), receive)
+
+    answered = asyncio.run(scenario())
+    assert answered[0]["status"] == 401 and reads == []
+
+
+def test_a_body_still_arriving_after_the_timeout_is_408(twin_build):
+    async def receive() -> dict:
+        if not started.is_set():
+            started.set()
+            return {"type": "http.request", "body": b'{"line_id": ', "more_body": True}
+        await asyncio.sleep(3600)  # the rest never comes
+
+    async def scenario() -> list[dict]:
+        async with in_process(twin_build.path, limits={"body_timeout_s": 0.5}) as served:
+            scope = _upload_scope([(b"authorization", f"Bearer {TOKEN}".encode())])
+            return await asyncio.wait_for(_answer(served.app, scope, receive), 30)
+
+    started = asyncio.Event()
+    answered = asyncio.run(scenario())
+    assert answered[0]["status"] == 408
+    detail = json.loads(answered[1]["body"])["detail"][0]
+    assert detail["type"] == "body_timeout" and "limits.body_timeout_s = 0.5 s" in detail["msg"]
+
+
+def test_a_timestamp_outside_a_plants_years_is_422_not_500(server, session):
+    # near 9999-12-31 the grid arithmetic (origin + k dt) overflowed: a 500
+    sid, rows = session
+    far = {**rows[0], "timestamp": "9999-12-31T23:59:59.999999+00:00"}
+    response = _post(server, f"/v1/sessions/{sid}/observations", {"observations": [far]})
+    assert response.status_code == 422, response.text
+    assert _loc(response) == ["body", "observations", 0, "timestamp"]
+    assert "years 1900-2999" in response.json()["detail"][0]["msg"]
 
 
 class DivergingTwin:

@@ -187,6 +187,28 @@ def test_the_poll_counts_an_incompatible_file_as_the_route_does(twin_build, tmp_
         stop_server(server)
 
 
+def test_a_reload_of_what_is_served_loads_nothing(twin_build, tmp_path, monkeypatch):
+    # Each AOTInductor load leaks ~1.3 MB in torch 2.13: 300 unchanged reloads grew the
+    # service 396 -> 826 MiB. Nothing changed on disk: nothing is loaded.
+    from serving import twin_store
+    from serving.twin_file import load_twin_path
+
+    served = tmp_path / "twin.pt"
+    shutil.copy(twin_build.path, served)
+    store = twin_store.TwinStore(load_twin_path(served, "torchscript"), str(served), None,
+                                 "torchscript")  # fmt: skip
+    loads = []
+    real = twin_store.load_twin
+    monkeypatch.setattr(twin_store, "load_twin", lambda *a: loads.append(a) or real(*a))
+    for _ in range(3):
+        twin, changed = asyncio.run(store.reload())
+        assert twin is store.current and not changed
+    assert loads == []
+    os.utime(served, ns=(time.time_ns(), time.time_ns() + 10**9))  # rewritten, same bytes
+    _, changed = asyncio.run(store.reload())
+    assert len(loads) == 1 and not changed  # loaded, its digest the served one's
+
+
 def test_reload_refuses_a_body_naming_its_field(file_server):
     server, _ = file_server
     with server.client() as client:
