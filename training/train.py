@@ -204,10 +204,10 @@ def check_run_settings(cfg: DictConfig) -> None:
               "seed": cfg.get("seed"), "num_threads": cfg.get("num_threads"),
               "tracking.example_windows": tracking.get("example_windows", 1)}  # fmt: skip
     for key, value in counts.items():
+        if value is None and key == "tracking.example_windows":  # the input example needs one
+            raise ConfigError(f"{key}: expected a whole number >= 1, got null")
         if value is None:  # null: Lightning's default, a drawn seed, torch's threads
             continue
-        if key == "tracking.example_windows" and value is None:
-            raise ConfigError(f"{key}: expected a whole number >= 1, got null")
         number = config_number(value, key)
         low = 0 if key == "seed" else 1
         if number != int(number) or number < low:

@@ -74,6 +74,7 @@ def _train_settings(**changes) -> OmegaConf:
     ("trainer.precision", "64", r"trainer.precision: .*got '64'"),
     # crashed after the whole fit, with nothing registered
     ("tracking.example_windows", "0", r"tracking.example_windows: expected a whole number >= 1"),
+    ("tracking.example_windows", "null", r"tracking.example_windows: .*got null"),
     # a duplicate keyword for lightning.Trainer, after the dataset loaded
     ("trainer.default_root_dir", "/tmp/x", r"trainer.default_root_dir: set by `twin train`"),
 ])  # fmt: skip
