@@ -7,6 +7,7 @@ run replays here; HYPOTHESIS_PROFILE=explore draws fresh examples when hunting f
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -43,6 +44,18 @@ def rng():
     import torch
 
     return torch.Generator().manual_seed(TEST_SEED)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_restored():
+    """Each test leaves MLflow's tracking URI as it found it. `mlflow.set_tracking_uri` (a test's
+    own, or the stage a test runs in-process) sets MLflow's global URI and, since MLflow 3,
+    MLFLOW_TRACKING_URI too: one test's store was every later test's default, and its
+    subprocesses'. mlflow is not imported here: tests that never load it do not pay for it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:  # None unsets the variable as well
+        sys.modules["mlflow"].set_tracking_uri(before)
 
 
 @pytest.fixture

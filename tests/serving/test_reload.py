@@ -4,6 +4,7 @@ one kept; a post on one twin; the housekeeping loop outliving an unexpected erro
 registry alias followed by polling."""
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -282,22 +283,42 @@ def test_housekeeping_survives_an_unexpected_error_and_goes_on_expiring(twin_bui
     assert logged and logged[0].exc_info[0] is TypeError  # with its traceback
 
 
-@pytest.fixture(scope="module")
-def registry(twin_build):
-    """The build's MLflow store with `production` on the exported version."""
-    client = MlflowClient(tracking_uri=twin_build.tracking_uri)
+# The store's columns that hold absolute artifact paths (MLflow 3's SQLite schema).
+PATH_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+
+
+@pytest.fixture
+def registry(twin_build, tmp_path):
+    """A copy of the build's MLflow store (store.db and mlruns, their paths rewritten) with
+    `production` on the exported version, and its URI. A copy: the test registers versions
+    and logs a file, which must not land in the build's store (the session's, or a folder
+    reused through TWIN_TEST_TWIN)."""
+    import sqlite3
+
+    source = Path(twin_build.tracking_uri.removeprefix("sqlite:///")).parent
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(source / "store.db", store / "store.db")
+    shutil.copytree(source / "mlruns", store / "mlruns")
+    with contextlib.closing(sqlite3.connect(store / "store.db")) as db, db:
+        for table, column in PATH_COLUMNS:
+            db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)",
+                       (str(source), str(store)))  # fmt: skip
+    uri = f"sqlite:///{store / 'store.db'}"
+    client = MlflowClient(tracking_uri=uri)
     (first, *_) = sorted(client.search_model_versions("name='cdc-line-twin'"),
                          key=lambda v: int(v.version))  # fmt: skip
     client.set_registered_model_alias("cdc-line-twin", "production", first.version)
-    return client, first
+    return client, first, uri
 
 
 def test_the_service_follows_the_registry_alias(registry, twin_build, tmp_path, monkeypatch):
+    client, first, uri = registry
     # create_model_version resolves the source through the default tracking URI
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", twin_build.tracking_uri)
-    client, first = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     server = start_server(tmp_path, "model_uri=models:/cdc-line-twin@production",
-                          f"tracking_uri={twin_build.tracking_uri}", "reload_poll_s=0.5",
+                          f"tracking_uri={uri}", "reload_poll_s=0.5",
                           "insecure=true", token=None)  # fmt: skip
     try:
         with server.client(token=None) as http:

@@ -4,6 +4,7 @@ false, a scenario name given without its list, a recorded start on another time 
 checkpoint that is not one, filter fractions below zero."""
 
 import dataclasses
+import re
 
 import mlflow
 import pytest
@@ -26,14 +27,15 @@ def store(tmp_path, monkeypatch):
     """An empty MLflow store as the process's tracking URI (restored after)."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # training.tracking reads it first
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
-    return client, experiment
+    return client, experiment, uri
 
 
 def test_a_run_id_that_names_no_finished_training_run_is_refused_by_name(store):
     # MLflow answered a 30-line traceback (not found) or a failed artifact download
-    client, experiment = store
+    client, experiment, uri = store
     settings = {"registered_model_name": "cdc-line-twin", "model_uri": None}
     evaluation = client.create_run(experiment, run_name="evaluate-x").info.run_id
     client.set_terminated(evaluation)
@@ -41,7 +43,7 @@ def test_a_run_id_that_names_no_finished_training_run_is_refused_by_name(store):
     client.log_param(failed, "datamodule.past_steps", "12")
     client.set_terminated(failed, "FAILED")
     for run_id, message in (
-        ("deadbeef", r"twin.run_id: no run 'deadbeef' in the MLflow store at sqlite:///"),
+        ("deadbeef", rf"twin.run_id: no run 'deadbeef' in the MLflow store at {re.escape(uri)}"),
         (evaluation, rf"twin.run_id: run {evaluation} \(evaluate-x\) is not a `twin train` run"),
         (failed, rf"twin.run_id: training run {failed} \(hybrid-y\) is FAILED"),
     ):
