@@ -396,16 +396,15 @@ class _Calibration:
         below the common count's (22 for 7 tags against 111 for 6), so the rare steps took
         5-20x the per-step rate and, in-sample, the level a of every other step fell."""
         limits = torch.full((self.n_tags + 1,), float("inf"), dtype=torch.float64)
+        fallback = [m for m in range(1, self.n_tags + 1) if not bool(self.empirical[m])]
+        for m in range(1, self.n_tags + 1):
+            if bool(self.empirical[m]):
+                limits[m] = _sorted_quantile(self.sorted_t2[m], 1.0 - a)
         ratio = 1.0
         if self.dominant is not None:
-            m = self.dominant
-            ratio = _sorted_quantile(self.sorted_t2[m], 1.0 - a) / chi2_quantile(1.0 - a, m)
-        for m in range(1, self.n_tags + 1):
-            limits[m] = (
-                _sorted_quantile(self.sorted_t2[m], 1.0 - a)
-                if bool(self.empirical[m])
-                else chi2_quantile(1.0 - a, m) * ratio
-            )
+            ratio = float(limits[self.dominant]) / chi2_quantile(1.0 - a, self.dominant)
+        for m in fallback:
+            limits[m] = chi2_quantile(1.0 - a, m) * ratio
         return limits, _sorted_quantile(self.sorted_ewma, 1.0 - a)
 
     def rate(self, a: float) -> float:

@@ -16,6 +16,12 @@ bearer = HTTPBearer(auto_error=False, description="a token from TWIN_SERVE_TOKEN
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
+def _matches(given: bytes, known: list[bytes]) -> bool:
+    """Whether `given` is one of the tokens, compared with every one (no early exit: the time
+    does not tell which one matched)."""
+    return any([secrets.compare_digest(given, token) for token in known])
+
+
 def token_dependency(tokens: list[str]):
     """A FastAPI dependency that admits a request carrying one of `tokens`."""
     known = [t.encode() for t in tokens]
@@ -29,10 +35,7 @@ def token_dependency(tokens: list[str]):
             raise field_error(401, ["header", "Authorization"],
                               "missing bearer token: send `Authorization: Bearer <token>`",
                               "missing_token", CHALLENGE)  # fmt: skip
-        given = credentials.credentials.encode()
-        # compare with every token, no early exit: the time does not tell which one matched
-        matched = [secrets.compare_digest(given, token) for token in known]
-        if not any(matched):
+        if not _matches(credentials.credentials.encode(), known):
             raise field_error(401, ["header", "Authorization"], "invalid bearer token",
                               "invalid_token", CHALLENGE)  # fmt: skip
 
@@ -50,8 +53,7 @@ def header_check(tokens: list[str]):
         scheme, _, given = (header or b"").strip().partition(b" ")
         if scheme.lower() != b"bearer":
             return False
-        given = given.strip()
-        return any([secrets.compare_digest(given, token) for token in known])  # no early exit
+        return _matches(given.strip(), known)
 
     return authorised
 

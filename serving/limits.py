@@ -38,9 +38,7 @@ class BodyLimitMiddleware:
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, 413, "payload_too_large",
-                               f"request body of {int(declared)}+ bytes exceeds "
-                               f"limits.max_body_bytes = {self.max_bytes}")  # fmt: skip
+            await self._too_large(send, int(declared))
             return
         chunks, size, more = [], 0, True
         try:
@@ -52,9 +50,7 @@ class BodyLimitMiddleware:
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size > self.max_bytes:
-                        await self._refuse(send, 413, "payload_too_large",
-                                           f"request body of {size}+ bytes exceeds "
-                                           f"limits.max_body_bytes = {self.max_bytes}")  # fmt: skip
+                        await self._too_large(send, size)
                         return
                     chunks.append(chunk)
                     more = message.get("more_body", False)
@@ -73,6 +69,10 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, send, size: int) -> None:
+        await self._refuse(send, 413, "payload_too_large", f"request body of {size}+ bytes "
+                           f"exceeds limits.max_body_bytes = {self.max_bytes}")  # fmt: skip
 
     async def _refuse(self, send, status: int, kind: str, msg: str) -> None:
         body = json.dumps({"detail": [{"loc": ["body"], "type": kind, "msg": msg}]}).encode()

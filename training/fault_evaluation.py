@@ -350,7 +350,8 @@ def load_labels(dataset: PreparedDataset, runs: list[str]) -> pd.DataFrame:
     labels = pd.read_csv(path)
     manifest_runs = dataset.manifest["runs"]
     source = {r: str(manifest_runs.get(r, {}).get("source_run", r)) for r in runs}
-    missing = sorted(r for r in runs if source[r] not in set(labels.run_id))
+    labelled = set(labels.run_id)
+    missing = sorted(r for r in runs if source[r] not in labelled)
     if missing:
         normal = [r for r in missing if manifest_runs[r].get("kind", "normal") != "fault"]
         if normal:  # fault_split chose runs that are no fault runs: the CSV is not to blame
