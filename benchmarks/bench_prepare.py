@@ -38,16 +38,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TAG_KEYS = ("role", "unit", "sample_period_s", "range", "description")
+TAG_KEYS = ("role", "unit", "sample_period_s", "range", "max_hold_s", "description")
 N_RUNS = 8
 
 
 def plant_tags() -> dict:
-    """The CDC line's tag dictionary, keeping only the keys a tag entry may have.
-
-    cdc_line.yaml's PRESS.TABLET_API description holds an unquoted comma, which YAML reads as
-    an extra key; TagDictionary refuses it, so the benchmark keeps the documented keys only.
-    """
+    """The CDC line's tag dictionary (configs/plant/cdc_line.yaml), keeping only the keys a
+    tag entry may have (TagDictionary refuses any other)."""
     import yaml
 
     plant = yaml.safe_load((REPO / "configs/plant/cdc_line.yaml").read_text())

@@ -4,13 +4,17 @@ Third stage of `twin prepare` (read_historian -> validate -> align_runs -> write
 A run's grid is anchored at the run's start: t_k = start + k * dt. On it
 
 - inputs and disturbances are zero-order held: the last valid value at or before t_k, from
-  anywhere earlier in the same run (NaN before the tag's first valid sample in the run);
+  anywhere earlier in the same run (NaN before the tag's first valid sample in the run, and
+  where that value is older than the tag's `max_hold_s`, when the dictionary sets one);
 - a measurement is the mean of its valid samples in (t_k - dt, t_k], NaN where there is none,
   never interpolated; `<TAG>__n` counts the samples averaged (0 = not sampled or rejected).
 
 A stretch longer than `max_gap_s` with no valid sample of any tag splits the run into
 segments `<run_id>`, `<run_id>_s1`, ...; each segment's grid covers the cells from its first
-to its last sample. Everything is numpy over whole columns; loops run over runs and tags only.
+to its last sample. A held tag's value growing older than its `max_hold_s` splits the run too,
+at the first grid point where it has none: a segment's held tags, once all have a value, keep
+it to the segment's end (training starts there, training/dataset.py). Everything is numpy
+over whole columns; loops run over runs and tags only.
 """
 
 from dataclasses import dataclass
@@ -69,7 +73,8 @@ def align_runs(
 
     Returns:
         (segments in run order, warnings): a run without valid samples gives no segment
-        and a warning.
+        and a warning; a held tag left without a value by its max_hold_s, a warning per run
+        and tag (how many grid points, the longest stretch).
 
     Raises:
         DataValidationError: a measurement with more than 32767 samples in one cell, which
@@ -90,9 +95,11 @@ def align_runs(
         if groups[0] == groups[-1]:
             warnings.append(f"run {run.run_id}: no valid sample, no run file written")
             continue
-        segments += _align_run(
+        run_segments, run_warnings = _align_run(
             run, ns, value, groups, dictionary, dt_ns, int(round(max_gap_s * 1e9))
         )
+        segments += run_segments
+        warnings += run_warnings
     return segments, warnings
 
 
@@ -104,14 +111,22 @@ def grid_cell(ns: np.ndarray, anchor_ns: int, dt_ns: int) -> np.ndarray:
     return -((anchor_ns - ns) // dt_ns)
 
 
-def _align_run(run, ns, value, groups, dictionary, dt_ns, max_gap_ns) -> list[Segment]:
-    """One run: find its segments, then fill the grid tag by tag."""
+def _align_run(run, ns, value, groups, dictionary, dt_ns, max_gap_ns):
+    """One run: find its segments, then fill the grid tag by tag; (segments, warnings)."""
     anchor = int(run.start_ns)
     times = np.sort(ns[groups[0] : groups[-1]])  # repeats are harmless: their diff is 0
     cuts = np.flatnonzero(np.diff(times) > max_gap_ns)
     first = grid_cell(times[np.r_[0, cuts + 1]], anchor, dt_ns)
     last = grid_cell(times[np.r_[cuts, len(times) - 1]], anchor, dt_ns)
+    max_age = {name: int(round(dictionary[name].max_hold_s * 1e9)) for name in dictionary.held
+               if dictionary[name].max_hold_s is not None}  # fmt: skip
+    stale_from = [
+        _first_stale_cell(ns[groups[j] : groups[j + 1]], max_age[name], anchor, dt_ns)
+        for j, name in enumerate(dictionary.names) if name in max_age
+    ]  # fmt: skip
+    first, last = _split_at(first, last, np.concatenate([np.zeros(0, np.int64), *stale_from]))
     lengths = last - first + 1
+    warnings: list[str] = []
     offsets = np.r_[0, np.cumsum(lengths)]
     total = int(offsets[-1])
     # The grid of all segments back to back: cell numbers k, then instants.
@@ -128,8 +143,11 @@ def _align_run(run, ns, value, groups, dictionary, dt_ns, max_gap_ns) -> list[Se
                     f"{dt_ns / 1e9} s cell, more than the int16 count column holds"
                 )
         else:
-            columns[name] = _hold(t, v, grid_ns)
-    return [
+            last_sample = _last_sample(t, grid_ns)
+            columns[name] = _hold(v, last_sample, max_age.get(name))
+            if name in max_age:
+                warnings += _stale_warning(run.run_id, name, last_sample, max_age[name])
+    segments = [
         _segment(
             run,
             i,
@@ -142,14 +160,61 @@ def _align_run(run, ns, value, groups, dictionary, dt_ns, max_gap_ns) -> list[Se
         )
         for i in range(len(lengths))
     ]
+    return segments, warnings
 
 
-def _hold(t: np.ndarray, v: np.ndarray, grid_ns: np.ndarray) -> np.ndarray:
-    """Zero-order hold: the last sample at or before each grid instant (t sorted)."""
+def _first_stale_cell(t: np.ndarray, max_age_ns: int, anchor: int, dt_ns: int) -> np.ndarray:
+    """Grid cells where a held tag sampled at `t` (sorted) first has a value older than
+    max_age_ns: the first grid point after t + max_age_ns, where it comes before the tag's
+    next sample (after its last sample: always; the caller keeps cells inside segments)."""
+    k = (t + max_age_ns - anchor) // dt_ns + 1
+    next_sample = np.r_[t[1:], np.iinfo(np.int64).max]
+    return k[anchor + k * dt_ns < next_sample]
+
+
+def _split_at(first: np.ndarray, last: np.ndarray, cells: np.ndarray):
+    """Segments (first, last cell each) split so that each of `cells` inside one (after
+    its first cell) starts a segment of its own."""
+    inside = np.zeros(len(cells), dtype=bool)
+    for lo, hi in zip(first, last, strict=True):
+        inside |= (cells > lo) & (cells <= hi)
+    starts = np.unique(cells[inside])
+    # segments are disjoint and in order: sorted starts and sorted ends pair up
+    return np.sort(np.r_[first, starts]), np.sort(np.r_[last, starts - 1])
+
+
+def _last_sample(t: np.ndarray, grid_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each grid instant, the index of the last sample at or before it (-1: none yet)
+    and that sample's age in ns (-1: none); t sorted."""
     idx = np.searchsorted(t, grid_ns, side="right") - 1
+    age_ns = np.where(idx >= 0, grid_ns - t[np.clip(idx, 0, None)], -1) if len(t) else idx
+    return idx, age_ns
+
+
+def _hold(v: np.ndarray, last, max_age_ns: int | None) -> np.ndarray:
+    """Zero-order hold: the last sample at or before each grid instant (`last` from
+    `_last_sample`); NaN before the first sample and where it is older than max_age_ns
+    (None: no limit)."""
+    idx, age_ns = last
     if not len(v):
-        return np.full(len(grid_ns), np.nan)
-    return np.where(idx >= 0, v[np.clip(idx, 0, None)], np.nan)
+        return np.full(len(idx), np.nan)
+    fresh = idx >= 0 if max_age_ns is None else (idx >= 0) & (age_ns <= max_age_ns)
+    return np.where(fresh, v[np.clip(idx, 0, None)], np.nan)
+
+
+def _stale_warning(run_id: str, name: str, last, max_age_ns: int) -> list[str]:
+    """One warning naming how many grid points a held tag has no value for because its
+    last sample is older than its max_hold_s, and the oldest such sample's age."""
+    idx, age_ns = last
+    stale = (idx >= 0) & (age_ns > max_age_ns)
+    if not stale.any():
+        return []
+    longest = age_ns[stale].max() / 1e9
+    return [
+        f"run {run_id} tag {name}: {int(stale.sum())} grid points without a value, its last "
+        f"valid sample older than max_hold_s = {max_age_ns / 1e9:g} s (up to {longest:g} s "
+        "old): left NaN, not held, and the run split where the value went stale"
+    ]
 
 
 def _cell_means(t, v, anchor, dt_ns, first, offsets, total) -> tuple[np.ndarray, np.ndarray]:

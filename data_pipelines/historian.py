@@ -14,6 +14,7 @@ row index + 1. Every cell of a wide row carries that row's number.
 
 import csv
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,12 @@ class HistorianTable:
 
 
 def read_historian(
-    path: Path, *, timezone: str, dst_policy: str = "raise", timestamp_format: str = "ISO8601"
+    path: Path,
+    *,
+    timezone: str,
+    dst_policy: str = "raise",
+    timestamp_format: str = "ISO8601",
+    tag_names: Collection[str] = (),
 ) -> HistorianTable:
     """Read one long or wide historian export, CSV or Parquet, into the long frame.
 
@@ -80,6 +86,8 @@ def read_historian(
         dst_policy: "raise" or "reject" for naive local times that DST makes ambiguous or
             nonexistent (with "reject" they come back flagged in `timestamp_error`).
         timestamp_format: pandas format of timestamp strings; "ISO8601" by default.
+        tag_names: the dictionary's tags: a wide header that is one of them as written is
+            that tag, brackets and all (`FIC101[PV]`, a PI attribute), not `TAG [unit]`.
 
     Returns:
         The HistorianTable; `frame` columns as documented there.
@@ -118,7 +126,7 @@ def read_historian(
     if "tag" in lower:  # a long export that lost its value column, not a tag called "tag"
         raise DataValidationError(f"{name}: a `tag` column but no `value` column; found {names}")
     columns = [(position, n) for position, n in enumerate(names, start=1) if n != ts_col]
-    return _wide_table(table, parsed, columns, name, row_numbers)
+    return _wide_table(table, parsed, columns, name, row_numbers, frozenset(tag_names))
 
 
 def read_tag_dictionary_units(path: Path) -> list[UnitClaim]:
@@ -224,15 +232,17 @@ def _long_table(table: pa.Table, parsed, lower: dict, file: str,
 
 
 def _wide_table(
-    table: pa.Table, parsed, columns: list[tuple[int, str]], file: str, row_numbers: np.ndarray
-) -> HistorianTable:
+    table: pa.Table, parsed, columns: list[tuple[int, str]], file: str, row_numbers: np.ndarray,
+    tag_names: frozenset[str],
+) -> HistorianTable:  # fmt: skip
     """Wide layout: one row per timestamp, one column per tag; empty cells are not samples.
 
-    `columns` are the tag columns as (1-based position in the header, name)."""
+    `columns` are the tag columns as (1-based position in the header, name); a name in
+    `tag_names` is a tag as written, any other `TAG [unit]` a tag and the unit it claims."""
     n, m = table.num_rows, len(columns)
     tags, claims = [], []
     for position, column in columns:
-        match = _UNIT_HEADER.match(column)
+        match = None if column in tag_names else _UNIT_HEADER.match(column)
         tags.append(match["tag"] if match else column)
         if match:
             claims.append(UnitClaim(file, f"header column {position}", match["tag"], match["unit"]))

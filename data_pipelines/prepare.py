@@ -195,6 +195,7 @@ def _read_export(
                 timezone=config.timezone,
                 dst_policy=config.dst_policy,
                 timestamp_format=config.timestamp_format,
+                tag_names=dictionary.names,
             )
         )
         check_units(tables[-1].unit_claims, dictionary)

@@ -1,7 +1,8 @@
 """The tag dictionary: what the plant says each historian tag is.
 
 `configs/plant/<plant>.yaml` holds `tags: {TAG: {role, unit, sample_period_s, range,
-description}}` (docs/data_contracts.md section 2). `prepare` receives that mapping as a plain
+max_hold_s, description}}` (docs/data_contracts.md section 2; max_hold_s and description
+optional). `prepare` receives that mapping as a plain
 dict and turns it here into a `TagDictionary`, the one object the later stages ask about a
 tag's role, unit and valid range. The dictionary's order is kept: it is the column order of
 the prepared files and of the model's inputs and outputs.
@@ -16,7 +17,8 @@ from data_pipelines.errors import ConfigError, config_number
 
 ROLES = ("input", "disturbance", "measurement")
 _REQUIRED_KEYS = ("role", "unit", "sample_period_s", "range")
-_VALID_KEYS = (*_REQUIRED_KEYS, "description")
+_VALID_KEYS = (*_REQUIRED_KEYS, "max_hold_s", "description")
+HELD_ROLES = ("input", "disturbance")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class TagSpec:
         sample_period_s: nominal historian sample period in seconds.
         range_low: lowest valid value, in `unit`.
         range_high: highest valid value, in `unit`.
+        max_hold_s: for a held tag, the oldest its last valid sample may be and still stand
+            for its value on the grid; None: held however old (a historian that writes a
+            setpoint only when it changes).
         description: free text.
     """
 
@@ -40,16 +45,21 @@ class TagSpec:
     sample_period_s: float
     range_low: float
     range_high: float
+    max_hold_s: float | None = None
     description: str = ""
 
     def as_manifest(self) -> dict:
-        """The tag as manifest.json stores it: role, unit, sample_period_s, range."""
-        return {
+        """The tag as manifest.json stores it: role, unit, sample_period_s, range, and
+        max_hold_s where the dictionary sets one."""
+        entry = {
             "role": self.role,
             "unit": self.unit,
             "sample_period_s": self.sample_period_s,
             "range": [self.range_low, self.range_high],
         }
+        if self.max_hold_s is not None:
+            entry["max_hold_s"] = self.max_hold_s
+        return entry
 
 
 class TagDictionary:
@@ -75,7 +85,8 @@ class TagDictionary:
 
         Raises:
             ConfigError: empty mapping, unknown or missing key, unknown role, a non-positive
-                sample period, or a range that is not two finite numbers with low <= high.
+                sample period, a range that is not two finite numbers with low <= high, or a
+                max_hold_s on a measurement or below the tag's sample period.
         """
         if not isinstance(tags, Mapping) or not tags:
             raise ConfigError("tag dictionary is empty: expected {TAG: {role, unit, ...}}")
@@ -93,7 +104,7 @@ class TagDictionary:
     @property
     def held(self) -> list[str]:
         """Inputs then disturbances: the tags that are zero-order held on the grid."""
-        return self.with_role("input") + self.with_role("disturbance")
+        return [name for role in HELD_ROLES for name in self.with_role(role)]
 
     @property
     def column_order(self) -> list[str]:
@@ -142,5 +153,25 @@ def _parse_spec(name: str, entry: object) -> TagSpec:
         sample_period_s=period,
         range_low=low,
         range_high=high,
+        max_hold_s=_max_hold(name, entry, period),
         description=str(entry.get("description", "")),
     )
+
+
+def _max_hold(name: str, entry: Mapping, period: float) -> float | None:
+    """The tag's max_hold_s (None where absent or null), checked against its role and period."""
+    value = entry.get("max_hold_s")
+    if value is None:
+        return None
+    if entry["role"] not in HELD_ROLES:
+        raise ConfigError(
+            f"tag {name}: max_hold_s applies to held tags (roles {list(HELD_ROLES)}); a "
+            f"{entry['role']} is never held"
+        )
+    max_hold = config_number(value, f"tag {name}: max_hold_s")
+    if not period <= max_hold < math.inf:
+        raise ConfigError(
+            f"tag {name}: max_hold_s must be finite and >= its sample_period_s ({period:g} s), "
+            f"got {max_hold:g}: below it, every stretch between two samples would count as lost"
+        )
+    return max_hold

@@ -33,6 +33,21 @@ def _to_wide(frame: pd.DataFrame) -> pd.DataFrame:
     return wide.reset_index().rename_axis(columns=None)
 
 
+def test_a_wide_header_that_is_a_dictionary_tag_with_brackets_is_that_tag(write_text):
+    # PI writes attributes as `FIC101[PV]`: read as `TAG [unit]` it claimed the unit "PV"
+    path = write_text(
+        "historian.csv",
+        "timestamp,FIC101[PV],FEED.SP [kg/h],TI 7 [degC]\n2025-03-01 06:00:00,1.5,2.0,40.1\n",
+    )
+    table = read_historian(path, tag_names=["FIC101[PV]", "FEED.SP", "TI 7 [degC]"], **UTC)
+    assert table.frame["tag"].astype(str).tolist() == ["FIC101[PV]", "FEED.SP", "TI 7 [degC]"]
+    assert [(c.tag, c.unit) for c in table.unit_claims] == [("FEED.SP", "kg/h")]
+    # without the dictionary's names the brackets are units, as before
+    claims = read_historian(path, **UTC).unit_claims
+    assert [(c.tag, c.unit) for c in claims] == [("FIC101", "PV"), ("FEED.SP", "kg/h"),
+                                                 ("TI 7", "degC")]  # fmt: skip
+
+
 def test_long_csv_rows_are_numbered_from_one_after_the_header(write_text):
     path = write_text(
         "historian.csv",

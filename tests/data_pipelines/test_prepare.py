@@ -42,6 +42,17 @@ def test_a_config_value_that_is_not_a_number_is_refused_naming_its_key():
         ({**tag, "sample_period_s": "1 s"}, r"sample_period_s: expected a number, got '1 s'"),
         ({**tag, "sample_period_s": None}, r"tag SP: sample_period_s: expected a number, got No"),
         ({**tag, "range": [0.0, "10 kg/h"]}, r"tag SP: range: expected a number, got '10 kg/h'"),
+        ({**tag, "max_hold_s": "30 s"}, r"tag SP: max_hold_s: expected a number, got '30 s'"),
+        (
+            {**tag, "max_hold_s": 0.5},
+            r"tag SP: max_hold_s must be finite and >= its sample_period_s \(1 s\), got 0.5",
+        ),
+        ({**tag, "max_hold_s": "inf"}, r"tag SP: max_hold_s must be finite"),
+        (
+            {**tag, "role": "measurement", "max_hold_s": 30},
+            r"tag SP: max_hold_s applies to held tags \(roles \['input', 'disturbance'\]\); a "
+            r"measurement is never held",
+        ),
     ):
         with pytest.raises(ConfigError, match=message):
             TagDictionary.from_mapping({"SP": entry})
@@ -207,6 +218,56 @@ def test_real_bibmon_export_counts_quality_strings_as_its_readme_says(tmp_path):
     assert len(run) == 3169 and run["tag2__n"].sum() == 3169 - 156
     source = pd.read_csv(raw / "real_process_data.csv", usecols=[0, 101])
     np.testing.assert_array_equal(run["tag100"].to_numpy(), source["tag100"].to_numpy())
+
+
+def test_an_input_lost_for_70_min_of_the_real_export_ends_its_hold_after_max_hold_s(tmp_path):
+    """tag34 reads "Bad" for 14 samples in a row (rows 1546-1559, 5-min grid). As an input
+    with max_hold_s 15 min, its last good value (row 1545) stands for rows 1546-1548; rows
+    1549-1559 have none, and the run splits at row 1549 so that training starts again at
+    row 1560. Nothing else changes: every other tag's samples stay in the two segments."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "real_process_data.csv").write_bytes(gzip.decompress(BIBMON_GZ.read_bytes()))
+    measurement = {"role": "measurement", "unit": "-", "sample_period_s": 300.0,
+                   "range": [-1.0e3, 1.0e3]}  # fmt: skip
+    tags = {f"tag{i}": dict(measurement) for i in range(108)}
+    tags["tag34"] = {**measurement, "role": "input", "max_hold_s": 900.0}
+    data = {"historian_glob": "real_process_data.csv", "dt_s": 300.0, "max_gap_s": 900.0}
+    manifest = prepare_dataset(raw, tmp_path / "out", tags=tags, data=data, plant_name="bibmon")
+    assert manifest["tags"]["tag34"]["max_hold_s"] == 900.0
+    n_rows = {k: v["n_rows"] for k, v in manifest["runs"].items()}
+    assert n_rows == {"run_0": 1549, "run_0_s1": 1620}
+    first, second = (pd.read_parquet(tmp_path / "out" / manifest["runs"][k]["file"])
+                     for k in ("run_0", "run_0_s1"))  # fmt: skip
+    assert first["tag34"].notna().all()
+    assert second["tag34"].isna().to_numpy().nonzero()[0].tolist() == list(range(11))
+    assert first["tag100__n"].sum() + second["tag100__n"].sum() == 3169
+    assert [w for w in manifest["warnings"] if "max_hold_s" in w] == [
+        "run run_0 tag tag34: 11 grid points without a value, its last valid sample older than "
+        "max_hold_s = 900 s (up to 4200 s old): left NaN, not held, and the run split where "
+        "the value went stale"
+    ]
+
+
+def test_a_wide_export_headed_by_pi_attribute_tags_prepares(tmp_path):
+    """A dictionary tag `FIC101[PV]` heading a wide column is that tag, not FIC101 in unit
+    "PV" (which stopped prepare as an unknown tag); `TI7 [degC]` still claims its unit."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = "".join(f"2025-03-01T06:00:{s:02d}Z,{1.0 + s / 10:.1f},{40 + s / 100:.2f}\n"
+                   for s in range(20))  # fmt: skip
+    (raw / "historian.csv").write_text("timestamp,FIC101[PV],TI7 [degC]\n" + rows)
+    tags = {"FIC101[PV]": {"role": "input", "unit": "kg/h", "sample_period_s": 1.0,
+                           "range": [0.0, 10.0]},
+            "TI7": {"role": "measurement", "unit": "degC", "sample_period_s": 1.0,
+                    "range": [0.0, 100.0]}}  # fmt: skip
+    manifest = _prepare(raw, tmp_path / "out", tags, {"dt_s": 5.0})
+    run = pd.read_parquet(tmp_path / "out" / manifest["runs"]["run_0"]["file"])
+    assert run["FIC101[PV]"].tolist() == [1.0, 1.5, 2.0, 2.5, 2.9]
+    assert manifest["counts"]["rows_valid"] == 40
+    tags["TI7"]["unit"] = "K"
+    with pytest.raises(DataValidationError, match=r"tag TI7: unit 'degC' but the tag diction"):
+        _prepare(raw, tmp_path / "out2", tags, {"dt_s": 5.0})
 
 
 def test_data_pipelines_never_imports_torch_or_hybrid_twin():
