@@ -37,6 +37,7 @@ from hybrid_twin import ConfigError
 from hybrid_twin.errors import config_number
 from training.build import build_training
 from training.datamodule import CDCDataModule
+from training.dataset import DatasetError
 from training.lit_module import check_resumed_schedule
 from training.tracking import (
     flatten_params,
@@ -130,6 +131,11 @@ def run_train(cfg: DictConfig) -> float:
                                  str(cfg.lit.lr_schedule))  # fmt: skip
     ckpt_path = None if resume is None else str(resume.path)
     datamodule, model, lit = build_training(cfg, config)
+    if cfg.tracking.plot_split:  # checked now, not after the fit: plots come before registering
+        try:
+            datamodule.dataset.run_ids(str(cfg.tracking.plot_split))
+        except DatasetError as error:
+            raise ConfigError(f"tracking.plot_split: {error}") from None
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     callbacks: list[Callback] = [MlflowEpochMetrics()]
     if cfg.trainer.enable_checkpointing:
@@ -156,7 +162,6 @@ def run_train(cfg: DictConfig) -> float:
                 f"{sorted(trainer.callback_metrics)}"
             )
         metric = float(trainer.callback_metrics[cfg.monitor])
-        version = _register(cfg, model, datamodule, output_dir)
         if cfg.tracking.plot_split:
             from training.run_plots import log_run_plots
 
@@ -167,6 +172,9 @@ def run_train(cfg: DictConfig) -> float:
                 int(cfg.datamodule.past_steps),
                 output_dir / "plots",
             )
+        # the last step: a run that fails before it registers no version, which "the latest
+        # registered version" (export, evaluate-faults, serve) would then have picked up
+        version = _register(cfg, model, datamodule, output_dir)
         print(
             f"train: run {run.info.run_id}, {cfg.monitor} = {metric:.4g}, registered "
             f"{cfg.tracking.registered_model_name} version {version}"
@@ -312,11 +320,24 @@ def _mlflow_run(
     tags = _resume_tags(resume, config, datamodule.manifest_sha256)
     if cfg.trainer.enable_checkpointing:
         tags["checkpoint"] = checkpoint  # the newest one to resume from
-    with mlflow.start_run(run_id=resume.run_id) as run:
+    status_before = mlflow.MlflowClient().get_run(resume.run_id).info.status
+    n = tags["resume.count"]
+    run = mlflow.start_run(run_id=resume.run_id)
+    status = "FINISHED"
+    try:
         mlflow.set_tags(tags)
-        n = tags["resume.count"]
         mlflow.log_text(yaml.safe_dump(dict(config), sort_keys=False), f"resume/{n}/config.yaml")
         yield run
+        mlflow.set_tag(f"resume.{n}.outcome", "finished")
+    except BaseException as error:
+        # A resume that fails leaves the run as it found it: a finished run marked FAILED
+        # hid its registered versions from `twin evaluate` and `twin export run_id=`.
+        outcome = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        mlflow.set_tag(f"resume.{n}.outcome", f"{outcome}: {type(error).__name__}: {error}"[:500])
+        status = status_before if status_before in ("FINISHED", "KILLED") else "FAILED"
+        raise
+    finally:
+        mlflow.end_run(status)
 
 
 def _resume_tags(resume: Resume, config: dict, manifest_sha256: str) -> dict[str, str]:

@@ -102,6 +102,7 @@ def test_checkpoints_hold_the_run_id_and_the_run_records_the_resume(resumed):
     assert tags["resume.1.checkpoint"] == str(resumed.first_checkpoint)
     assert tags["resume.1.epoch"] == "2"
     assert tags["resume.1.trainer.max_epochs"] == "4"
+    assert tags["resume.1.outcome"] == "finished"
     assert "resume.1.resume_from" not in tags
     names = {a.path for a in resumed.client.list_artifacts(resumed.run_id, "resume/1")}
     assert names == {"resume/1/config.yaml"}
@@ -146,6 +147,30 @@ def test_resume_from_a_run_that_is_not_in_the_tracking_store_names_the_run_id(re
     )
     assert str(resumed.first_checkpoint) in result.stderr
     assert not list(tmp_path.glob("outputs/train/*/checkpoints/*.ckpt"))  # nothing trained
+
+
+def test_a_resume_that_fails_leaves_the_finished_run_finished_and_says_so(
+    tiny_cdc_dataset, tmp_path
+):
+    # Marked FAILED, the run's registered versions vanished from `twin evaluate` (finished
+    # runs only) and `twin export run_id=`, though nothing was wrong with them.
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    data = f"datamodule.path={tiny_cdc_dataset}"
+    first = run_twin(tmp_path, uri, "train", data, *TINY, "model=mechanistic",
+                     "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'first'}")  # fmt: skip
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = _runs(client)
+    result = run_twin(tmp_path, uri, "train", data, *TINY, "model=mechanistic",
+                      "trainer.max_epochs=2", "trainer.limit_val_batches=0",  # no val/loss
+                      f"resume_from={run.data.tags['checkpoint']}")  # fmt: skip
+    assert result.returncode != 0
+    assert "monitor 'val/loss' was not logged" in result.stderr, result.stderr[-3000:]
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED"
+    assert after.data.tags["resume.1.outcome"].startswith("failed: KeyError: ")
+    versions = client.search_model_versions("name='cdc-line-twin'")
+    assert [(int(v.version), v.run_id) for v in versions] == [(1, run.info.run_id)]
 
 
 @pytest.mark.slow

@@ -213,6 +213,22 @@ def test_twin_train_logs_val_metrics_only_for_the_epochs_that_validated(tiny_cdc
         assert steps(name) == [1, 3], name
 
 
+def test_an_unknown_plot_split_is_refused_before_a_run_or_a_version_exists(
+    tiny_cdc_dataset, tmp_path
+):
+    # Checked only when plotting, after the version was registered: the run failed, and its
+    # version became "the latest" that a bare `twin export` shipped.
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    result = run_twin(tmp_path, uri, "train", f"datamodule.path={tiny_cdc_dataset}",
+                      "model=mechanistic", *TINY_SIZES, "tracking.plot_split=nosuch")  # fmt: skip
+    assert result.returncode != 0
+    assert "tracking.plot_split: unknown split 'nosuch'; the manifest has: " in result.stderr
+    client = MlflowClient(tracking_uri=uri)
+    assert client.search_model_versions("name='cdc-line-twin'") == []
+    experiment = client.get_experiment_by_name("cdc-line-twin")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
+
+
 def test_a_validation_cadence_that_skips_the_last_epoch_is_refused():
     from omegaconf import OmegaConf
 
