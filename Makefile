@@ -23,7 +23,8 @@ pipeline: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The same pipeline through DVC, which skips stages whose inputs did not change.
+# The data stages through DVC (dvc.yaml: generate -> prepare), skipping those whose inputs
+# did not change; training and evaluation are `make pipeline`'s.
 repro: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 

@@ -37,7 +37,7 @@ from training.simulation_eval import (
     simulation_markdown,
     summarise,
 )
-from training.tracking import git_commit, load_twin, tracking_uri
+from training.tracking import check_training_run, git_commit, load_twin, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,8 @@ def _training_runs(cfg: DictConfig, kind: str, manifest_sha256: str) -> list[Run
     named = OmegaConf.select(cfg, f"runs.{kind}")
     if named:
         ids = [named] if isinstance(named, str) else list(named)
-        runs = [mlflow.get_run(str(run_id)) for run_id in ids]
+        client = mlflow.MlflowClient()
+        runs = [check_training_run(client, str(run_id), f"runs.{kind}") for run_id in ids]
         for run in runs:
             _check_run(cfg, run, kind, manifest_sha256)
         return runs
@@ -308,7 +309,7 @@ def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:
             f"give one run id, or use mode=simulation to pool several"
         )
     if run_id:
-        run = mlflow.get_run(str(run_id))
+        run = check_training_run(mlflow.MlflowClient(), str(run_id), f"runs.{kind}")
         if run.data.tags.get("model.kind") != kind:
             raise ConfigError(
                 f"runs.{kind}: run {run_id} trained kind {run.data.tags.get('model.kind')!r}"

@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -42,8 +43,16 @@ from training.export_formats import (
     package,
 )
 from training.online_twin import STATE_FIELDS, UPDATE_OUTPUTS, OnlineTwin, placeholder_monitor
-from training.tracking import download_run_file, load_twin, run_model_uri, tracking_uri
+from training.tracking import (
+    check_training_run,
+    download_run_file,
+    load_twin,
+    run_model_uri,
+    tracking_uri,
+)
 from training.twin_model import TwinModel, build_twin_model
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -261,31 +270,33 @@ def resolve_model(cfg: DictConfig, prefix: str = "") -> ResolvedModel:
             f"no registered version of {name!r} at {tracking_uri()}: run `twin train`, or "
             f"give {prefix}model_uri=models:/<name>/<version> or {prefix}run_id=<run id>"
         )
-    latest = max(versions, key=lambda v: int(v.version))
+    latest, skipped = _latest_finished(client, versions)
+    if skipped:
+        log.warning("%s: skipped version(s) %s of %r: their training runs did not finish",
+                    prefix + "model_uri=null", skipped, name)  # fmt: skip
+    if latest is None:
+        raise ConfigError(
+            f"no version of {name!r} at {tracking_uri()} comes from a finished training run "
+            f"(versions {skipped}): give {prefix}model_uri=models:/{name}/<version>"
+        )
     return ResolvedModel(latest.run_id, str(latest.version), f"models:/{name}/{latest.version}")
 
 
-def check_training_run(client, run_id: str, key: str) -> None:
-    """Refuse a run id that names no finished `twin train` run: MLflow's own answers were a
-    30-line traceback ("Run with id=... not found") or a failed artifact download.
-
-    Raises:
-        ConfigError: no such run in this store, a run of another stage, or one that did
-            not finish (it registered no model), naming `key`.
-    """
+def _latest_finished(client, versions: list) -> tuple[object | None, list[int]]:
+    """(The newest version whose training run FINISHED, the newer versions passed over): a
+    run that fails after registering, or an older store's, must not become "the latest"."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError(f"{key}: no run {run_id!r} in the MLflow store at {tracking_uri()}"
-                          ) from None  # fmt: skip
-    if "datamodule.past_steps" not in run.data.params:
-        raise ConfigError(f"{key}: run {run_id} ({run.info.run_name}) is not a `twin train` "
-                          "run: give a training run, or a model_uri")  # fmt: skip
-    if run.info.status != "FINISHED":
-        raise ConfigError(f"{key}: training run {run_id} ({run.info.run_name}) is "
-                          f"{run.info.status}: only a finished run has its model")  # fmt: skip
+    skipped = []
+    for version in sorted(versions, key=lambda v: -int(v.version)):
+        try:
+            status = client.get_run(version.run_id).info.status
+        except MlflowException:  # the run was deleted for good
+            status = None
+        if status == "FINISHED":
+            return version, skipped
+        skipped.append(int(version.version))
+    return None, skipped
 
 
 def load_eager_twin(

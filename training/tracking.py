@@ -16,6 +16,8 @@ from pathlib import Path
 import mlflow
 import yaml
 
+from hybrid_twin import ConfigError
+
 # MLflow refuses more than 100 params in one batch and values longer than 6000 characters.
 PARAMS_PER_BATCH = 100
 MAX_PARAM_CHARS = 6000
@@ -136,3 +138,28 @@ def provenance_tags(manifest_sha256: str, model_kind: str) -> dict[str, str]:
         "git.commit": git_commit(),
         "model.kind": model_kind,
     }
+
+
+def check_training_run(client, run_id: str, key: str):
+    """The run `run_id` names, refused unless it is a finished `twin train` run: MLflow's own
+    answers were a 30-line traceback ("Run with id=... not found") or a failed artifact
+    download, and `twin evaluate` scored (and logged into) a FAILED run.
+
+    Raises:
+        ConfigError: no such run in this store, a run of another stage, or one that did
+            not finish (it registered no model), naming `key`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"{key}: no run {run_id!r} in the MLflow store at {tracking_uri()}"
+                          ) from None  # fmt: skip
+    if "datamodule.past_steps" not in run.data.params:
+        raise ConfigError(f"{key}: run {run_id} ({run.info.run_name}) is not a `twin train` "
+                          "run: give the id of a training run")  # fmt: skip
+    if run.info.status != "FINISHED":
+        raise ConfigError(f"{key}: training run {run_id} ({run.info.run_name}) is "
+                          f"{run.info.status}: only a finished run has its model")  # fmt: skip
+    return run

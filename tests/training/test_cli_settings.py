@@ -55,6 +55,46 @@ def test_a_run_id_that_names_no_finished_training_run_is_refused_by_name(store):
         resolve_model(OmegaConf.create({**settings, "run_id": None}), prefix="twin.")
 
 
+def test_the_latest_version_is_the_newest_of_a_finished_run_and_evaluate_checks_its_runs(
+    store, tmp_path, caplog
+):
+    # Version 2 of a run that failed after registering was "the latest": a bare `twin export`
+    # shipped it, and `twin evaluate runs.hybrid=<failed run>` scored it and logged into it.
+    from training.evaluate import _training_run
+
+    client, experiment, _ = store
+    runs = {}
+    for name, status in (("hybrid-a", "FINISHED"), ("hybrid-b", "FAILED")):
+        runs[status] = client.create_run(experiment, run_name=name).info.run_id
+        client.log_param(runs[status], "datamodule.past_steps", "12")
+        client.set_tag(runs[status], "model.kind", "hybrid")
+        client.set_terminated(runs[status], status)
+    client.create_registered_model("cdc-line-twin")
+    for status in ("FINISHED", "FAILED"):
+        client.create_model_version("cdc-line-twin", str(tmp_path / status), run_id=runs[status])
+    settings = {"registered_model_name": "cdc-line-twin", "model_uri": None, "run_id": None}
+    with caplog.at_level("WARNING"):
+        latest = resolve_model(OmegaConf.create(settings))
+    assert (latest.run_id, latest.version) == (runs["FINISHED"], "1")
+    assert "skipped version(s) [2] of 'cdc-line-twin': their training runs did not finish" in (
+        caplog.text
+    )
+    chosen = resolve_model(OmegaConf.create({**settings, "model_uri": "models:/cdc-line-twin/2"}))
+    assert chosen.version == "2"  # named explicitly, it is the user's choice
+    client.set_terminated(runs["FINISHED"], "KILLED")
+    with pytest.raises(ConfigError, match=r"no version of 'cdc-line-twin' .* comes from a "
+                                          r"finished training run \(versions \[2, 1\]\)"):
+        resolve_model(OmegaConf.create(settings))
+    evaluate = OmegaConf.create({"runs": {"hybrid": runs["FAILED"]}, "data_path": "d",
+                                 "tracking": {"experiment_name": "e"}})  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"runs.hybrid: training run {runs['FAILED']} "
+                                          r"\(hybrid-b\) is FAILED"):
+        _training_run(evaluate, "hybrid", "sha")
+    evaluate.runs.hybrid = "deadbeef"
+    with pytest.raises(ConfigError, match=r"runs.hybrid: no run 'deadbeef' in the MLflow store"):
+        _training_run(evaluate, "hybrid", "sha")
+
+
 def _train_settings(**changes) -> OmegaConf:
     base = {"seed": 0, "num_threads": 1, "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
             "trainer": {"max_epochs": 20, "check_val_every_n_epoch": 1}}  # fmt: skip
