@@ -24,7 +24,9 @@ recipe being run, as the at-line assay reports it when a line runs several API f
 
 with the feeders' setpoint mass flows F_c,sp as extra inputs. D is a state, not an algebraic
 function of u, because outputs h(x) see states only; tau_recipe (fixed, 5 s) makes it follow a
-recipe change within one 5 s data interval.
+recipe change within one 5 s data interval. Setpoints that name no dose (API or tablet weight
+setpoint 0: a stopped API feeder, a stopped line) leave D as it was, so the tablets still made
+are assayed against the last recipe's dose: following them to 0 read 1e12-1e15 %LC.
 """
 
 from collections.abc import Mapping, Sequence
@@ -218,7 +220,9 @@ class TabletPress(AbstractUnit):
         parts = [d_mass.flatten(1), d_weight]
         if self.recipe:
             dose = x.narrow(1, self.n_tank_states + 1, 1)
-            parts.append((self.recipe_dose_mg(u) - dose) / theta[6])
+            names_a_dose = (u.narrow(1, 0, 1) > 0) & (u.narrow(1, 1 + self.api_index, 1) > 0)
+            d_dose = (self.recipe_dose_mg(u) - dose) / theta[6]
+            parts.append(torch.where(names_a_dose, d_dose, torch.zeros_like(d_dose)))
         return torch.cat(parts, dim=1), out_kg_s * 3600.0
 
     def outputs(self, x: Tensor, theta: list[Tensor]) -> Tensor:
@@ -236,9 +240,13 @@ class TabletPress(AbstractUnit):
         else:
             dose = theta[2]
         api_lc = weight * api_fraction * 100.0 / dose
-        force = theta[3] * torch.pow(weight / theta[4], theta[5])
+        # W is nonnegative, but a residual may push it below 0 (its bound times tau_W can
+        # exceed W_sp): there the force's fractional power was NaN while the solver reported
+        # success. The floor (1e-6 mg) only acts below it.
+        filled = weight.clamp_min(1e-6)
+        force = theta[3] * torch.pow(filled / theta[4], theta[5])
         out_kg_h = last_kg * 3600.0 / self._tank_residence_s(theta)
-        turret = out_kg_h * (1e6 / (60.0 * self.stations)) / weight
+        turret = out_kg_h * (1e6 / (60.0 * self.stations)) / filled
         holdup = frame.flatten(1).sum(dim=1, keepdim=True)
         return torch.cat([weight, api_lc, force, turret, holdup], dim=1)
 

@@ -359,6 +359,56 @@ def test_recipe_dose_follows_a_recipe_step_as_a_first_order_lag(press_line):
     )
 
 
+def test_recipe_dose_holds_while_the_setpoints_name_no_dose(press_line):
+    # Followed to 0, the dose made a stopped API feeder or line read 1e12-1e15 %LC.
+    line = press_line
+    recipe = torch.tensor([[400.0, 3.0, 26.7, 0.3]])  # 10 % API: 40 mg
+    no_api, no_tablet, stopped = recipe.clone(), recipe.clone(), torch.zeros_like(recipe)
+    no_api[0, 1] = 0.0
+    no_tablet[0, 0] = 0.0
+    u = torch.cat([recipe, no_api.expand(5, -1), no_tablet.expand(5, -1), stopped.expand(5, -1)])
+    x0 = line.steady_state(recipe, line.theta()).detach()
+    with torch.no_grad():
+        states = integrate_zoh(line, x0, u.unsqueeze(0), 2.0, method="rk4").states[0]
+    dose = states[:, line.state_names.index("press.recipe_dose_mg")]
+    torch.testing.assert_close(dose, torch.full_like(dose, 40.0), rtol=0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("stopped", ["api", "every feeder"])
+def test_a_stopped_line_assays_its_last_tablets_against_the_last_recipe(float64, stopped):
+    from hybrid_twin.flowsheets import FLOWSHEETS
+
+    line = build_flowsheet(FLOWSHEETS["cdc_line"]())
+    theta = line.theta()
+    nominal = line.nominal_inputs()
+    x0 = line.steady_state(nominal, theta).detach()
+    u = nominal.clone()
+    names = line.input_names
+    for name in names:
+        if name.endswith("sp_kg_h") and (stopped != "api" or "api" in name):
+            u[0, names.index(name)] = 0.0
+    with torch.no_grad():
+        states = integrate_zoh(line, x0, u.unsqueeze(1).expand(1, 120, -1), 5.0,
+                               method="rk4").states[0]  # fmt: skip
+        api_lc = line.outputs(states, theta)[:, line.output_names.index("press.tablet_api_pct_lc")]
+    assert bool(torch.isfinite(api_lc).all())
+    if stopped == "api":  # the tablets lose their API: down to 0 %LC, never above 100
+        assert float(api_lc.max()) <= 100.0 + 1e-9 and float(api_lc[-1]) < 1e-3
+    else:  # the frame keeps the blend it held: still 100 %LC
+        torch.testing.assert_close(api_lc, torch.full_like(api_lc, 100.0), rtol=1e-9, atol=0.0)
+
+
+def test_force_and_turret_speed_stay_finite_where_a_residual_drove_the_weight_below_0(float64):
+    press = _press()
+    x = torch.tensor([[0.05, 0.4, 0.005, 400.0], [0.05, 0.4, 0.005, 0.0],
+                      [0.05, 0.4, 0.005, -330.7]], requires_grad=True)  # fmt: skip
+    outputs = press.outputs(x, press.theta())
+    assert bool(torch.isfinite(outputs).all()), outputs
+    outputs.sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+    torch.testing.assert_close(outputs[1, 2:4], outputs[2, 2:4])  # both at the 1e-6 mg floor
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
