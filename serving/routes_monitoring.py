@@ -155,11 +155,10 @@ def sessions_router(service: Service) -> APIRouter:
     @router.get("", response_model=list[SessionSummary], responses=errors(401),
                 summary="list open sessions")
     async def list_sessions() -> list[dict]:
-        """Open sessions: id, line, last timestamp, steps run, alarm."""
+        """Open sessions: id, line, last timestamp, steps run, alarm (as each one's last
+        whole post left it: a post in flight shows once it is done)."""
         registry.expire()
-        return [{"session_id": s.session_id, "line_id": s.line_id, "alarm": s.alarm,
-                 "last_timestamp": s.last_timestamp, "n_updates": s.n_updates}
-                for s in registry.open_sessions()]  # fmt: skip
+        return [s.listed for s in registry.open_sessions()]
 
     @router.post("/{session_id}/observations", response_model=ObservationResponse,
                  responses=errors(401, 404, 409, 413, 422), summary="post observations")
@@ -187,6 +186,7 @@ def sessions_router(service: Service) -> APIRouter:
                 raise
             session.last_result = results[-1]
             session.model_version = twin.label
+            session.publish()
             body_out = {"session_id": session.session_id, "line_id": session.line_id,
                         "model_version": twin.label, "n_updates": session.n_updates,
                         "results": results}  # fmt: skip

@@ -78,10 +78,20 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     grid_origin: datetime | None = None
     model_version: str = ""  # the label of the twin that made its state (a reload may follow)
+    # What `GET /v1/sessions` shows: the session as its last whole post left it (`publish`),
+    # not a post's rows half applied, which a refusal may still undo.
+    listed: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.grid_origin is None:
             self.grid_origin = self.last_timestamp
+        self.publish()
+
+    def publish(self) -> None:
+        """Make the session's current fields what the sessions list shows (after a post)."""
+        self.listed = {"session_id": self.session_id, "line_id": self.line_id,
+                       "alarm": self.alarm, "last_timestamp": self.last_timestamp,
+                       "n_updates": self.n_updates}  # fmt: skip
 
 
 @dataclass(frozen=True)

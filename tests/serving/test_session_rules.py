@@ -4,6 +4,7 @@ the token and body checks. In process, with the registry's clock under the test'
 (idle_expiry_s 3600: the housekeeping sweep, every 30 s, never runs during a test)."""
 
 import asyncio
+from datetime import datetime
 
 from tests.serving.server import in_process
 from tests.serving.test_reload import rewrite
@@ -138,3 +139,39 @@ def test_the_token_is_checked_before_the_body(twin_build):
     # with the token, the body's own fault; a body nested past Python's recursion limit on
     # the reload route was a 500
     assert answers[6:] == [(422, "json_invalid"), (422, "extra_forbidden")]
+
+
+def test_the_sessions_list_shows_a_post_only_once_it_is_done(twin_build, runs):
+    # The list read n_updates and alarm while a post ran: rows that a refusal then undid
+    async def scenario() -> tuple:
+        import dataclasses
+
+        async with in_process(twin_build.path) as served:
+            client, service = served.client, served.service
+            session = (await _create(client, "LINE-a", runs)).json()["session_id"]
+            rows = runs[0][PAST : PAST + 3]
+            done = await client.post(f"/v1/sessions/{session}/observations",
+                                     json={"observations": rows[:1]})  # fmt: skip
+            step, seen = service.batcher.step, []
+
+            async def step_then_list(*args, **kwargs):
+                output = await step(*args, **kwargs)
+                seen.append((await client.get("/v1/sessions")).json()[0]["n_updates"])
+                return output if len(seen) < 3 else dataclasses.replace(output, ok=False)
+
+            service.batcher.step = step_then_list
+            refused = await client.post(f"/v1/sessions/{session}/observations",
+                                        json={"observations": runs[0][PAST + 1 : PAST + 4]})
+            service.batcher.step = step
+            after_refusal = (await client.get("/v1/sessions")).json()[0]["n_updates"]
+            accepted = await client.post(f"/v1/sessions/{session}/observations",
+                                         json={"observations": runs[0][PAST + 1 : PAST + 3]})
+            listed = (await client.get("/v1/sessions")).json()[0]
+            return done.status_code, refused.status_code, seen, after_refusal, \
+                accepted.status_code, listed, accepted.json()["results"][-1]["timestamp"]
+
+    done, refused, seen, after_refusal, accepted, listed, last = asyncio.run(scenario())
+    assert (done, refused, accepted) == (200, 422, 200)
+    assert seen == [1, 1, 1] and after_refusal == 1  # the first post's one row, throughout
+    assert listed["n_updates"] == 3
+    assert datetime.fromisoformat(listed["last_timestamp"]) == datetime.fromisoformat(last)
