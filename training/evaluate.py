@@ -42,6 +42,7 @@ from training.tracking import check_training_run, git_commit, load_twin, trackin
 log = logging.getLogger(__name__)
 
 BASELINES = ("mechanistic", "black_box")
+MODELS_SCHEME = "models:/"
 MODES = ("forecast", "simulation")
 
 
@@ -62,7 +63,9 @@ def run_evaluate(cfg: DictConfig) -> pd.DataFrame:
     if mode == "simulation":
         return run_simulation(cfg, dataset)
     horizons, stride_min, batch_size = forecast_settings(cfg, dataset.measurement_tags)
-    runs = {kind: _training_run(cfg, kind, dataset.manifest_sha256) for kind in cfg.kinds}
+    named = {kind: _training_run(cfg, kind, dataset.manifest_sha256) for kind in cfg.kinds}
+    runs = {kind: run for kind, (run, _) in named.items()}
+    versions = {kind: uri for kind, (_, uri) in named.items() if uri is not None}
     table = evaluate_runs(
         runs,
         dataset,
@@ -70,12 +73,13 @@ def run_evaluate(cfg: DictConfig) -> pd.DataFrame:
         horizons_min=horizons,
         stride_min=stride_min,
         batch_size=batch_size,
+        model_uris=versions,
     )
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     markdown = comparison_markdown(table, headline_tag=str(cfg.headline_tag))
     table.to_csv(output_dir / "evaluation.csv", index=False)
     (output_dir / "evaluation.md").write_text(markdown)
-    _log(cfg, table, runs, dataset.manifest_sha256, output_dir, horizons)
+    _log(cfg, table, runs, versions, dataset.manifest_sha256, output_dir, horizons)
     print(markdown)
     print(f"evaluate: wrote {output_dir / 'evaluation.csv'} and evaluation.md")
     return table
@@ -115,8 +119,10 @@ def evaluate_runs(
     horizons_min: Sequence[float],
     stride_min: float,
     batch_size: int = 64,
+    model_uris: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Forecast `split` with each run's twin; the long RMSE table.
+    """Forecast `split` with each run's twin (the run's newest model, or the registered
+    version `model_uris[kind]` names); the long RMSE table.
 
     Returns:
         Columns kind, run_id, regime, tag, unit, horizon_min, rmse, n (sampled points pooled).
@@ -139,7 +145,7 @@ def evaluate_runs(
         past_steps = past[kind]
         origins = forecast_origins(segments, past_steps, max(horizon_steps), stride_steps)
         group = torch.tensor([regimes.index(_regime(dataset, r)) for r in origins.run_ids])
-        twin = load_twin(run.info.run_id)
+        twin = load_twin(run.info.run_id, (model_uris or {}).get(kind))
         predicted = forecast(twin, origins.windows, batch_size)
         diverged = int((~torch.isfinite(predicted) & origins.windows.mask).any(dim=(1, 2)).sum())
         if diverged:
@@ -284,6 +290,9 @@ def _training_runs(cfg: DictConfig, kind: str, manifest_sha256: str) -> list[Run
     named = OmegaConf.select(cfg, f"runs.{kind}")
     if named:
         ids = [named] if isinstance(named, str) else list(named)
+        if any(str(i).startswith(MODELS_SCHEME) for i in ids):
+            raise ConfigError(f"runs.{kind}: mode=simulation takes training run ids, "
+                              f"got {ids}; mode=forecast scores a registered version")  # fmt: skip
         client = mlflow.MlflowClient()
         runs = [check_training_run(client, str(run_id), f"runs.{kind}") for run_id in ids]
         for run in runs:
@@ -299,8 +308,9 @@ def _training_runs(cfg: DictConfig, kind: str, manifest_sha256: str) -> list[Run
     return runs
 
 
-def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:
-    """The configured run of `kind`, or its latest finished one on this dataset."""
+def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> tuple[Run, str | None]:
+    """(The configured run of `kind`, or its latest finished one on this dataset; the
+    registered version's URI where `runs.<kind>` names one, else None)."""
     experiment = str(cfg.tracking.experiment_name)
     run_id = OmegaConf.select(cfg, f"runs.{kind}")
     if isinstance(run_id, ListConfig | list):  # a list is for mode=simulation's seeds
@@ -308,7 +318,15 @@ def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:
             f"runs.{kind}: forecast mode evaluates one run per kind, got a list {list(run_id)}; "
             f"give one run id, or use mode=simulation to pool several"
         )
-    if run_id:
+    version_uri = None
+    if run_id and str(run_id).startswith(MODELS_SCHEME):
+        version_uri = str(run_id)
+        run = _version_run(version_uri, f"runs.{kind}")
+        if run.data.tags.get("model.kind") != kind:
+            raise ConfigError(
+                f"runs.{kind}: {version_uri} was trained as {run.data.tags.get('model.kind')!r}"
+            )
+    elif run_id:
         run = check_training_run(mlflow.MlflowClient(), str(run_id), f"runs.{kind}")
         if run.data.tags.get("model.kind") != kind:
             raise ConfigError(
@@ -324,7 +342,27 @@ def _training_run(cfg: DictConfig, kind: str, manifest_sha256: str) -> Run:
             )
         run = found[0]
     _check_run(cfg, run, kind, manifest_sha256)
-    return run
+    return run, version_uri
+
+
+def _version_run(uri: str, key: str) -> Run:
+    """The training run of registered version `models:/<name>/<version>` (a resumed run
+    registers several; `runs:/<id>/model` holds only its newest).
+
+    Raises:
+        ConfigError: not of that form, or no such version in the registry, naming `key`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name, _, version = uri[len(MODELS_SCHEME) :].rpartition("/")
+    if not name or not version.isdigit():
+        raise ConfigError(f"{key}: expected a run id or {MODELS_SCHEME}<name>/<version number>, "
+                          f"got {uri!r}")  # fmt: skip
+    client = mlflow.MlflowClient()
+    try:
+        return client.get_run(client.get_model_version(name, version).run_id)
+    except MlflowException:
+        raise ConfigError(f"{key}: {uri} is not in the registry at {tracking_uri()}") from None
 
 
 def _search_runs(cfg: DictConfig, kind: str, manifest_sha256: str, n: int) -> list[Run]:
@@ -358,6 +396,7 @@ def _log(
     cfg: DictConfig,
     table: pd.DataFrame,
     runs: Mapping[str, Run],
+    versions: Mapping[str, str],
     manifest_sha256: str,
     output_dir: Path,
     horizons_min: Sequence[float],
@@ -368,6 +407,8 @@ def _log(
     finite = table[table["rmse"].notna()]
     client = mlflow.MlflowClient()
     for kind, run in runs.items():
+        if kind in versions:  # an earlier version of the run: its metrics are not the run's
+            continue
         metrics = {key(r): r.rmse for r in finite[finite["kind"] == kind].itertuples()}
         for name, value in metrics.items():
             client.log_metric(run.info.run_id, name, value)
@@ -379,6 +420,7 @@ def _log(
                 "data.manifest_sha256": manifest_sha256,
                 "git.commit": git_commit(),
                 **{f"evaluated.{kind}": run.info.run_id for kind, run in runs.items()},
+                **{f"evaluated.{kind}.model_uri": uri for kind, uri in versions.items()},
             }
         )
         mlflow.log_params(

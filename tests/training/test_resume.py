@@ -288,3 +288,32 @@ def test_a_version_of_a_resumed_run_loads_its_own_weights_not_the_runs_newest(re
     by_run = resolve_model(OmegaConf.create({**model, "run_id": resumed.run_id, "model_uri": None}))
     assert (by_run.version, by_run.model_uri) == ("2", f"runs:/{resumed.run_id}/model")
     assert _same_weights(_state(load_twin(resumed.run_id)), registered["2"])
+
+
+def test_evaluate_scores_the_registered_version_it_is_given(resumed, monkeypatch):
+    # `runs.hybrid=models:/cdc-line-twin/1` was refused (Key not in struct), and a run id
+    # always scored the run's newest model: version 1 of a resumed run could not be scored
+    import mlflow
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from training.dataset import PreparedDataset
+    from training.evaluate import _training_run, evaluate_runs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", resumed.uri)
+    mlflow.set_tracking_uri(resumed.uri)
+    dataset = PreparedDataset.open(resumed.dataset)
+    cfg = OmegaConf.create({"runs": {"hybrid": "models:/cdc-line-twin/1"}, "data_path": "d",
+                            "tracking": {"experiment_name": "cdc-line-twin"}})  # fmt: skip
+    run, uri = _training_run(cfg, "hybrid", dataset.manifest_sha256)
+    assert (run.info.run_id, uri) == (resumed.run_id, "models:/cdc-line-twin/1")
+    score = {v: evaluate_runs({"hybrid": run}, dataset, "test", [1.0], 1.0,
+                              model_uris={"hybrid": f"models:/cdc-line-twin/{v}"})
+             for v in ("1", "2")}  # fmt: skip
+    newest = evaluate_runs({"hybrid": run}, dataset, "test", [1.0], 1.0)
+    pd.testing.assert_frame_equal(score["2"], newest)  # the run's newest model is version 2
+    assert not score["1"]["rmse"].equals(score["2"]["rmse"])
+    cfg.runs.hybrid = "models:/cdc-line-twin/7"
+    with pytest.raises(ConfigError, match=r"runs.hybrid: models:/cdc-line-twin/7 is not in the "
+                                          r"registry"):
+        _training_run(cfg, "hybrid", dataset.manifest_sha256)
