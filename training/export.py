@@ -46,6 +46,7 @@ from training.online_twin import STATE_FIELDS, UPDATE_OUTPUTS, OnlineTwin, place
 from training.tracking import (
     check_training_run,
     download_run_file,
+    has_finished_models,
     load_twin,
     run_model_uri,
     tracking_uri,
@@ -283,17 +284,18 @@ def resolve_model(cfg: DictConfig, prefix: str = "") -> ResolvedModel:
 
 
 def _latest_finished(client, versions: list) -> tuple[object | None, list[int]]:
-    """(The newest version whose training run FINISHED, the newer versions passed over): a
-    run that fails after registering, or an older store's, must not become "the latest"."""
+    """(The newest version whose training run FINISHED (or is being resumed), the newer
+    versions passed over): a run that fails after registering, or an older store's, must
+    not become "the latest"."""
     from mlflow.exceptions import MlflowException
 
     skipped = []
     for version in sorted(versions, key=lambda v: -int(v.version)):
         try:
-            status = client.get_run(version.run_id).info.status
+            finished = has_finished_models(client.get_run(version.run_id))
         except MlflowException:  # the run was deleted for good
-            status = None
-        if status == "FINISHED":
+            finished = False
+        if finished:
             return version, skipped
         skipped.append(int(version.version))
     return None, skipped

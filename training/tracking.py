@@ -159,7 +159,14 @@ def check_training_run(client, run_id: str, key: str):
     if "datamodule.past_steps" not in run.data.params:
         raise ConfigError(f"{key}: run {run_id} ({run.info.run_name}) is not a `twin train` "
                           "run: give the id of a training run")  # fmt: skip
-    if run.info.status != "FINISHED":
+    if not has_finished_models(run):
         raise ConfigError(f"{key}: training run {run_id} ({run.info.run_name}) is "
                           f"{run.info.status}: only a finished run has its model")  # fmt: skip
     return run
+
+
+def has_finished_models(run) -> bool:
+    """Whether a training run's logged models come from finished trainings: it FINISHED, or
+    it is being resumed (RUNNING with `resume.count`: what it registered before stands)."""
+    status = run.info.status
+    return status == "FINISHED" or (status == "RUNNING" and "resume.count" in run.data.tags)

@@ -332,9 +332,11 @@ def _mlflow_run(
     except BaseException as error:
         # A resume that fails leaves the run as it found it: a finished run marked FAILED
         # hid its registered versions from `twin evaluate` and `twin export run_id=`.
-        outcome = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        mlflow.set_tag(f"resume.{n}.outcome", f"{outcome}: {type(error).__name__}: {error}"[:500])
         status = status_before if status_before in ("FINISHED", "KILLED") else "FAILED"
+        # Lightning answers Ctrl-C in the fit with sys.exit(1)
+        stopped = isinstance(error, KeyboardInterrupt | SystemExit)
+        outcome = f"{'interrupted' if stopped else 'failed'}: {type(error).__name__}: {error}"
+        mlflow.set_tag(f"resume.{n}.outcome", outcome[:500])
         raise
     finally:
         mlflow.end_run(status)

@@ -81,6 +81,10 @@ def test_the_latest_version_is_the_newest_of_a_finished_run_and_evaluate_checks_
     )
     chosen = resolve_model(OmegaConf.create({**settings, "model_uri": "models:/cdc-line-twin/2"}))
     assert chosen.version == "2"  # named explicitly, it is the user's choice
+    # a resume reopens the run (RUNNING): what it registered before still stands
+    client.update_run(runs["FINISHED"], status="RUNNING")
+    client.set_tag(runs["FINISHED"], "resume.count", "1")
+    assert resolve_model(OmegaConf.create(settings)).version == "1"
     client.set_terminated(runs["FINISHED"], "KILLED")
     with pytest.raises(ConfigError, match=r"no version of 'cdc-line-twin' .* comes from a "
                                           r"finished training run \(versions \[2, 1\]\)"):

@@ -317,3 +317,35 @@ def test_evaluate_scores_the_registered_version_it_is_given(resumed, monkeypatch
     with pytest.raises(ConfigError, match=r"runs.hybrid: models:/cdc-line-twin/7 is not in the "
                                           r"registry"):
         _training_run(cfg, "hybrid", dataset.manifest_sha256)
+
+
+@pytest.mark.parametrize(("before", "raised", "after", "outcome"), [
+    ("FINISHED", SystemExit(1), "FINISHED", "interrupted: SystemExit: 1"),  # Ctrl-C in the fit
+    ("FINISHED", KeyboardInterrupt(), "FINISHED", "interrupted: KeyboardInterrupt: "),
+    ("FAILED", RuntimeError("boom"), "FAILED", "failed: RuntimeError: boom"),
+    ("KILLED", RuntimeError("boom"), "KILLED", "failed: RuntimeError: boom"),
+])
+def test_a_resume_ending_in_an_exception_restores_the_runs_status(
+    tmp_path, monkeypatch, before, raised, after, outcome
+):
+    import mlflow
+    from omegaconf import OmegaConf
+
+    import training.train as train
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    client.set_terminated(run_id, before)
+    monkeypatch.setattr(train, "_resume_tags", lambda *args: {"resume.count": "1"})
+    cfg = OmegaConf.create({"trainer": {"enable_checkpointing": False}})
+    resume = train.Resume(tmp_path / "last.ckpt", run_id, 2)
+    datamodule = type("Data", (), {"manifest_sha256": "sha"})()
+    with pytest.raises(type(raised)):
+        with train._mlflow_run(cfg, {}, datamodule, tmp_path, resume):
+            raise raised
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags["resume.1.outcome"]) == (after, outcome)
