@@ -137,7 +137,9 @@ class TwinModel(nn.Module):
             x = x.index_copy(1, self.reset_from_u[:, 0], values)
         if self.reset_from_y.shape[0] > 0:
             x = self._reset_from_measurements(x, past_y, past_mask)
-        return x
+        # Without a reset, x is a view of the burn-in's trajectory (row stride P n): the
+        # exported forecast's time loop needs the state it carries laid out as it returns it.
+        return x.clone(memory_format=torch.contiguous_format)
 
     def _reset_from_measurements(self, x: Tensor, past_y: Tensor, past_mask: Tensor) -> Tensor:
         columns = self.reset_from_y[:, 1]

@@ -110,6 +110,15 @@ class LinearStateSpace(AbstractUnit):
         """Parameters theta[start : start + rows * cols] as (1 or batch, rows, cols)."""
         return torch.cat(theta[start : start + rows * cols], dim=1).reshape(-1, rows, cols)
 
+    @staticmethod
+    def _times(matrix: Tensor, v: Tensor) -> Tensor:
+        """matrix (1 or batch, r, c) times each row of v (batch, c): (batch, r). One matrix
+        for the batch (the parameters) is a 2-D product: broadcast (1, r, c) against a
+        dynamic batch, torch.export fixed the batch to != 1 and the twin's export failed."""
+        if matrix.shape[0] == 1:
+            return torch.matmul(v, matrix[0].transpose(0, 1))
+        return torch.matmul(matrix, v.unsqueeze(-1)).squeeze(-1)
+
     def derivative(
         self, x: Tensor, u: Tensor, inflow: Tensor, theta: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
@@ -117,15 +126,15 @@ class LinearStateSpace(AbstractUnit):
         n, m = self.n_x, self.n_u
         a = self._matrix(theta, 0, n, n)
         b = self._matrix(theta, n * n, n, m)
-        dx = torch.matmul(a, x.unsqueeze(-1)) + torch.matmul(b, (u - self.u_nominal).unsqueeze(-1))
-        return dx.squeeze(-1), torch.zeros_like(inflow)
+        dx = self._times(a, x) + self._times(b, u - self.u_nominal)
+        return dx, torch.zeros_like(inflow)
 
     def outputs(self, x: Tensor, theta: list[Tensor]) -> Tensor:
         """y = C x + d, (batch, n_outputs)."""
         n, m, p = self.n_x, self.n_u, self.n_y
         c = self._matrix(theta, n * n + n * m, p, n)
         d = torch.cat(theta[n * n + n * m + p * n :], dim=1)
-        return torch.matmul(c, x.unsqueeze(-1)).squeeze(-1) + d
+        return self._times(c, x) + d
 
     def inventory(self, x: Tensor) -> Tensor:
         """No material: zeros, (batch, n_components)."""
@@ -136,6 +145,9 @@ class LinearStateSpace(AbstractUnit):
         n, m = self.n_x, self.n_u
         a = self._matrix(theta, 0, n, n)
         b = self._matrix(theta, n * n, n, m)
-        rhs = -torch.matmul(b, (u - self.u_nominal).unsqueeze(-1))
-        x = torch.linalg.solve(a.expand(u.shape[0], n, n), rhs)
-        return x.squeeze(-1), torch.zeros_like(inflow)
+        rhs = -self._times(b, u - self.u_nominal)
+        if a.shape[0] == 1:  # one A for the batch: one solve, the batch as columns
+            x = torch.linalg.solve(a[0], rhs.transpose(0, 1)).transpose(0, 1).contiguous()
+        else:
+            x = torch.linalg.solve(a, rhs.unsqueeze(-1)).squeeze(-1)
+        return x, torch.zeros_like(inflow)

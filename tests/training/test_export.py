@@ -476,3 +476,33 @@ def test_loading_a_runs_twin_leaves_nothing_in_the_temp_folder(exported, tmp_pat
     twin = load_twin(run_id)  # runs:/<run>/model: the newest model the run logged
     assert isinstance(twin, torch.jit.ScriptModule)
     assert list(temp.iterdir()) == []
+
+
+def test_a_linear_state_space_twin_exports_for_any_batch_and_matches_eager():
+    # torch.export fixed the batch to != 1 (the parameter matrices broadcast as (1, n, n)
+    # against the batch), and with no measured state to reset, the forecast's time loop got
+    # a strided view of the burn-in as its state: `twin export` of the linear prior failed.
+    from hybrid_twin.flowsheets import FLOWSHEETS
+    from training.export_formats import example_arguments, export_programs
+    from training.online_twin import OnlineTwin, placeholder_monitor
+    from training.twin_model import build_twin_model
+
+    generator = torch.Generator().manual_seed(0)
+    stats = (torch.tensor([2.8]), torch.tensor([1.0]), torch.tensor([5.6]), torch.tensor([2.2]))
+    twin = build_twin_model(FLOWSHEETS["cascaded_tanks_linear"](), {"kind": "hybrid"},
+                            {"name": "rk4", "n_substeps": 1}, ["PUMP.VOLTAGE"], ["TANK2.LEVEL"],
+                            stats, 4.0, generator=generator)  # fmt: skip
+    online = OnlineTwin(twin, torch.ones(2), torch.ones(1), torch.ones(2),
+                        placeholder_monitor(1)).to(torch.float64).eval()  # fmt: skip
+    u = 2.8 + torch.rand(3, 40, 1, generator=generator, dtype=torch.float64)
+    y = 5.6 + torch.rand(3, 40, 1, generator=generator, dtype=torch.float64)
+    programs = export_programs(online, example_arguments(online, u, y, 12))
+    for batch in (1, 3):
+        past_u, past_y, future = u[:batch, :12], y[:batch, :12], u[:batch, 12:30]
+        with torch.no_grad():
+            expected = online.forecast(past_u, past_y, future)
+            got = programs["forecast"].module()(past_u, past_y, future)
+            state = programs["initial_state"].module()(past_u, past_y)
+        assert got.shape == (batch, 18, 1)
+        torch.testing.assert_close(got, expected, rtol=0.0, atol=SCRIPTED_VS_EAGER)
+        torch.testing.assert_close(state[0], online.initial_state(past_u, past_y)[0])
