@@ -5,6 +5,8 @@ benchmarks and the GPU checks (benchmarks/bench_training.py, bench_gpu_training.
 exactly what `twin train` trains without a tracking store.
 """
 
+import logging
+
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -15,6 +17,8 @@ from hybrid_twin.hybrid import flowsheet_output_unit
 from training.datamodule import CDCDataModule
 from training.lit_module import TwinLitModule
 from training.twin_model import TwinModel, build_twin_model
+
+log = logging.getLogger(__name__)
 
 
 def build_training(cfg: DictConfig, config: dict) -> tuple[CDCDataModule, TwinModel, TwinLitModule]:
@@ -43,6 +47,19 @@ def build_training(cfg: DictConfig, config: dict) -> tuple[CDCDataModule, TwinMo
     )
     tags = datamodule.dataset.manifest["tags"]
     check_tag_units(model.field.flowsheet, {tag: str(tags[tag]["unit"]) for tag in tags})
+    if model.reset_from_y.shape[0] == 0 and datamodule.measurement_tags:
+        log.warning(
+            "no measurement maps to a state of flowsheet %s (they map to outputs only): each "
+            "window starts from the past inputs alone, and past values of %s are not used; "
+            "map a measurement to a state it reads (docs/plants.md, 'How past measurements "
+            "start a window')", cfg.flowsheet.get("name", "the flowsheet"),
+            list(datamodule.measurement_tags),
+        )  # fmt: skip
+    schedule = config["lit"].get("theta_only_epochs", 0)
+    epochs = config["trainer"].get("max_epochs")
+    if config["model"].get("kind") == "hybrid" and isinstance(epochs, int) and schedule >= epochs:
+        log.warning("lit.theta_only_epochs = %d >= trainer.max_epochs = %d: the hybrid's "
+                    "network never trains", schedule, epochs)  # fmt: skip
     lit = TwinLitModule(
         model, instantiate(cfg.optimizer), datamodule.measurement_tags, **config["lit"]
     )

@@ -435,3 +435,29 @@ def test_trainer_gpu_falls_back_to_the_cpu_with_a_warning_where_there_is_no_cuda
                                          r"training on the CPU instead"):  # fmt: skip
         arguments = trainer_arguments(cfg)
     assert arguments["accelerator"] == "cpu" and arguments["devices"] == 1
+
+
+def test_training_warns_where_no_measurement_starts_a_window(tiny_tanks_dataset, caplog):
+    # The linear prior's level maps to its output y, not to a state: past levels were never
+    # used to start a window, silently (a soft sensor forecast worse than the last value)
+    from omegaconf import OmegaConf
+
+    from training.build import build_training
+
+    def warnings(*overrides: str) -> list[str]:
+        cfg = _compose("experiment=cascaded_tanks", f"datamodule.path={tiny_tanks_dataset}",
+                       *overrides)  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="training.build"):
+            build_training(cfg, OmegaConf.to_container(cfg, resolve=True))
+        return [r.getMessage() for r in caplog.records]
+
+    (linear,) = warnings("flowsheet=cascaded_tanks_linear", "model=mechanistic")
+    assert linear.startswith("no measurement maps to a state of flowsheet "
+                             "cascaded_tanks_linear (they map to outputs only)")  # fmt: skip
+    assert "past values of ['TANK2.LEVEL'] are not used" in linear
+    assert warnings("flowsheet=cascaded_tanks", "model=mechanistic") == []  # lower level resets
+    (short,) = warnings("flowsheet=cascaded_tanks", "model=hybrid", "trainer.max_epochs=2",
+                        "lit.theta_only_epochs=2")  # fmt: skip
+    assert short == "lit.theta_only_epochs = 2 >= trainer.max_epochs = 2: the hybrid's network " \
+                    "never trains"
