@@ -220,9 +220,14 @@ class TwinLitModule(LightningModule):
         if not bool(torch.isfinite(loss)):
             bad = ~torch.isfinite(y_hat).flatten(0, 1).all(dim=0)
             tags = [t for t, b in zip(self.measurement_tags, bad.tolist(), strict=True) if b]
+            largest = y_hat.abs().max().item()
+            cause = (f"non-finite predictions of {tags}" if tags else
+                     f"every prediction is finite (largest |prediction| {largest:.3g}, "
+                     "normalised): its squared error overflowed; the model diverges (an "
+                     "unstable prior, or a learning rate too high)")  # fmt: skip
             raise FloatingPointError(
                 f"training window: the loss is not finite (fit {fit.item()}, residual size "
-                f"{size.item()}); non-finite predictions of {tags}"
+                f"{size.item()}); {cause}"
             )
         return loss, fit, size, y_hat
 

@@ -302,6 +302,11 @@ def test_a_non_finite_loss_stops_training_before_the_update(datamodule, batch):
     poisoned = batch._replace(y=torch.where(batch.mask, float("inf"), batch.y))
     with pytest.raises(FloatingPointError, match="loss is not finite"):
         lit.losses(poisoned)
+    # finite predictions whose squared error overflows float32: said so, not "of []"
+    far = batch._replace(y=torch.where(batch.mask, 1e30, batch.y))
+    with pytest.raises(FloatingPointError, match=r"every prediction is finite \(largest "
+                                                 r"\|prediction\| .*squared error overflowed"):
+        lit.losses(far)
 
 
 # CUDA-graph training steps (training/cuda_graphs.py). The GPU tests need a CUDA device: they
