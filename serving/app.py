@@ -127,7 +127,7 @@ def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastA
 
     meta = twin.metadata
     app = FastAPI(
-        title="cdc-hybrid-twin service",
+        title=f"{meta.get('registered_model') or 'hybrid twin'} service",
         version=API_VERSION,
         summary="Forecast and per-line monitoring with one exported hybrid twin",
         description=(

@@ -63,7 +63,7 @@ class TwinPyfunc(mlflow.pyfunc.PythonModel):
         """
         missing = [name for name in INPUT_NAMES if name not in model_input]
         if missing:
-            raise KeyError(f"cdc-line-twin: missing inputs {missing}; expected {INPUT_NAMES}")
+            raise KeyError(f"twin model: missing inputs {missing}; expected {INPUT_NAMES}")
         tensors = [
             torch.as_tensor(np.asarray(model_input[n], dtype=np.float32)) for n in INPUT_NAMES
         ]

@@ -198,6 +198,7 @@ def test_openapi_schema_documents_every_route_tag_unit_and_example(server, metad
     with server.client(token=None) as anonymous:
         refused = anonymous.get("/openapi.json").status_code
     assert refused == 401
+    assert schema["info"]["title"] == f"{metadata['registered_model']} service"  # the plant's
     paths = schema["paths"]
     assert set(paths) == {
         "/healthz", "/readyz", "/metrics", "/v1/forecast", "/v1/model", "/v1/model/reload",
