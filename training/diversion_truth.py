@@ -42,7 +42,7 @@ from training.export import (
     open_model_on_data,
     run_filter,
 )
-from training.fault_evaluation import load_labels
+from training.fault_evaluation import detection, load_labels
 from training.plant_truth import (
     FEEDER_FLOW_TAGS,
     NIR_TAG,
@@ -156,7 +156,10 @@ def compare_windows(
         out-of-spec time the twin flags; NaN without a true window) and overlap_twin (share of
         the twin's flagged time truly out; NaN without a twin window); twin_covers (the
         envelope of the twin's windows holds every true window) and twin_missed_s; rule_covers,
-        rule_missed_s, rule_extra_s (in-spec time the rule diverts).
+        rule_missed_s, rule_extra_s (in-spec time the rule diverts, up to the last compared
+        row + dt: what lies after it is not known to be in spec) and rule_open_end (a true
+        window still open there that the rule has not missed: whether it covers it is not
+        known, and rule_covers is False).
     """
     low, high = limits
     true_w = out_of_spec_windows(time_s, true[0], limits, true[1], true[2])
@@ -172,12 +175,15 @@ def compare_windows(
     row["overlap_twin"] = both_s / row["twin_out_s"] if twin_w else math.nan
     envelope = (row["twin_start_s"], row["twin_end_s"]) if twin_w else (math.inf, math.inf)
     twin_check = check_rule(true_w, envelope)
-    rule_check = check_rule(true_w, rule_window)
+    # The rule is judged up to the compared rows' end: beyond it (a label ending with the
+    # run) its diversion counted as in-spec time, and a window still open there as covered.
+    rule_check = check_rule(true_w, rule_window, horizon_s=float(time_s[-1]) + dt)
     row["twin_covers"] = twin_check.covered
     row["twin_missed_s"] = twin_check.missed_before_s + twin_check.missed_after_s
     row["rule_covers"] = rule_check.covered
     row["rule_missed_s"] = rule_check.missed_before_s + rule_check.missed_after_s
     row["rule_extra_s"] = rule_check.extra_s
+    row["rule_open_end"] = rule_check.undetermined
     return row
 
 
@@ -254,18 +260,20 @@ def diversion_per_run(
             outside_fault.append(run.run_id)
             continue
         rows_ = np.flatnonzero(region)
+        onset_row, end_row = int(rows_[0]), int(np.searchsorted(t, end_s, side="right"))
         twin = (prediction[i, :n], u[i, :n][:, flow_cols].sum(axis=1), u[i, :n, weight_col])
         truth_series = (true.tablet_api_lc, true.pressed_kg_h, true.tablet_weight_mg)
         row = compare_windows(t[rows_], tuple(a[rows_] for a in truth_series),
                               tuple(a[rows_] for a in twin), settings.limits,
                               settings.rule.window(onset_s, end_s))  # fmt: skip
-        hits = np.flatnonzero(alarm[i, :n] & region)
+        # detected as evaluate-faults does: the alarm raised inside the fault window
+        _, alarm_delay_s = detection(alarm[i, :n], t, onset_row, end_row, onset_s)
         low, high = settings.limits
         outside = (np.arange(n) >= past_steps) & ~region
         rows.append({
             "run_id": run.run_id, "fault_kind": lab.fault_kind, "magnitude": lab.magnitude,
             "onset_s": onset_s, "end_s": end_s, **row,
-            "alarm_delay_s": float(t[hits[0]] - onset_s) if hits.size else math.nan,
+            "alarm_delay_s": alarm_delay_s,
             "true_other_out_s": float((outside & ((true.tablet_api_lc < low) |
                                       (true.tablet_api_lc > high))).sum()) * dataset.dt_s,
             "twin_other_out_s": float((outside & ((twin[0] < low) | (twin[0] > high))).sum())
@@ -304,6 +312,14 @@ def per_kind(per_run: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _rule_cell(r) -> str:
+    if r.rule_covers:
+        return "yes"
+    if r.rule_missed_s > 0:
+        return f"no ({r.rule_missed_s:.0f} s missed)"
+    return "open at the end (not known)"
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else \
         format(value, spec)  # fmt: skip
@@ -336,7 +352,7 @@ def table_markdown(per_run: pd.DataFrame, kinds: pd.DataFrame, settings: Diversi
             f"{_fmt(r.end_diff_s, '+.0f')} | {_fmt(r.overlap_true, '.2f')} / "
             f"{_fmt(r.overlap_twin, '.2f')} | {r.true_tablets:.0f} / {r.twin_tablets:.0f} | "
             f"{'yes' if r.twin_covers else f'no ({r.twin_missed_s:.0f} s missed)'} | "
-            f"{'yes' if r.rule_covers else f'no ({r.rule_missed_s:.0f} s missed)'} |"
+            f"{_rule_cell(r)} |"
         )
     lines += [
         "",

@@ -114,7 +114,9 @@ def test_true_window_follows_the_blockage_and_the_twin_window_overlaps_it(per_ru
     assert run.twin_windows >= 1
     assert run.overlap_true > 0.1 and run.overlap_twin > 0.9
     assert abs(run.start_diff_s) < 300.0
-    assert run.rule_covers and run.rule_missed_s == 0.0
+    # the rule misses nothing, but the window is still open where the run's data end: whether
+    # the rule's end (label end + 300 s, after the data) covers it is not known
+    assert run.rule_open_end and not run.rule_covers and run.rule_missed_s == 0.0
     assert run.true_tablets > 1000 and run.twin_tablets > 100
 
 
@@ -150,6 +152,23 @@ def test_compare_windows_edges_overlap_and_coverage():
     assert not row["twin_covers"] and row["twin_missed_s"] == 10.0  # 20-30 s before the twin's
     assert not row["rule_covers"] and row["rule_missed_s"] == 10.0  # 40-50 s after the rule's
     assert row["rule_extra_s"] == 5.0  # 15-20 s diverted in spec
+
+
+def test_the_rule_is_judged_only_up_to_the_last_compared_row():
+    # Past the data (a label ending with the run) the rule's diversion counted as in-spec
+    # time diverted, and a window still open there as covered
+    t = np.arange(20) * 5.0  # compared rows end at 100 s
+    ones = (np.full(20, 36.0), np.full(20, 400.0))
+    closed = np.full(20, 100.0)
+    closed[4:10] = 90.0  # out 20-50 s
+    row = compare_windows(t, (closed, *ones), (closed, *ones), (95.0, 105.0), (15.0, 400.0))
+    assert row["rule_covers"] and not row["rule_open_end"]
+    assert row["rule_extra_s"] == 5.0 + 50.0  # 15-20 s and 50-100 s, not 50-400 s
+    still_out = np.full(20, 100.0)
+    still_out[12:] = 90.0  # out from 60 s to the end of the rows
+    row = compare_windows(t, (still_out, *ones), (still_out, *ones), (95.0, 105.0),
+                          (15.0, 400.0))  # fmt: skip
+    assert not row["rule_covers"] and row["rule_open_end"] and row["rule_missed_s"] == 0.0
 
 
 def test_the_worst_value_is_the_one_farthest_outside_the_limits_in_any_unit():

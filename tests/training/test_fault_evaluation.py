@@ -156,6 +156,12 @@ def test_a_fault_run_split_at_a_data_gap_is_scored_once_from_its_segments(tmp_pa
     starts = {"f1": START, "f1_s1": later}
     table, per_run = fault_table(by_method, runs, labels, starts, [], 3)
     row = table.set_index("fault_kind").loc["nir_fouling"]
+    # a normal run split at a gap counts once as well (the rate pools its steps)
+    normal_runs = {"n1": _scores([3], 0), "n1_s1": _scores([], 0)}
+    normal = fault_table({"twin": {**by_method["twin"], **normal_runs}},
+                         {**runs, "n1": _run("n1"), "n1_s1": _run("n1_s1")}, labels, starts,
+                         ["n1", "n1_s1"], 3, {"n1": "n1", "n1_s1": "n1"})[0]  # fmt: skip
+    assert normal.set_index("fault_kind").loc["normal (test)"].n_runs == 1
     assert row.n_runs == 1 and row.detection_rate == 1.0 and row.mean_delay_s == 15.0
     assert row.far_before_onset == pytest.approx(3 / 24)  # 20 + 4 monitored rows before onset
     assert row.isolation_tag_rate == 1.0
@@ -171,6 +177,17 @@ def test_held_matrix_holds_last_sample_and_skips_rows_before_every_tag():
     x, ready = held_matrix(run)
     assert ready.tolist() == [False, False, True, True]
     assert x[1, 1] == 1.0 and x[3, 2] == 7.0 and x[3, 1] == 4.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pca_limits_never_exceed_the_target_rate_on_their_fit_data(seed):
+    # The bisection started at half the rate without checking it: on 20,006 rows the union of
+    # T^2 and SPE then exceeded 0.00510 where 0.005 was asked (as on the default data)
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((20006, 3))
+    x = np.c_[z, z @ rng.standard_normal((3, 5)) + 0.3 * rng.standard_normal((20006, 5))]
+    monitor = PCAMonitor(x, 0.005)
+    assert 0.0049 <= monitor.fit_exceed_rate <= 0.005
 
 
 @pytest.mark.parametrize("alpha", [0.01, 0.05])
