@@ -25,9 +25,18 @@ def field_error(status: int, loc: list, msg: str, kind: str,
     return HTTPException(status_code=status, detail=detail(loc, msg, kind), headers=headers)
 
 
+def _item(error: dict) -> dict:
+    loc, msg = list(error.get("loc", ())), str(error.get("msg", ""))
+    if error.get("type") == "json_invalid" and len(loc) == 2 and isinstance(loc[1], int):
+        # FastAPI puts the character offset in `loc` and the parser's reason in `ctx`,
+        # which the shape of docs/serving.md drops: say both in the message.
+        reason = (error.get("ctx") or {}).get("error", "")
+        loc, msg = ["body"], f"malformed JSON at character {loc[1]}: {reason}".rstrip(": ")
+    return {"loc": loc, "msg": msg, "type": str(error.get("type", "value_error"))}
+
+
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    items = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
-              "type": str(e.get("type", "value_error"))} for e in error.errors()]  # fmt: skip
+    items = [_item(e) for e in error.errors()]
     return JSONResponse({"detail": items}, status_code=422)
 
 

@@ -104,8 +104,12 @@ def test_nan_and_inf_are_refused_naming_the_tag(server, session, literal):
 def test_malformed_json_and_wrong_content_are_422(server, session):
     sid, _ = session
     path = f"/v1/sessions/{sid}/observations"
-    broken = _post(server, path, b'{"observations": [', raw=True)
+    broken = _post(server, path, b'{"observations": [1,,]}', raw=True)
     assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
+    # The offset is said in the message, not passed off as a field name in `loc`.
+    assert _loc(broken) == ["body"]
+    assert broken.json()["detail"][0]["msg"] == (
+        "malformed JSON at character 20: Expecting value")
     with server.client() as client:
         text = client.post(path, content=b"hello", headers={"content-type": "text/plain"})
     assert text.status_code == 422 and _loc(text)[0] == "body"
