@@ -91,6 +91,8 @@ class TwinStore:
         async with self._lock:
             if await self._unchanged(uri):  # nothing to load: an AOTInductor load leaks ~1.3 MB
                 return self.current, False
+            # The files as they are before the load: one rewritten during it is loaded again.
+            stamp = self._stamp(uri)
             new = await asyncio.to_thread(load_twin, uri, self.tracking_uri, self.setting)
             old = self.current
             changes = interface_changes(old.interface, new.interface)
@@ -99,11 +101,13 @@ class TwinStore:
                     f"model {uri}: its interface differs from the served {old.label}'s: "
                     f"{'; '.join(changes)}; start a new service for it"
                 )
+            # Either way these files are now known: the poll sees no change, and the next
+            # reload loads nothing (a file rewritten with the same bytes was loaded again on
+            # every reload, each load leaking).
+            self._file_stamp = self._loaded_stamp = stamp
             if new.sha256 == old.sha256:
                 return old, False
             self.current = new
-            self._file_stamp = self._stamp(uri)  # the new export's files: the poll sees no change
-            self._loaded_stamp = self._file_stamp
             log.info("reloaded twin %s (%s) -> %s (%s) from %s", old.label, old.format,
                      new.label, new.format, uri)  # fmt: skip
             return new, True

@@ -208,6 +208,10 @@ def test_a_reload_of_what_is_served_loads_nothing(twin_build, tmp_path, monkeypa
     os.utime(served, ns=(time.time_ns(), time.time_ns() + 10**9))  # rewritten, same bytes
     _, changed = asyncio.run(store.reload())
     assert len(loads) == 1 and not changed  # loaded, its digest the served one's
+    for _ in range(3):  # those files are now known: nothing is loaded again
+        _, changed = asyncio.run(store.reload())
+        assert not changed
+    assert len(loads) == 1
 
 
 def test_reload_refuses_a_body_naming_its_field(file_server):
