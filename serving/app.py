@@ -4,8 +4,8 @@ Data flow: `ServeSettings` -> the twin loaded (file or registry) -> its `TagSche
 `Service` (store, sessions, batcher, metrics) -> routes under /v1 behind the bearer token,
 health and readiness open -> middleware (body limit, metrics) -> uvicorn (serving/server.py).
 The lifespan starts the batcher and the housekeeping task (idle expiry, optional reload poll)
-and marks the service ready; on shutdown it turns not-ready first, so a balancer stops sending
-while uvicorn lets requests in flight finish.
+and marks the service ready; on shutdown (after uvicorn has closed its port and let requests
+in flight finish) it logs the sessions lost and stops them.
 """
 
 import asyncio
@@ -119,6 +119,9 @@ def create_app(settings: ServeSettings, twin: LoadedTwin | None = None) -> FastA
             yield
         finally:
             service.ready = False
+            if open_now := service.registry.open_sessions():  # their state is not kept
+                log.warning("stopping with %d open session(s), of lines %s: they are lost",
+                            len(open_now), ", ".join(s.line_id for s in open_now))  # fmt: skip
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await service.batcher.stop()

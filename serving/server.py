@@ -43,6 +43,9 @@ def run_serve(config: Mapping) -> None:
     settings = load_settings(config)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    # Under `twin serve` Hydra has set up logging already and basicConfig does nothing: the
+    # service's own logger takes the level itself (Hydra's handlers, its cli.log, stay).
+    logging.getLogger("serving").setLevel(settings.log_level.upper())
     # The twin's time is per-op overhead (benchmarks/online_latency.md): more intra-op threads
     # only take cores from the HTTP side.
     torch.set_num_threads(settings.num_threads)

@@ -9,6 +9,7 @@ refused midway puts its session back from a `SessionSnapshot` taken when it star
 """
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from datetime import UTC, datetime
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger("serving")
 
 
 class SessionLimitError(RuntimeError):
@@ -180,6 +183,8 @@ class SessionRegistry:
         session = self._sessions.get(session_id)
         if session is not None and self._idle(session, self.clock() - self.idle_expiry_s):
             self.remove(session)
+            log.info("dropped session of line %s, idle for over %g s", session.line_id,
+                     self.idle_expiry_s)  # fmt: skip
             if self.on_expired is not None:
                 self.on_expired(1)
             session = None
@@ -206,6 +211,9 @@ class SessionRegistry:
         idle = [s for s in self._sessions.values() if self._idle(s, cutoff)]
         for session in idle:
             self.remove(session)
+        if idle:
+            log.info("dropped %d session(s) idle for over %g s, of lines %s", len(idle),
+                     self.idle_expiry_s, ", ".join(s.line_id for s in idle))  # fmt: skip
         if idle and self.on_expired is not None:
             self.on_expired(len(idle))
         return len(idle)

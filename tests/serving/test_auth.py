@@ -62,12 +62,19 @@ def test_a_token_a_client_cannot_send_and_a_misspelt_log_level_are_refused_by_na
         load_settings({**base, "log_level": "verbose"}, {"TWIN_SERVE_TOKENS": "abc"})
 
 
-def test_insecure_on_loopback_serves_without_a_token(twin_build, tmp_path):
-    server = start_server(tmp_path, f"model_uri={twin_build.path}", "insecure=true", token=None)
+def test_insecure_on_loopback_serves_without_a_token(twin_build, runs, tmp_path):
+    server = start_server(tmp_path, f"model_uri={twin_build.path}", "insecure=true",
+                          "log_level=warning", token=None)  # fmt: skip
     try:
         with server.client(token=None) as client:
             assert client.get("/v1/model").status_code == 200
+            past = {"line_id": "LINE-1", "past": runs[0][:6]}
+            assert client.post("/v1/sessions", json=past).status_code == 201
     finally:
         # uvicorn shuts down gracefully on SIGTERM, then re-raises it: exit code -15
         assert stop_server(server) in (0, -15)
-    assert "Application shutdown complete" in server.log_tail()
+    log = server.log.read_text()
+    # the lifespan's shutdown ran, and said what a restart loses
+    assert "stopping with 1 open session(s), of lines LINE-1: they are lost" in log, log
+    # log_level=warning holds for the service's own lines too (Hydra had set INFO before)
+    assert "serving twin" not in log and "[INFO]" not in log, log

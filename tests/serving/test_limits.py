@@ -41,6 +41,10 @@ def test_a_full_registry_refuses_then_idle_sessions_expire(small_server, runs):
         assert _create(client, "L4", runs).status_code == 201
     assert gone.status_code == 404
     assert "twin_sessions_expired_total 2.0" in metrics
+    # the log says so too: an operator reading it learns which lines lost their session
+    log = small_server.log.read_text()
+    assert "idle for over 2 s, of lines L2, L3" in log or (
+        "session of line L2, idle" in log and "session of line L3, idle" in log), log[-3000:]
 
 
 def test_a_create_that_loses_the_last_slot_to_a_concurrent_one_is_429(twin_build, runs):
