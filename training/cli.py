@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from training.config_dir import config_dir
 
@@ -96,8 +96,6 @@ def _run_evaluate_diversion(cfg: DictConfig) -> object:
 
 def _run_serve(cfg: DictConfig) -> None:
     # serving imports nothing of training (DESIGN.md): it gets a plain mapping, not a DictConfig.
-    from omegaconf import OmegaConf
-
     from serving.server import run_serve
 
     return run_serve(OmegaConf.to_container(cfg, resolve=True))
@@ -116,6 +114,12 @@ def _usage(stages: dict[str, Stage]) -> str:
         "`twin <stage> --help` shows a stage's configuration and Hydra's override syntax.",
     ]
     return "\n".join(lines)
+
+
+def _path_safe(text: str, limit: int = 120) -> str:
+    """One folder name of `text`: `/` as `_`, cut to `limit` characters (the full overrides
+    are the MLflow run's tag `sweep.overrides`)."""
+    return str(text).replace("/", "_")[:limit]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"twin {name}", *overrides]
     # configs/<stage>.yaml, "-" as "_" (evaluate-faults -> evaluate_faults.yaml).
     config_name = name.replace("-", "_")
+    # configs/train.yaml names a sweep job's folder after its overrides: a `/` in one (a
+    # path, monitor=val/loss) made nested folders of it, and many of them a name too long
+    OmegaConf.register_new_resolver("path_safe", _path_safe, replace=True)
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
     app(stages[name].run)()
     return 0

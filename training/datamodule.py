@@ -120,7 +120,7 @@ class CDCDataModule(LightningDataModule):
             _require(name, value, minimum)
         _require("seed", seed, 0, allow_none=True)
         if seed is None:  # `seed=null`: unseeded, but the draw is recorded (hparams, MLflow)
-            seed = secrets.randbelow(2**62)
+            seed = secrets.randbelow(2**32)  # a seed `seed=` also takes
             log.info("datamodule.seed is null: train windows drawn with seed %d", seed)
         _require("eval_window_steps", eval_window_steps, 1, allow_none=True)
         for name, value in (("eval_full_runs", eval_full_runs),

@@ -11,7 +11,10 @@ Every epoch writes `<output dir>/checkpoints/last.ckpt` holding the MLflow run i
 from the checkpoint and registers a new version (docs/training.md, "Resuming a run").
 """
 
+import logging
+import os
 import pickle
+import secrets
 import shutil
 import sys
 import warnings
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -48,12 +52,19 @@ from training.tracking import (
 )
 from training.twin_model import TwinModel
 
+log = logging.getLogger(__name__)
+
 # trainer.precision values whose weights stay float32 (mixed: autocast around the networks)
 TRAINING_PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16", "bf16")
 # Trainer arguments `run_train` passes itself; under trainer.* they were a duplicate keyword
 TRAINER_ARGUMENTS_OF_TWIN = {"default_root_dir", "logger", "callbacks"}
 CHECKPOINT_DIR = "checkpoints"  # under the Hydra output dir; `last.ckpt` is rewritten every epoch
 RUN_ID_KEY = "mlflow_run_id"  # the MLflow run a checkpoint belongs to, inside the checkpoint
+SEED_KEY = "twin_seed"  # the run's seed (drawn where `seed` was null), inside the checkpoint
+# A seed Lightning and numpy accept: 0 <= seed < 2^32
+SEED_LIMIT = 2**32
+# `seed=null`: rank 0's drawn seed, inherited by the DDP workers Lightning starts in the fit
+DRAWN_SEED_ENV = "TWIN_DRAWN_SEED"
 # Config keys a resumed run may change: how it trains (epochs, devices, threads), not what.
 RESUMABLE_KEYS = ("trainer.*", "num_threads", "lit.cuda_graphs", "solver.torch_compile")
 
@@ -70,8 +81,9 @@ class MlflowEpochMetrics(Callback):
     would re-log them as if they were new.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int | None = None) -> None:
         self._val_metrics: dict[str, float] = {}  # this epoch's validation, not yet logged
+        self.seed = seed
 
     def on_validation_end(self, trainer: Trainer, pl_module) -> None:
         if trainer.sanity_checking:  # a check of the code path, not a measurement
@@ -89,6 +101,7 @@ class MlflowEpochMetrics(Callback):
         run = mlflow.active_run()
         if trainer.is_global_zero and run is not None:  # rank 0 writes the file
             checkpoint[RUN_ID_KEY] = run.info.run_id
+            checkpoint[SEED_KEY] = self.seed
 
 
 def _metrics(trainer: Trainer, wanted: Callable[[str], bool]) -> dict[str, float]:
@@ -101,6 +114,7 @@ class Resume(NamedTuple):
     path: Path
     run_id: str
     epochs_done: int
+    seed: int | None = None  # the run's seed; None from a checkpoint of before SEED_KEY
 
 
 def run_train(cfg: DictConfig) -> float:
@@ -120,15 +134,20 @@ def run_train(cfg: DictConfig) -> float:
     """
     check_run_settings(cfg)
     check_validation_cadence(cfg.trainer)
+    resume = None
+    if cfg.resume_from is not None:
+        resume = read_checkpoint(Path(cfg.resume_from), cfg.trainer.max_epochs,
+                                 str(cfg.lit.lr_schedule))  # fmt: skip
+    seed_drawn = cfg.seed is None and (resume is None or resume.seed is None)
+    if cfg.seed is None:
+        # One seed for everything, logged as the param `seed`, so that the run can be
+        # repeated with `seed=<it>`; a resumed run goes on with its own.
+        cfg.seed = resume.seed if resume is not None else _drawn_seed()
     if cfg.seed is not None:  # seed 0 is a seed (STYLE.md)
         seed_everything(int(cfg.seed), workers=True)
     if cfg.num_threads is not None:
         torch.set_num_threads(int(cfg.num_threads))
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    resume = None
-    if cfg.resume_from is not None:
-        resume = read_checkpoint(Path(cfg.resume_from), cfg.trainer.max_epochs,
-                                 str(cfg.lit.lr_schedule))  # fmt: skip
     ckpt_path = None if resume is None else str(resume.path)
     datamodule, model, lit = build_training(cfg, config)
     if cfg.tracking.plot_split:  # checked now, not after the fit: plots come before registering
@@ -137,7 +156,7 @@ def run_train(cfg: DictConfig) -> float:
         except DatasetError as error:
             raise ConfigError(f"tracking.plot_split: {error}") from None
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    callbacks: list[Callback] = [MlflowEpochMetrics()]
+    callbacks: list[Callback] = [MlflowEpochMetrics(cfg.seed)]
     if cfg.trainer.enable_checkpointing:
         callbacks.append(_last_checkpoint(output_dir))
     arguments = trainer_arguments(cfg.trainer)
@@ -155,6 +174,8 @@ def run_train(cfg: DictConfig) -> float:
     with _mlflow_run(cfg, config, datamodule, output_dir, resume) as run:
         # what ran, beside the param asked for (trainer=gpu falls back to the CPU)
         mlflow.set_tag("trainer.accelerator_used", str(arguments.get("accelerator", "auto")))
+        if seed_drawn and cfg.seed is not None:  # asked for null: the param is the drawn one
+            mlflow.set_tag("seed.drawn", "true")
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         if cfg.monitor not in trainer.callback_metrics:
             raise KeyError(
@@ -180,6 +201,18 @@ def run_train(cfg: DictConfig) -> float:
             f"{cfg.tracking.registered_model_name} version {version}"
         )
     return metric
+
+
+def _drawn_seed() -> int:
+    """A seed for `seed=null`: drawn in [0, 2^32), or, in a DDP worker, rank 0's (the
+    workers re-run `twin train` with the same overrides, and each drew its own)."""
+    inherited = os.environ.get(DRAWN_SEED_ENV)
+    if inherited is not None and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return int(inherited)
+    seed = secrets.randbelow(SEED_LIMIT)
+    os.environ[DRAWN_SEED_ENV] = str(seed)
+    log.info("seed is null: drew seed %d (logged as the run's param `seed`)", seed)
+    return seed
 
 
 def trainer_arguments(trainer_cfg: DictConfig) -> dict:
@@ -220,6 +253,8 @@ def check_run_settings(cfg: DictConfig) -> None:
         low = 0 if key == "seed" else 1
         if number != int(number) or number < low:
             raise ConfigError(f"{key}: expected a whole number >= {low}, got {value!r}")
+        if key == "seed" and number >= SEED_LIMIT:  # Lightning refused it, naming no key
+            raise ConfigError(f"seed: expected a whole number below 2^32, got {value!r}")
     for key in ("lr", "weight_decay"):
         value = cfg.optimizer.get(key)
         if value is not None and config_number(value, f"optimizer.{key}") < 0:
@@ -295,7 +330,9 @@ def read_checkpoint(path: Path, max_epochs: int | None, lr_schedule: str | None 
         )
     if lr_schedule is not None:  # refused in the fit, the run would be marked FAILED
         check_resumed_schedule(checkpoint, lr_schedule, max_epochs)
-    return Resume(path.resolve(), str(checkpoint[RUN_ID_KEY]), epochs_done)
+    seed = checkpoint.get(SEED_KEY)
+    return Resume(path.resolve(), str(checkpoint[RUN_ID_KEY]), epochs_done,
+                  None if seed is None else int(seed))  # fmt: skip
 
 
 @contextmanager
@@ -310,9 +347,11 @@ def _mlflow_run(
     checkpoint = str(output_dir / CHECKPOINT_DIR / "last.ckpt")
     if resume is None:
         mlflow.set_experiment(cfg.tracking.experiment_name)
-        with mlflow.start_run(run_name=f"{cfg.model.kind}-{output_dir.name}") as run:
+        name, sweep_tags = _run_name_and_sweep(str(cfg.model.kind), output_dir)
+        with mlflow.start_run(run_name=name) as run:
             log_config(config)
             mlflow.set_tags(provenance_tags(datamodule.manifest_sha256, cfg.model.kind))
+            mlflow.set_tags(sweep_tags)
             if cfg.trainer.enable_checkpointing:
                 mlflow.set_tag("checkpoint", checkpoint)
             yield run
@@ -340,6 +379,21 @@ def _mlflow_run(
         raise
     finally:
         mlflow.end_run(status)
+
+
+def _run_name_and_sweep(kind: str, output_dir: Path) -> tuple[str, dict[str, str]]:
+    """The MLflow run's name, and for a job of a sweep (`-m`) the tags that find it:
+    `sweep.dir`, `sweep.job` (Hydra's job number) and `sweep.overrides` (the job's own).
+
+    A job's folder is named after its overrides, which a `/` (a path, `monitor=val/...`)
+    split into nested folders; the name of the last of them alone made the run's name."""
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        return f"{kind}-{output_dir.name}", {}
+    sweep_dir = Path(hydra.sweep.dir)
+    tags = {"sweep.dir": str(sweep_dir.resolve()), "sweep.job": str(hydra.job.num),
+            "sweep.overrides": ",".join(hydra.overrides.task)}  # fmt: skip
+    return f"{kind}-{sweep_dir.name}-{hydra.job.num}", tags
 
 
 def _resume_tags(resume: Resume, config: dict, manifest_sha256: str) -> dict[str, str]:
@@ -381,17 +435,17 @@ def _resume_tags(resume: Resume, config: dict, manifest_sha256: str) -> dict[str
     }
     params = run.data.params
     flat = flatten_params(config)
-    changed = {
-        key: value
-        for key, value in flat.items()
-        if key != "resume_from"
-        and (params[key] != value if key in params else key.startswith("trainer."))
-    }
-    # trainer=ddp turns `trainer.strategy: auto` into trainer.strategy._target_ and more:
-    # the added keys are above, the one they replace is recorded as unset
-    changed.update({key: "(unset)" for key in params
-                    if key.startswith("trainer.") and key not in flat})  # fmt: skip
-    refused = [f"{k}: {params[k]} -> {v}" for k, v in changed.items() if not _may_change(k)]
+    # A key the run had and the config now lacks (`~lit.theta_only_epochs`) falls back to
+    # its default: a change like any other. trainer=ddp turns `trainer.strategy: auto` into
+    # trainer.strategy._target_ and more: the keys it adds are new values, the one they
+    # replace is unset.
+    changed = {key: value for key, value in flat.items()
+               if key != "resume_from" and params.get(key) != value}  # fmt: skip
+    changed.update({key: "(unset)" for key in params if key not in flat})
+    # A key the run never had is one a newer version of the code added, at the value it
+    # had before it was a key: recorded, not refused.
+    refused = [f"{k}: {params.get(k, '(unset)')} -> {v}" for k, v in changed.items()
+               if k in params and not _may_change(k)]  # fmt: skip
     if refused:
         raise ConfigError(
             f"resume_from: run {resume.run_id!r} was trained with other settings; a resumed "

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from hybrid_twin import ConfigError
 from tests.training.twin_cli import TINY_SIZES, run_twin
-from training.train import RUN_ID_KEY, read_checkpoint
+from training.train import RUN_ID_KEY, SEED_KEY, read_checkpoint
 
 # mlflow.pyfunc warns about its own type hints when it is first imported (mlflow 3.17).
 pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
@@ -349,3 +349,47 @@ def test_a_resume_ending_in_an_exception_restores_the_runs_status(
             raise raised
     run = client.get_run(run_id)
     assert (run.info.status, run.data.tags["resume.1.outcome"]) == (after, outcome)
+
+
+def test_a_null_seed_is_drawn_once_logged_and_kept_by_a_resume(tiny_cdc_dataset, tmp_path):
+    # seed=null logged "null", the network's start was unseeded and the window seed was
+    # only in cli.log: the run could not be repeated from MLflow, and a resume drew anew.
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    data = f"datamodule.path={tiny_cdc_dataset}"
+    first = run_twin(tmp_path, uri, "train", data, *TINY, "seed=null", "trainer.max_epochs=1",
+                     "lit.theta_only_epochs=0", f"hydra.run.dir={tmp_path / 'drawn'}")  # fmt: skip
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = _runs(client)
+    seed = int(run.data.params["seed"])
+    assert 0 <= seed < 2**32 and run.data.tags["seed.drawn"] == "true"
+    assert run.data.params["datamodule.seed"] == str(seed)
+    checkpoint = torch.load(run.data.tags["checkpoint"], map_location="cpu", weights_only=True)
+    assert checkpoint[SEED_KEY] == seed
+    # the logged seed repeats the run
+    again = run_twin(tmp_path, uri, "train", data, *TINY, f"seed={seed}", "trainer.max_epochs=1",
+                     "lit.theta_only_epochs=0", f"hydra.run.dir={tmp_path / 'again'}")  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    repeated = next(r for r in _runs(client) if r.info.run_id != run.info.run_id)
+    assert "seed.drawn" not in repeated.data.tags
+    assert repeated.data.metrics["val/loss"] == run.data.metrics["val/loss"]
+    # a resume with seed=null goes on with the run's seed: nothing changed, nothing refused
+    resumed = run_twin(tmp_path, uri, "train", data, *TINY, "seed=null", "trainer.max_epochs=2",
+                       "lit.theta_only_epochs=0",
+                       f"resume_from={run.data.tags['checkpoint']}")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["resume.1.outcome"] == "finished"
+    assert not any(key.startswith("resume.1.seed") for key in tags)
+
+
+def test_resume_refuses_a_key_the_config_no_longer_has(resumed):
+    # `~lit.residual_penalty` fell back to its default: a change, silently accepted before
+    run = resumed.client.get_run(resumed.run_id)
+    result = run_twin(resumed.folder, resumed.uri, "train", f"datamodule.path={resumed.dataset}",
+                      *TINY, "trainer.max_epochs=6", "~lit.residual_penalty",
+                      f"resume_from={run.data.tags['checkpoint']}",
+                      f"hydra.run.dir={resumed.folder / 'unset'}")  # fmt: skip
+    assert result.returncode != 0
+    assert "lit.residual_penalty: 0.001 -> (unset)" in result.stderr, result.stderr[-3000:]
+    assert resumed.client.get_run(resumed.run_id).data.tags == run.data.tags

@@ -461,3 +461,32 @@ def test_training_warns_where_no_measurement_starts_a_window(tiny_tanks_dataset,
                         "lit.theta_only_epochs=2")  # fmt: skip
     assert short == "lit.theta_only_epochs = 2 >= trainer.max_epochs = 2: the hybrid's network " \
                     "never trains"
+
+
+def test_each_job_of_a_sweep_is_tagged_with_its_sweep_and_named_by_its_number(
+    tiny_cdc_dataset, tmp_path
+):
+    # Nothing tied a run to its sweep, and the `/` of datamodule.path split a job's folder
+    # into nested ones, the last of which named the run ("mechanistic-prepared,...")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    sweep = tmp_path / "sweep"
+    result = run_twin(tmp_path, uri, "train", "-m", "model=mechanistic", "optimizer.lr=1e-3,2e-3",
+                      f"datamodule.path={tiny_cdc_dataset}", *TINY_SIZES, "trainer.max_epochs=1",
+                      "tracking.plot_split=null", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("cdc-line-twin")
+    runs = sorted(client.search_runs([experiment.experiment_id]),
+                  key=lambda r: r.data.tags["sweep.job"])  # fmt: skip
+    assert [r.info.run_name for r in runs] == ["mechanistic-sweep-0", "mechanistic-sweep-1"]
+    for job, (run, lr) in enumerate(zip(runs, ("0.001", "0.002"), strict=True)):
+        tags = run.data.tags
+        assert (tags["sweep.dir"], tags["sweep.job"]) == (str(sweep.resolve()), str(job))
+        assert f"optimizer.lr={lr}" in tags["sweep.overrides"].split(",")
+        assert f"datamodule.path={tiny_cdc_dataset}" in tags["sweep.overrides"].split(",")
+        assert run.data.params["optimizer.lr"] == lr
+    # one folder per job, right under the sweep's, its name cut (the tags have it whole)
+    folders = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert [f[:2] for f in folders] == ["0_", "1_"] and all(len(f) <= 122 for f in folders)
+    assert folders[0].startswith("0_datamodule.batch_size=4,")
+    assert all((sweep / f / "checkpoints" / "last.ckpt").is_file() for f in folders)
