@@ -77,6 +77,8 @@ def read_historian(
     dst_policy: str = "raise",
     timestamp_format: str = "ISO8601",
     tag_names: Collection[str] = (),
+    quality_column: str = "quality",
+    ignore_columns: Collection[str] = (),
 ) -> HistorianTable:
     """Read one long or wide historian export, CSV or Parquet, into the long frame.
 
@@ -88,6 +90,11 @@ def read_historian(
         timestamp_format: pandas format of timestamp strings; "ISO8601" by default.
         tag_names: the dictionary's tags: a wide header that is one of them as written is
             that tag, brackets and all (`FIC101[PV]`, a PI attribute), not `TAG [unit]`.
+        quality_column: the long layout's quality column (`status`, `OPCQuality`, ...);
+            matched as `tag` and `value` are, case and padding aside.
+        ignore_columns: other columns of a long file, left unread (a description, a
+            server name). Any column not named here nor read is refused: a quality flag
+            under another name was ignored, and its bad samples taken as good.
 
     Returns:
         The HistorianTable; `frame` columns as documented there.
@@ -119,10 +126,12 @@ def read_historian(
         timezone=timezone,
         dst_policy=dst_policy,
         timestamp_format=timestamp_format,
+        row_numbers=row_numbers,
     )
     lower = {n.strip().lower(): n for n in names}  # " tag" after a comma-space separator
     if "tag" in lower and "value" in lower:
-        return _long_table(table, parsed, lower, name, row_numbers)
+        quality = _long_columns(names, ts_col, lower, quality_column, ignore_columns, name)
+        return _long_table(table, parsed, lower, quality, name, row_numbers)
     if "tag" in lower:  # a long export that lost its value column, not a tag called "tag"
         raise DataValidationError(f"{name}: a `tag` column but no `value` column; found {names}")
     columns = [(position, n) for position, n in enumerate(names, start=1) if n != ts_col]
@@ -217,13 +226,39 @@ def _without_blank_rows(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
     return (table.filter(pa.array(~blank)) if blank.any() else table), rows
 
 
-def _long_table(table: pa.Table, parsed, lower: dict, file: str,
+def _long_columns(names: list[str], ts_col: str, lower: dict, quality_column: str,
+                  ignore_columns: Collection[str], file: str) -> str | None:  # fmt: skip
+    """The long file's quality column (None: it has none, all samples good), after checking
+    that it has no column that would be left unread without being named in ignore_columns.
+
+    Raises:
+        DataValidationError: a named quality column other than the default is missing, or a
+            column is neither read nor ignored.
+    """
+    key = quality_column.strip().lower()
+    if key != "quality" and key not in lower:
+        raise DataValidationError(
+            f"{file}: no quality column {quality_column!r} (data.quality_column); found {names}"
+        )
+    read = {"tag", "value", "unit", key, *(c.strip().lower() for c in ignore_columns)}
+    unread = [n for n in names if n != ts_col and n.strip().lower() not in read]
+    if unread:
+        raise DataValidationError(
+            f"{file}: columns {unread} are not read in the long layout (timestamp, tag, value, "
+            f"{quality_column}, unit); a quality flag among them would be ignored and its bad "
+            f"samples taken as good. Name the quality column with data.quality_column=<name>, "
+            f"or leave the others unread with data.ignore_columns=[...]"
+        )
+    return lower.get(key)
+
+
+def _long_table(table: pa.Table, parsed, lower: dict, quality_column: str | None, file: str,
                 row_numbers: np.ndarray) -> HistorianTable:  # fmt: skip
     """Long layout: one sample per row."""
     n = table.num_rows
     values, value_text = _parse_values(table.column(lower["value"]), f"{file} column 'value'")
     tag = _as_categorical(table.column(lower["tag"]))
-    quality = _as_categorical(table.column(lower["quality"])) if "quality" in lower else _no_text(n)
+    quality = _as_categorical(table.column(quality_column)) if quality_column else _no_text(n)
     frame = _frame(row_numbers, parsed, tag, values, quality, value_text)
     claims = []
     if "unit" in lower:
@@ -316,7 +351,9 @@ def _parse_values(column: pa.ChunkedArray, where: str) -> tuple[np.ndarray, np.n
     # written as text, which is told apart from an empty cell.
     strings = column.to_pandas()
     numbers = pd.to_numeric(strings, errors="coerce")
-    text_mask = numbers.isna().to_numpy() & strings.notna().to_numpy()
+    # a cell of spaces is an empty one (a padded or fixed-width export), not a text value
+    filled = strings.notna().to_numpy() & (strings.str.strip() != "").to_numpy(dtype=bool)
+    text_mask = numbers.isna().to_numpy() & filled
     text = np.where(text_mask, strings.to_numpy(dtype=object), None)
     return numbers.to_numpy(dtype=np.float64, na_value=np.nan), text
 

@@ -46,6 +46,8 @@ class DataConfig:
     dst_policy: str = "raise"
     timestamp_format: str = "ISO8601"
     good_quality: tuple[str, ...] = ("Good",)
+    quality_column: str = "quality"
+    ignore_columns: tuple[str, ...] = ()
     out_of_range: str = "reject"
     max_bad_timestamp_fraction: float = 0.01
     std_floor_fraction: float = 1.0e-3
@@ -71,6 +73,10 @@ class DataConfig:
                 values[f.name] = _number(f.name, values[f.name])
         if "good_quality" in values:
             values["good_quality"] = _good_quality(values["good_quality"])
+        if "ignore_columns" in values:
+            values["ignore_columns"] = _names(values["ignore_columns"], "ignore_columns")
+        if "quality_column" in values:
+            values["quality_column"] = str(values["quality_column"]).strip()
         if "split" in values:
             values["split"] = _check_split(values["split"])
         config = cls(**values)
@@ -100,6 +106,8 @@ class DataConfig:
             raise ConfigError("data.max_bad_timestamp_fraction must be in [0, 1]")
         if not self.std_floor_fraction > 0:
             raise ConfigError("data.std_floor_fraction must be > 0")
+        if not self.quality_column:
+            raise ConfigError("data.quality_column: expected a column name, got an empty one")
 
     def as_manifest(self) -> dict:
         """The settings that shape the dataset, for the manifest (paths left out)."""
@@ -108,7 +116,8 @@ class DataConfig:
             for f in fields(self)
             if f.name not in ("raw_dir", "out_dir")
         }
-        return {**out, "good_quality": list(self.good_quality), "split": dict(self.split)}
+        return {**out, "good_quality": list(self.good_quality),
+                "ignore_columns": list(self.ignore_columns), "split": dict(self.split)}  # fmt: skip
 
 
 def prepare_dataset(
@@ -196,10 +205,15 @@ def _read_export(
                 dst_policy=config.dst_policy,
                 timestamp_format=config.timestamp_format,
                 tag_names=dictionary.names,
+                quality_column=config.quality_column,
+                ignore_columns=config.ignore_columns,
             )
         )
         check_units(tables[-1].unit_claims, dictionary)
-    runs = read_runs(side["runs.csv"], timezone=config.timezone) if "runs.csv" in side else None
+    runs = None
+    if "runs.csv" in side:
+        runs = read_runs(side["runs.csv"], timezone=config.timezone,
+                         timestamp_format=config.timestamp_format)  # fmt: skip
     return tables, runs
 
 
@@ -244,6 +258,15 @@ def _good_quality(value: object) -> tuple[str, ...]:
     if value is None or isinstance(value, Mapping) or not isinstance(value, Iterable):
         raise ConfigError(f"data.good_quality must be a list of quality strings, got {value!r}")
     return tuple(str(q) for q in value)
+
+
+def _names(value: object, key: str) -> tuple[str, ...]:
+    """A list of column names (a lone string is one)."""
+    if isinstance(value, str):
+        return (value.strip(),)
+    if value is None or isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise ConfigError(f"data.{key} must be a list of column names, got {value!r}")
+    return tuple(str(name).strip() for name in value)
 
 
 def _check_split(split: object) -> dict:

@@ -24,7 +24,7 @@ DEFAULT_RUN_ID = "run_0"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def read_runs(path: Path, *, timezone: str) -> pd.DataFrame:
+def read_runs(path: Path, *, timezone: str, timestamp_format: str = "ISO8601") -> pd.DataFrame:
     """Read and check `runs.csv`.
 
     Args:
@@ -33,6 +33,8 @@ def read_runs(path: Path, *, timezone: str) -> pd.DataFrame:
             the run's split, decided by the plant's owner; empty or absent: assigned by
             `data.split`) and any setpoint columns.
         timezone: IANA zone of naive start/end times.
+        timestamp_format: `data.timestamp_format`, as the historian's; a start or end it
+            does not read is read as ISO 8601 (a run table written by hand).
 
     Returns:
         One row per run, sorted by start, with run_id (str), start_ns and end_ns (int64 UTC
@@ -63,12 +65,15 @@ def read_runs(path: Path, *, timezone: str) -> pd.DataFrame:
         {"row": np.arange(1, len(table) + 1), "run_id": table["run_id"].str.strip()}
     )
     for column in ("start", "end"):
-        parsed = parse_timestamps(
-            pa.array(table[column].str.strip().replace("", None)),
-            file=name,
-            timezone=timezone,
-            dst_policy="reject",  # flagged here, so the message fits a run boundary
-        )
+        cells = pa.array(table[column].str.strip().replace("", None))
+        # dst_policy "reject": flagged here, so that the message fits a run boundary
+        parsed = parse_timestamps(cells, file=name, timezone=timezone, dst_policy="reject",
+                                  timestamp_format=timestamp_format)  # fmt: skip
+        if timestamp_format != "ISO8601" and (parsed.error == 1).any():
+            iso = parse_timestamps(cells, file=name, timezone=timezone, dst_policy="reject")
+            use = (parsed.error == 1) & (iso.error != 1)
+            parsed = parsed._replace(ns=np.where(use, iso.ns, parsed.ns),
+                                     error=np.where(use, iso.error, parsed.error))  # fmt: skip
         bad = np.flatnonzero(parsed.error != 0)
         if bad.size:
             why = {

@@ -26,6 +26,9 @@ NAT = np.iinfo(np.int64).min
 _HAS_OFFSET = r"[T ]\d[\d:.,]*\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$"
 # The instants int64 nanoseconds hold (1677-09-21 to 2262-04-11); outside: unparseable.
 _NS_RANGE = (pd.Timestamp.min, pd.Timestamp.max)
+# No plant historian holds samples from before 1980: earlier instants are placeholders of a
+# time never set (Unix 1970-01-01, Excel 1899-12-30 / 1900-01-01, Windows 1601-01-01).
+EARLIEST_NS = pd.Timestamp("1980-01-01", tz="UTC").value
 _NS_PER_UNIT = {"s": 10**9, "ms": 10**6, "us": 10**3}
 
 
@@ -50,6 +53,7 @@ def parse_timestamps(
     timezone: str,
     dst_policy: str = "raise",
     timestamp_format: str = "ISO8601",
+    row_numbers: np.ndarray | None = None,
 ) -> ParsedTimestamps:
     """Parse a timestamp column (text or arrow timestamp) into UTC nanoseconds.
 
@@ -60,10 +64,13 @@ def parse_timestamps(
         dst_policy: "raise" (ambiguous/nonexistent local time is fatal) or "reject" (it
             is flagged in `error` and the row is rejected later).
         timestamp_format: pandas format of the text; "ISO8601" accepts offsets and fractions.
+        row_numbers: each cell's 1-based row in the file, for messages (None: 1, 2, ...;
+            blank lines left out of `column` keep the rows after them at their numbers).
 
     Returns:
         ParsedTimestamps, aligned with `column`. Unparseable text and empty cells are flagged
         `unparseable_timestamp`, never raised: validate.py decides whether there are too many.
+        So is an instant before 1980 (EARLIEST): the placeholder of a time never set.
 
     Raises:
         DataValidationError: a column that is neither text nor time; with dst_policy
@@ -87,9 +94,24 @@ def parse_timestamps(
                 raise DataValidationError(f"{file}: {error}") from error
     else:
         raise DataValidationError(f"{file}: timestamp column has type {kind}, not text or time")
+    parsed = _placeholders_unparseable(parsed)
     if dst_policy == "raise":
-        _raise_on_dst(parsed, file, timezone)
+        _raise_on_dst(parsed, file, timezone, row_numbers)
     return parsed
+
+
+def _placeholders_unparseable(parsed: ParsedTimestamps) -> ParsedTimestamps:
+    """Instants before EARLIEST flagged unparseable, with their UTC text: a Unix epoch 0 or
+    an Excel zero date in a plant file stood for "no time", and one sample of it was held
+    into the real data, decades later, as the start of its run."""
+    early = np.flatnonzero((parsed.error == 0) & (parsed.ns < EARLIEST_NS))
+    if not early.size:
+        return parsed
+    ns, error = parsed.ns.copy(), parsed.error.copy()
+    text = np.asarray(parsed.text.astype(object))
+    text[early] = iso_utc(ns[early])
+    ns[early], error[early] = NAT, 1
+    return ParsedTimestamps(ns, error, pd.Categorical(text))
 
 
 def _whole_column_iso(column, timezone: str) -> ParsedTimestamps | None:
@@ -241,14 +263,15 @@ def _compact(codes: np.ndarray, categories: pd.Index) -> pd.Categorical:
     return pd.Categorical.from_codes(remap[codes], categories=categories[used])
 
 
-def _raise_on_dst(parsed: ParsedTimestamps, file: str, timezone: str) -> None:
+def _raise_on_dst(parsed: ParsedTimestamps, file: str, timezone: str,
+                  row_numbers: np.ndarray | None) -> None:  # fmt: skip
     for code, why in (
         (2, "is ambiguous in {tz}: the hour repeats when DST ends"),
         (3, "does not exist in {tz}: clocks skip that hour when DST starts"),
     ):
         hits = np.flatnonzero(parsed.error == code)
         if hits.size:
-            row = int(hits[0]) + 1
+            row = int(hits[0]) + 1 if row_numbers is None else int(row_numbers[hits[0]])
             raise DataValidationError(
                 f"{file} row {row}: local time {parsed.text[hits[0]]!r} "
                 f"{why.format(tz=timezone)} ({hits.size} rows like it); export timestamps "

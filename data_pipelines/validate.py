@@ -210,9 +210,10 @@ def _samples(tables, dictionary, good_quality) -> Samples:
         codes = f["tag"].cat.codes.to_numpy().astype(np.int64)
         tag = np.where(codes >= 0, to_dict[np.clip(codes, 0, None)] if len(to_dict) else -1, -1)
         quality = f["quality"]
-        # "Good " from a fixed-width export is Good: the padding is layout, not a quality
-        categories = [str(c).strip() for c in quality.cat.categories]
-        good_cat = np.isin(np.asarray(categories, dtype=object), list(good_quality))
+        # "Good " from a fixed-width export is Good: the padding is layout, not a quality;
+        # a quality of padding alone is an empty one, which is good
+        categories = np.asarray([str(c).strip() for c in quality.cat.categories], dtype=object)
+        good_cat = np.isin(categories, list(good_quality)) | (categories == "")
         qcodes = quality.cat.codes.to_numpy()
         good = (qcodes < 0) | (good_cat[np.clip(qcodes, 0, None)] if len(good_cat) else False)
         value = f["value"].to_numpy(dtype=np.float64)

@@ -81,3 +81,17 @@ def test_a_sample_time_under_a_second_keeps_its_milliseconds(tmp_path):
         "2016-01-01T00:00:00.500+00:00",
         "2016-01-01T00:00:01.000+00:00",
     ]
+
+
+def test_run_times_are_read_with_the_historians_timestamp_format_or_as_iso(tmp_path):
+    # data.timestamp_format applied to the historian only: "01.03.2025 06:00:00" in runs.csv
+    # was "not a timestamp"
+    path = tmp_path / "runs.csv"
+    path.write_text("run_id,start,end\nr1,01.03.2025 06:00:00,01.03.2025 07:00:00\n"
+                    "r2,2025-03-01T08:00:00Z,2025-03-01T09:00:00Z\n")  # fmt: skip
+    runs = read_runs(path, timezone="UTC", timestamp_format="%d.%m.%Y %H:%M:%S")
+    starts = pd.to_datetime(runs["start_ns"], utc=True).dt.strftime("%H:%M").tolist()
+    assert runs["run_id"].tolist() == ["r1", "r2"] and starts == ["06:00", "08:00"]
+    with pytest.raises(DataValidationError, match=r"runs.csv row 1 run r1: start "
+                                                  r"'01.03.2025 06:00:00' is not a timestamp"):
+        read_runs(path, timezone="UTC")

@@ -268,3 +268,62 @@ def test_a_comma_ending_every_line_is_no_column(write_text, tmp_path):
     table = pa.table({"timestamp": ["2025-03-01T06:00:00Z"], "tag": ["FEED.SP"], "value": value})
     pq.write_table(table, tmp_path / "decimal.parquet")  # was "neither number nor text"
     assert read_historian(tmp_path / "decimal.parquet", **UTC).frame["value"].tolist() == [1.25]
+
+
+def test_a_long_column_neither_read_nor_ignored_is_refused_and_a_named_quality_is_read(
+    write_text,
+):
+    # IP.21's STATUS, AVEVA's OPCQuality: under any name but `quality` a quality column was
+    # left unread, and every sample it marked Bad taken as good
+    path = write_text("historian.csv", "timestamp,tag,value,status\n"
+                                       "2025-03-01T06:00:00Z,FEED.SP,1.5,Bad\n"
+                                       "2025-03-01T06:00:05Z,FEED.SP,1.6,Good\n")  # fmt: skip
+    with pytest.raises(DataValidationError, match=r"historian.csv: columns \['status'\] are not "
+                       r"read in the long layout .*data.quality_column=<name>.*ignore_columns"):
+        read_historian(path, **UTC)
+    named = read_historian(path, quality_column="Status", **UTC).frame
+    assert named["quality"].astype(object).tolist() == ["Bad", "Good"]
+    ignored = read_historian(path, ignore_columns=["status"], **UTC).frame
+    assert ignored["quality"].isna().all() and ignored["value"].tolist() == [1.5, 1.6]
+    with pytest.raises(DataValidationError, match=r"no quality column 'OPCQuality'"):
+        read_historian(path, quality_column="OPCQuality", **UTC)
+
+
+def test_a_dst_refusal_names_the_row_counted_across_blank_lines(write_text):
+    # the row after two blank lines was named two rows too early (the ",,," line)
+    path = write_text("historian.csv", "timestamp,tag,value\n2025-10-26 01:59:56,FEED.SP,1\n"
+                                       "\n\n,,\n2025-10-26 02:00:00,FEED.SP,2\n")  # fmt: skip
+    with pytest.raises(DataValidationError, match=r"historian.csv row 5: local time "
+                                                  r"'2025-10-26 02:00:00' is ambiguous"):
+        read_historian(path, timezone="Europe/Berlin")
+
+
+def test_an_instant_before_1980_is_a_placeholder_not_a_sample(write_text, tmp_path):
+    # a Unix epoch 0 in the file made a one-row run in 1970 whose input value was held
+    # into the real run, 55 years later, and moved the tag's normalisation mean
+    path = write_text("historian.csv", "timestamp,tag,value\n1970-01-01T00:00:00Z,FEED.SP,9\n"
+                                       "1899-12-30 00:00:00,FEED.SP,8\n"
+                                       "1980-01-01T00:00:00Z,FEED.SP,2\n"
+                                       "2025-03-01T06:00:00Z,FEED.SP,1\n")  # fmt: skip
+    frame = read_historian(path, **UTC).frame
+    assert frame["timestamp_error"].astype(object).tolist()[:2] == ["unparseable_timestamp"] * 2
+    assert frame["timestamp_text"].astype(object).tolist()[:2] == [
+        "1970-01-01T00:00:00.000+00:00", "1899-12-30T00:00:00.000+00:00"]  # fmt: skip
+    assert frame["timestamp_error"].isna().tolist()[2:] == [True, True]
+    table = pa.table({"timestamp": pa.array([0, 1740808800], pa.timestamp("s", tz="UTC")),
+                      "tag": ["FEED.SP"] * 2, "value": [9.0, 1.0]})  # fmt: skip
+    pq.write_table(table, tmp_path / "epoch.parquet")
+    read = read_historian(tmp_path / "epoch.parquet", **UTC).frame
+    assert read["timestamp_error"].astype(object).tolist() == ["unparseable_timestamp", np.nan]
+
+
+def test_a_cell_of_spaces_is_an_empty_cell(write_text):
+    # a padded export's blank quality was a bad one ("    "), its blank wide cell a text value
+    long = write_text("historian.csv", "timestamp,tag,value,quality\n"
+                                       "2025-03-01T06:00:00Z,FEED.SP,1.5,    \n"
+                                       "2025-03-01T06:00:05Z,FEED.SP,   ,Good\n")  # fmt: skip
+    frame = read_historian(long, **UTC).frame
+    assert frame["value_text"].isna().all() and np.isnan(frame["value"].iloc[1])
+    wide = write_text("wide.csv", "timestamp,FEED.SP,TI\n2025-03-01T06:00:00Z, ,40.1\n")
+    table = read_historian(wide, **UTC)
+    assert table.frame["tag"].astype(str).tolist() == ["TI"] and table.empty_cells == 1

@@ -133,9 +133,10 @@ def test_a_padded_quality_string_is_its_word(write_text, small_tags):
     path = write_text(
         "historian.csv",
         HEADER + "2025-03-01T06:00:00Z,FEED.SP,1,Good \n2025-03-01T06:00:05Z,FEED.SP,2, Good\n"
-        "2025-03-01T06:00:10Z,FEED.SP,3,Bad \n",
+        "2025-03-01T06:00:10Z,FEED.SP,3,Bad \n2025-03-01T06:00:15Z,FEED.SP,4,   \n",
     )
     result = _validate(path, small_tags)
+    # a quality of padding alone is an empty one, which is good (it was 'bad_quality')
     assert _reasons(result) == {3: "bad_quality: quality 'Bad '"}
 
 
