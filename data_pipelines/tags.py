@@ -112,8 +112,11 @@ class TagDictionary:
         return self.held + self.with_role("measurement")
 
     def close_matches(self, name: str, n: int = 3) -> list[str]:
-        """Up to `n` dictionary tags spelled like `name`, for "did you mean" messages."""
-        return difflib.get_close_matches(name, self.names, n=n, cutoff=0.6)
+        """Up to `n` dictionary tags spelled like `name`, for "did you mean" messages; a tag
+        that differs in case only comes first (difflib alone missed `pump.voltage`)."""
+        same_letters = [t for t in self.names if t.casefold() == name.casefold() and t != name]
+        close = difflib.get_close_matches(name, self.names, n=n, cutoff=0.6)
+        return [*same_letters, *(t for t in close if t not in same_letters)][:n]
 
     def __contains__(self, name: object) -> bool:
         return name in self.specs

@@ -45,6 +45,10 @@ def test_unknown_tag_error_names_file_row_tag_and_close_matches(write_text, smal
         DataValidationError, match=r"historian.csv row 2 tag 'NIR.CONK': unknown tag.*NIR.CONC"
     ):
         _validate(path, small_tags)
+    # a tag written in other case: difflib's ratio is case-sensitive and suggested nothing
+    lower = write_text("lower.csv", HEADER + "2025-03-01T06:00:00Z,nir.conc,1,Good\n")
+    with pytest.raises(DataValidationError, match=r"tag 'nir.conc': unknown tag.*'NIR.CONC'"):
+        _validate(lower, small_tags)
 
 
 def test_wrong_unit_in_the_exports_tag_dictionary_is_fatal(
