@@ -189,7 +189,35 @@ def _read_table(path: Path) -> pa.Table:
         parse = pcsv.ParseOptions(ignore_empty_lines=False)
         return pcsv.read_csv(path, parse_options=parse, convert_options=options)
     except (OSError, pa.ArrowException, UnicodeDecodeError, csv.Error) as err:
-        raise DataValidationError(f"{path.name}: cannot read the file: {err}") from err
+        hint = _csv_hint(path) if suffix == ".csv" else ""
+        raise DataValidationError(f"{path.name}: cannot read the file: {err}{hint}") from err
+
+
+def _csv_hint(path: Path) -> str:
+    """What a CSV the reader refused looks like, from its first bytes: the encodings and
+    separators Excel and European locales write, which only name a byte or a column count."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return ""
+    save_as = "; save it as comma-separated CSV UTF-8, with . as the decimal mark"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return f" (the file is UTF-16, Excel's 'Unicode text'{save_as})"
+    try:
+        first_line = head.decode("utf-8-sig").splitlines()[0] if head else ""
+    except UnicodeDecodeError:
+        return f" (the file is not UTF-8, e.g. Windows-1252{save_as})"
+    with path.open("rb") as handle:  # a byte further on (a "Gestört" in row 1501)
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return f" (row {line_number - 1} is not UTF-8, e.g. Windows-1252{save_as})"
+    for separator, name in ((";", "semicolons"), ("\t", "tabs")):
+        if separator in first_line and "," not in first_line:
+            return f" (its header is separated by {name}{save_as})"
+    return ""
 
 
 def _csv_header(path: Path) -> list[str]:

@@ -8,11 +8,14 @@ Each stage's root config is `configs/<stage>.yaml`; see training/config_dir.py f
 configs are looked up.
 """
 
+import os
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from training.config_dir import config_dir
@@ -21,6 +24,46 @@ from training.config_dir import config_dir
 class Stage(NamedTuple):
     summary: str
     run: Callable[[DictConfig], object]
+
+
+# What a user's input or settings can be refused with (module, class). Any of them is
+# printed as its message alone; anything else is a bug of ours, with its traceback.
+USER_ERRORS = (
+    ("hybrid_twin.errors", "ConfigError"),
+    ("hybrid_twin.monitoring", "MonitorDataError"),
+    ("data_pipelines.errors", "DataValidationError"),
+    ("data_pipelines.errors", "ConfigError"),
+    ("training.dataset", "DatasetError"),
+    ("training.export", "TwinFileError"),
+    ("training.export", "ExportMismatchError"),
+    ("serving.settings", "SettingsError"),
+    ("serving.twin_file", "TwinFileError"),
+)
+
+
+def _is_user_error(error: BaseException) -> bool:
+    # a module not imported raised nothing: checking only those loaded imports nothing
+    kinds = [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
+    return isinstance(error, (FileNotFoundError, *kinds))
+
+
+def _reporting(stage: str, run: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
+    """`run`, with a refused input or setting reported as `twin <stage>: error: <message>`
+    and exit status 1, not the traceback Hydra prints above it (the message names the file,
+    row, key or run). In a sweep the error goes to Hydra, which runs the other jobs on;
+    HYDRA_FULL_ERROR=1 keeps the traceback."""
+
+    def task(cfg: DictConfig) -> object:
+        try:
+            return run(cfg)
+        except Exception as error:
+            full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+            if full or not _is_user_error(error) or HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
+            print(f"twin {stage}: error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return task
 
 
 def _stages() -> dict[str, Stage]:
@@ -147,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     # path, monitor=val/loss) made nested folders of it, and many of them a name too long
     OmegaConf.register_new_resolver("path_safe", _path_safe, replace=True)
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
-    app(stages[name].run)()
+    app(_reporting(name, stages[name].run))()
     return 0
 
 

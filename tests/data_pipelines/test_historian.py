@@ -327,3 +327,19 @@ def test_a_cell_of_spaces_is_an_empty_cell(write_text):
     wide = write_text("wide.csv", "timestamp,FEED.SP,TI\n2025-03-01T06:00:00Z, ,40.1\n")
     table = read_historian(wide, **UTC)
     assert table.frame["tag"].astype(str).tolist() == ["TI"] and table.empty_cells == 1
+
+
+@pytest.mark.parametrize(("content", "hint"), [
+    ("timestamp,tag,value\n".encode("utf-16"), "the file is UTF-16, Excel's 'Unicode text'"),
+    ("timestamp,tag,value [µS]\n2025-03-01T06:00:00Z,FEED.SP,1\n".encode("cp1252"),
+     "the file is not UTF-8"),
+    (b"timestamp,tag,value\n" + b"2025-03-01T06:00:00Z,FEED.SP,1\n" * 1500
+     + "2025-03-01T06:00:00Z,Gest\u00f6rt,1\n".encode("cp1252"), "row 1501 is not UTF-8"),
+], ids=["utf-16", "cp1252-header", "cp1252-row"])  # fmt: skip
+def test_a_csv_in_another_encoding_is_named_as_such(tmp_path, content, hint):
+    # the refusal named a byte or a column count, not what to do
+    path = tmp_path / "historian.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataValidationError, match=rf"cannot read the file: .*\({hint}.*"
+                                                  r"save it as comma-separated CSV UTF-8"):
+        read_historian(path, **UTC)

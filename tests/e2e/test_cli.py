@@ -1,5 +1,6 @@
 """The `twin` command as a user meets it: help, stage dispatch, errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,23 @@ def test_stage_overrides_reach_the_composed_config():
     assert result.returncode == 0, result.stderr
     assert "dt_s: 2.0" in result.stdout
     assert "NIR.API_CONC" in result.stdout
+
+
+def test_a_refused_input_is_reported_as_its_message_not_a_traceback(tmp_path):
+    # 25 lines of chained traceback came before the message that names the file and the fix
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "historian.csv").write_text("timestamp;tag;value;quality\n"
+                                       "2025-03-01T06:00:00Z;PUMP.VOLTAGE;1,5;Good\n")  # fmt: skip
+    overrides = ["plant=cascaded_tanks", "data=cascaded_tanks", f"data.raw_dir={raw}",
+                 f"data.out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_twin("prepare", *overrides, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("twin prepare: error: historian.csv: cannot read the file: ")
+    assert "(its header is separated by semicolons; save it as comma-separated CSV UTF-8" in (
+        result.stderr)
+    # HYDRA_FULL_ERROR=1 asks for the traceback: it stays
+    full = subprocess.run([TWIN, "prepare", *overrides], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr
