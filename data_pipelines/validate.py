@@ -10,6 +10,7 @@ vectorised pass over all rows; the only Python loops run over files, tags or rea
 Row numbers follow historian.py: the 1-based data row of the file, the header not counted.
 """
 
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,7 +138,11 @@ def check_units(claims: list[UnitClaim], dictionary: TagDictionary) -> None:
                 f"dictionary" + (f"; did you mean {close}?" if close else "")
             )
         expected = dictionary[claim.tag].unit
-        if claim.unit.strip() != expected:
+        # the same unit in other code points (micro sign U+00B5 and Greek mu U+03BC) is
+        # the same unit: the refusal printed two strings that looked alike
+        if unicodedata.normalize("NFKC", claim.unit.strip()) != unicodedata.normalize(
+            "NFKC", expected
+        ):
             raise DataValidationError(
                 f"{claim.file} {claim.where} tag {claim.tag}: unit {claim.unit!r} but the tag "
                 f"dictionary says {expected!r}; convert the export, or fix the dictionary"

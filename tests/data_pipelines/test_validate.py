@@ -424,3 +424,15 @@ def test_a_run_boundary_in_the_dst_gap_asks_for_an_offset(write_text):
         r"Europe/Berlin .* give it with a UTC offset",
     ):
         read_runs(path, timezone="Europe/Berlin")
+
+
+def test_a_unit_in_other_code_points_of_the_same_characters_is_that_unit(write_text, small_tags):
+    # the micro sign (U+00B5) against Greek mu (U+03BC): refused with two strings alike
+    tags = {**small_tags, "COND": {**small_tags["FEED.SP"], "unit": "\u00b5S/cm"}}
+    path = write_text("historian.csv", "timestamp,COND [\u03bcS/cm]\n2025-03-01T06:00:00Z,1\n")
+    table = read_historian(path, timezone="UTC")
+    validate_module.check_units(table.unit_claims, TagDictionary.from_mapping(tags))
+    other = write_text("other.csv", "timestamp,COND [mS/cm]\n2025-03-01T06:00:00Z,1\n")
+    with pytest.raises(DataValidationError, match=r"tag COND: unit 'mS/cm'"):
+        validate_module.check_units(read_historian(other, timezone="UTC").unit_claims,
+                                    TagDictionary.from_mapping(tags))  # fmt: skip
