@@ -29,7 +29,9 @@ from data_pipelines.errors import DataValidationError
 from data_pipelines.timestamps import TIMESTAMP_ERRORS, parse_timestamps
 
 SUFFIXES = (".csv", ".parquet")
-_TIMESTAMP_NAMES = ("timestamp", "time", "datetime", "date_time")
+# `__index_level_0__`: the unnamed DatetimeIndex of a frame pandas wrote to Parquet
+_TIMESTAMP_NAMES = ("timestamp", "time", "datetime", "date_time", "__index_level_0__")
+_TAG_NAMES = ("tag", "tagname", "tag_name", "tag name")  # "TagName": AVEVA / Wonderware
 _UNIT_HEADER = re.compile(r"^(?P<tag>.+?)\s*\[(?P<unit>[^\]]*)\]\s*$")
 _TEXT = pa.dictionary(pa.int32(), pa.string())
 
@@ -129,6 +131,9 @@ def read_historian(
         row_numbers=row_numbers,
     )
     lower = {n.strip().lower(): n for n in names}  # " tag" after a comma-space separator
+    tag_column = next((lower[t] for t in _TAG_NAMES if t in lower), None)
+    if tag_column is not None:
+        lower["tag"] = tag_column
     if "tag" in lower and "value" in lower:
         quality = _long_columns(names, ts_col, lower, quality_column, ignore_columns, name)
         return _long_table(table, parsed, lower, quality, name, row_numbers)
@@ -268,8 +273,10 @@ def _long_columns(names: list[str], ts_col: str, lower: dict, quality_column: st
         raise DataValidationError(
             f"{file}: no quality column {quality_column!r} (data.quality_column); found {names}"
         )
-    read = {"tag", "value", "unit", key, *(c.strip().lower() for c in ignore_columns)}
-    unread = [n for n in names if n != ts_col and n.strip().lower() not in read]
+    read = {lower[k] for k in ("tag", "value", "unit", key) if k in lower}
+    ignored = {c.strip().lower() for c in ignore_columns}
+    unread = [n for n in names
+              if n != ts_col and n not in read and n.strip().lower() not in ignored]  # fmt: skip
     if unread:
         raise DataValidationError(
             f"{file}: columns {unread} are not read in the long layout (timestamp, tag, value, "

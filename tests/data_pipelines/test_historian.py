@@ -343,3 +343,17 @@ def test_a_csv_in_another_encoding_is_named_as_such(tmp_path, content, hint):
     with pytest.raises(DataValidationError, match=rf"cannot read the file: .*\({hint}.*"
                                                   r"save it as comma-separated CSV UTF-8"):
         read_historian(path, **UTC)
+
+
+def test_a_tagname_column_and_a_pandas_index_are_the_long_layout(write_text, tmp_path):
+    # AVEVA's `DateTime,TagName,Value,Quality` was read as a wide file with a tag "TagName";
+    # a frame with an unnamed DatetimeIndex, written by pandas, had "no timestamp column"
+    path = write_text("historian.csv", "DateTime,TagName,Value,Quality\n"
+                                       "2025-03-01 06:00:00,FEED.SP,1.5,Good\n")  # fmt: skip
+    frame = read_historian(path, **UTC).frame
+    assert frame["tag"].astype(str).tolist() == ["FEED.SP"] and frame["value"].tolist() == [1.5]
+    indexed = pd.DataFrame({"tag": ["FEED.SP"], "value": [2.0]},
+                           index=pd.DatetimeIndex(["2025-03-01 06:00:00"], tz="UTC"))
+    indexed.to_parquet(tmp_path / "historian.parquet")
+    read = read_historian(tmp_path / "historian.parquet", **UTC).frame
+    assert read["timestamp"].tolist() == [pd.Timestamp("2025-03-01 06:00:00", tz="UTC")]
