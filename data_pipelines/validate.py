@@ -181,6 +181,7 @@ def validate(
     _check_timestamp_fraction(samples, tables, max_bad_timestamp_fraction)
     _mark_duplicates(samples)
     _mark_backwards(samples)
+    _check_backwards_fraction(samples, tables)
     _mark_out_of_range(samples, dictionary, tables, out_of_range)
     if runs is None:
         ok = samples.reason == 0
@@ -294,6 +295,23 @@ def _mark_backwards(s: Samples) -> None:
     back = (frame["ns"] < previous).to_numpy()
     s.reason[cand[back]] = CODE["time_backwards"]
     s.ref[cand[back]] = previous.to_numpy()[back].astype(np.int64)
+
+
+def _check_backwards_fraction(s: Samples, tables) -> None:
+    """A file where most samples run backwards is one exported newest first: every sample
+    but each tag's first would be rejected as time_backwards. Fatal, saying so."""
+    back = s.reason == CODE["time_backwards"]
+    for i, table in enumerate(tables):
+        in_file = s.file == i
+        n_back = int(np.count_nonzero(back & in_file))
+        n = int(np.count_nonzero(in_file & ((s.reason == 0) | back)))
+        if n_back and n_back > n / 2:
+            first = int(s.row[np.flatnonzero(back & in_file)[0]])
+            raise DataValidationError(
+                f"{table.file}: {n_back} of {n} samples are earlier than one before them of "
+                f"the same tag (first at row {first}): the file runs newest first; export it "
+                f"oldest first (ascending time)"
+            )
 
 
 def _mark_out_of_range(s: Samples, dictionary: TagDictionary, tables, policy: str) -> None:

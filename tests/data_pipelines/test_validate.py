@@ -436,3 +436,13 @@ def test_a_unit_in_other_code_points_of_the_same_characters_is_that_unit(write_t
     with pytest.raises(DataValidationError, match=r"tag COND: unit 'mS/cm'"):
         validate_module.check_units(read_historian(other, timezone="UTC").unit_claims,
                                     TagDictionary.from_mapping(tags))  # fmt: skip
+
+
+def test_a_file_exported_newest_first_is_refused_saying_so(write_text, small_tags):
+    # every sample but each tag's first went to rejects.csv as time_backwards (6 -> 2 valid)
+    rows = [f"2025-03-01T06:00:{s:02d}Z,{tag},1,Good\n" for s in (15, 10, 5)
+            for tag in ("FEED.SP", "HOPPER.MASS")]  # fmt: skip
+    path = write_text("historian.csv", HEADER + "".join(rows))
+    with pytest.raises(DataValidationError, match=r"historian.csv: 4 of 6 samples are earlier "
+                       r"than one before them .*first at row 3.*export it oldest first"):
+        _validate(path, small_tags)
