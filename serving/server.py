@@ -36,16 +36,18 @@ def run_serve(config: Mapping) -> None:
         TwinFileError: the model cannot be loaded.
     """
     import uvicorn
+    from uvicorn.config import LOG_LEVELS
 
     from serving.app import create_app
     from serving.heap import freeze_long_lived
 
     settings = load_settings(config)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    # uvicorn's levels, "trace" (5) among them, which logging learns only inside uvicorn.run
+    level = LOG_LEVELS[settings.log_level]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Under `twin serve` Hydra has set up logging already and basicConfig does nothing: the
     # service's own logger takes the level itself (Hydra's handlers, its cli.log, stay).
-    logging.getLogger("serving").setLevel(settings.log_level.upper())
+    logging.getLogger("serving").setLevel(level)
     # The twin's time is per-op overhead (benchmarks/online_latency.md): more intra-op threads
     # only take cores from the HTTP side.
     torch.set_num_threads(settings.num_threads)

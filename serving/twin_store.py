@@ -91,9 +91,14 @@ class TwinStore:
         async with self._lock:
             if await self._unchanged(uri):  # nothing to load: an AOTInductor load leaks ~1.3 MB
                 return self.current, False
-            # The files as they are before the load: one rewritten during it is loaded again.
-            stamp = self._stamp(uri)
+            before = self._stamp(uri)
             new = await asyncio.to_thread(load_twin, uri, self.tracking_uri, self.setting)
+            # The new export's files (it may list other siblings than the served one); the
+            # named file as it was before the load, so that one rewritten during the load
+            # is loaded again.
+            stamp = self._stamp(uri, new.metadata)
+            if stamp is not None and before is not None:
+                stamp = (before[0], *stamp[1:])
             old = self.current
             changes = interface_changes(old.interface, new.interface)
             if changes:
@@ -157,14 +162,16 @@ class TwinStore:
             return True
         return False
 
-    def _stamp(self, uri: str) -> tuple | None:
+    def _stamp(self, uri: str, metadata: dict | None = None) -> tuple | None:
         """(size, mtime) of the file named and of the files its export wrote beside it (a
-        file rewritten after the entry, as an export in progress does, is seen too)."""
+        file rewritten after the entry, as an export in progress does, is seen too), as
+        `metadata` lists them (default: the served twin's)."""
         if is_registry_uri(uri):
             return None
+        metadata = self.current.metadata if metadata is None else metadata
         path = Path(uri).expanduser()
-        files = [path] + [sibling(path, self.current.metadata, fmt)
-                          for fmt in sorted(self.current.metadata.get("files") or {})]  # fmt: skip
+        files = [path] + [sibling(path, metadata, fmt)
+                          for fmt in sorted(metadata.get("files") or {})]  # fmt: skip
         stamps = []
         for file in files:
             try:

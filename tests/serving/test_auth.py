@@ -78,3 +78,10 @@ def test_insecure_on_loopback_serves_without_a_token(twin_build, runs, tmp_path)
     assert "stopping with 1 open session(s), of lines LINE-1: they are lost" in log, log
     # log_level=warning holds for the service's own lines too (Hydra had set INFO before)
     assert "serving twin" not in log and "[INFO]" not in log, log
+
+
+def test_log_level_trace_reaches_the_model_load(tmp_path):
+    # "trace" (uvicorn's level 5) stopped the start with ValueError: Unknown level: 'TRACE'
+    log = _refusal(tmp_path, "insecure=true", "host=127.0.0.1", "log_level=trace")
+    assert "Unknown level" not in log and "does/not/matter.pt" in log, log[-2000:]
+    assert "twin serve: error: " in log and "Traceback" not in log, log[-2000:]

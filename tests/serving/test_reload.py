@@ -376,3 +376,30 @@ def test_the_service_follows_the_registry_alias(registry, twin_build, tmp_path, 
     finally:
         client.set_registered_model_alias("cdc-line-twin", "production", first.version)
         stop_server(server)
+
+
+def test_a_new_export_with_other_files_is_loaded_once(tmp_path, monkeypatch):
+    # The files were stamped as the served export listed them: a new export that wrote one
+    # more file beside twin.pt looked changed to the next poll and was loaded again.
+    from serving import twin_store
+    from serving.twin_file import LoadedTwin
+
+    served = tmp_path / "twin.pt"
+    served.write_bytes(b"old")
+
+    def export(sha: str, files: dict) -> LoadedTwin:
+        return LoadedTwin(module=None, metadata={"files": files}, sha256=sha,
+                          source=str(served), version=None)  # fmt: skip
+
+    store = twin_store.TwinStore(export("old", {"torchscript": "twin.pt"}), str(served), None,
+                                 "torchscript")  # fmt: skip
+    loads = []
+    new = export("new", {"torchscript": "twin.pt", "export": "twin.pt2"})
+    monkeypatch.setattr(twin_store, "load_twin", lambda *a: loads.append(a) or new)
+    monkeypatch.setattr(twin_store, "interface_changes", lambda old, new: [])
+    monkeypatch.setattr(LoadedTwin, "interface", property(lambda self: None))
+    served.write_bytes(b"new export")
+    (tmp_path / "twin.pt2").write_bytes(b"program")
+    assert asyncio.run(store.reload()) == (new, True)
+    assert not asyncio.run(store.changed_upstream())
+    assert asyncio.run(store.reload()) == (new, False) and len(loads) == 1
