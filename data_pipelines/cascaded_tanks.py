@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from data_pipelines.errors import DataValidationError
+from data_pipelines.timestamps import EARLIEST_NS
 
 INPUT_TAG = "PUMP.VOLTAGE"
 OUTPUT_TAG = "TANK2.LEVEL"
@@ -86,6 +87,9 @@ def write_export(csv_path: Path, out_dir: Path, start: str = DEFAULT_START) -> d
             f"start {start!r}: give the instant with its UTC offset (e.g. {DEFAULT_START})"
         )
     t0 = t0.tz_convert("UTC")  # the export writes UTC, and runs.csv must name the same instants
+    if t0.value < EARLIEST_NS:
+        raise DataValidationError(f"start {start!r}: before 1980, which `twin prepare` reads "
+                                  "as the placeholder of a time never set")  # fmt: skip
     offsets = pd.to_timedelta(np.arange(len(signals)) * ts_s, unit="s")
     frames, runs = [], []
     for i, (run_id, u_col, y_col, split) in enumerate(RECORDS):

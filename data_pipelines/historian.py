@@ -29,8 +29,10 @@ from data_pipelines.errors import DataValidationError
 from data_pipelines.timestamps import TIMESTAMP_ERRORS, parse_timestamps
 
 SUFFIXES = (".csv", ".parquet")
-# `__index_level_0__`: the unnamed DatetimeIndex of a frame pandas wrote to Parquet
+# `__index_level_0__` last: the unnamed DatetimeIndex of a frame pandas wrote to Parquet,
+# where no column is named as a timestamp (else it is a row index, not read)
 _TIMESTAMP_NAMES = ("timestamp", "time", "datetime", "date_time", "__index_level_0__")
+_INDEX_LEVEL = re.compile(r"^__index_level_\d+__$")
 _TAG_NAMES = ("tag", "tagname", "tag_name", "tag name")  # "TagName": AVEVA / Wonderware
 _UNIT_HEADER = re.compile(r"^(?P<tag>.+?)\s*\[(?P<unit>[^\]]*)\]\s*$")
 _TEXT = pa.dictionary(pa.int32(), pa.string())
@@ -139,7 +141,8 @@ def read_historian(
         return _long_table(table, parsed, lower, quality, name, row_numbers)
     if "tag" in lower:  # a long export that lost its value column, not a tag called "tag"
         raise DataValidationError(f"{name}: a `tag` column but no `value` column; found {names}")
-    columns = [(position, n) for position, n in enumerate(names, start=1) if n != ts_col]
+    columns = [(position, n) for position, n in enumerate(names, start=1)
+               if n != ts_col and not _pandas_index(n, position - 1)]  # fmt: skip
     return _wide_table(table, parsed, columns, name, row_numbers, frozenset(tag_names))
 
 
@@ -194,11 +197,11 @@ def _read_table(path: Path) -> pa.Table:
         parse = pcsv.ParseOptions(ignore_empty_lines=False)
         return pcsv.read_csv(path, parse_options=parse, convert_options=options)
     except (OSError, pa.ArrowException, UnicodeDecodeError, csv.Error) as err:
-        hint = _csv_hint(path) if suffix == ".csv" else ""
+        hint = _csv_hint(path, err) if suffix == ".csv" else ""
         raise DataValidationError(f"{path.name}: cannot read the file: {err}{hint}") from err
 
 
-def _csv_hint(path: Path) -> str:
+def _csv_hint(path: Path, error: Exception) -> str:
     """What a CSV the reader refused looks like, from its first bytes: the encodings and
     separators Excel and European locales write, which only name a byte or a column count."""
     try:
@@ -209,16 +212,18 @@ def _csv_hint(path: Path) -> str:
     save_as = "; save it as comma-separated CSV UTF-8, with . as the decimal mark"
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return f" (the file is UTF-16, Excel's 'Unicode text'{save_as})"
+    first_line = head.split(b"\n", 1)[0]
     try:
-        first_line = head.decode("utf-8-sig").splitlines()[0] if head else ""
+        first_line = first_line.decode("utf-8-sig")
     except UnicodeDecodeError:
         return f" (the file is not UTF-8, e.g. Windows-1252{save_as})"
-    with path.open("rb") as handle:  # a byte further on (a "Gestört" in row 1501)
-        for line_number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return f" (row {line_number - 1} is not UTF-8, e.g. Windows-1252{save_as})"
+    if "UTF8" in str(error):  # arrow's word for a byte further on (a "Gestört" in row 1501)
+        with path.open("rb") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f" (row {line_number - 1} is not UTF-8, e.g. Windows-1252{save_as})"
     for separator, name in ((";", "semicolons"), ("\t", "tabs")):
         if separator in first_line and "," not in first_line:
             return f" (its header is separated by {name}{save_as})"
@@ -235,9 +240,10 @@ def _csv_header(path: Path) -> list[str]:
 
 def _timestamp_column(names: list[str], file: str) -> str:
     """The timestamp column: named like one, or the unnamed first column of a wide export."""
-    for name in names:
-        if name.strip().lower() in _TIMESTAMP_NAMES:
-            return name
+    by_name = {name.strip().lower(): name for name in names}
+    for candidate in _TIMESTAMP_NAMES:  # in their order: a named column before an index
+        if candidate in by_name:
+            return by_name[candidate]
     if names and (names[0].strip() == "" or names[0].startswith("Unnamed: 0")):
         return names[0]
     raise DataValidationError(
@@ -275,8 +281,9 @@ def _long_columns(names: list[str], ts_col: str, lower: dict, quality_column: st
         )
     read = {lower[k] for k in ("tag", "value", "unit", key) if k in lower}
     ignored = {c.strip().lower() for c in ignore_columns}
-    unread = [n for n in names
-              if n != ts_col and n not in read and n.strip().lower() not in ignored]  # fmt: skip
+    unread = [n for position, n in enumerate(names)
+              if n != ts_col and n not in read and n.strip().lower() not in ignored
+              and not _pandas_index(n, position)]  # fmt: skip
     if unread:
         raise DataValidationError(
             f"{file}: columns {unread} are not read in the long layout (timestamp, tag, value, "
@@ -285,6 +292,14 @@ def _long_columns(names: list[str], ts_col: str, lower: dict, quality_column: st
             f"or leave the others unread with data.ignore_columns=[...]"
         )
     return lower.get(key)
+
+
+def _pandas_index(name: str, position: int) -> bool:
+    """A row index pandas wrote beside the data (`to_csv` with its default index=True: a
+    nameless first column; `to_parquet` of a concatenated frame: `__index_level_0__`)."""
+    if _INDEX_LEVEL.match(name):
+        return True
+    return position == 0 and (not name.strip() or name.startswith("Unnamed: 0"))
 
 
 def _long_table(table: pa.Table, parsed, lower: dict, quality_column: str | None, file: str,

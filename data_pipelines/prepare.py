@@ -76,7 +76,13 @@ class DataConfig:
         if "ignore_columns" in values:
             values["ignore_columns"] = _names(values["ignore_columns"], "ignore_columns")
         if "quality_column" in values:
-            values["quality_column"] = str(values["quality_column"]).strip()
+            column = values["quality_column"]
+            if not isinstance(column, str) or not column.strip():
+                raise ConfigError(
+                    f"data.quality_column: expected a column name, got {column!r}; a long "
+                    "export without a quality column needs none (every sample is good)"
+                )
+            values["quality_column"] = column.strip()
         if "split" in values:
             values["split"] = _check_split(values["split"])
         config = cls(**values)
@@ -106,8 +112,6 @@ class DataConfig:
             raise ConfigError("data.max_bad_timestamp_fraction must be in [0, 1]")
         if not self.std_floor_fraction > 0:
             raise ConfigError("data.std_floor_fraction must be > 0")
-        if not self.quality_column:
-            raise ConfigError("data.quality_column: expected a column name, got an empty one")
 
     def as_manifest(self) -> dict:
         """The settings that shape the dataset, for the manifest (paths left out)."""

@@ -82,6 +82,8 @@ def read_runs(path: Path, *, timezone: str, timestamp_format: str = "ISO8601") -
                 3: f"does not exist in {timezone} (clocks skip that hour when DST starts); "
                 "give it with a UTC offset",
             }.get(int(parsed.error[bad[0]]), "is not a timestamp")
+            if "before 1980" in str(parsed.text[bad[0]]):
+                why = "is before 1980, which is read as the placeholder of a time never set"
             raise DataValidationError(
                 f"{name} row {bad[0] + 1} run {runs['run_id'][bad[0]]}: {column} "
                 f"{table[column][bad[0]]!r} {why}"

@@ -109,7 +109,7 @@ def _placeholders_unparseable(parsed: ParsedTimestamps) -> ParsedTimestamps:
         return parsed
     ns, error = parsed.ns.copy(), parsed.error.copy()
     text = np.asarray(parsed.text.astype(object))
-    text[early] = iso_utc(ns[early])
+    text[early] = [f"{t} (before 1980: a placeholder)" for t in iso_utc(ns[early])]
     ns[early], error[early] = NAT, 1
     return ParsedTimestamps(ns, error, pd.Categorical(text))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from data_pipelines.errors import ConfigError
+from data_pipelines.timestamps import EARLIEST_NS
 
 FEEDERS = ("api", "excipient", "lubricant")
 FACTORS = ("throughput_kg_h", "api_fraction", "blender_speed_rpm")
@@ -229,6 +230,9 @@ def _check_utc(value: object, where: str) -> str:
         raise ConfigError(f"{where} = {value!r} is not an ISO 8601 timestamp") from err
     if stamp.tzinfo is None or stamp.utcoffset().total_seconds() != 0:
         raise ConfigError(f"{where} = {value!r} must carry the UTC offset (+00:00 or Z)")
+    if stamp.value < EARLIEST_NS:  # `twin prepare` would take every sample for a placeholder
+        raise ConfigError(f"{where} = {value!r} is before 1980, which `twin prepare` reads as "
+                          "the placeholder of a time never set")  # fmt: skip
     return str(value)
 
 

@@ -66,6 +66,8 @@ def test_a_start_with_another_offset_is_written_in_utc_in_both_files(tmp_path):
     with pytest.raises(DataValidationError, match=r"start '2016-01-01T00:00:00': give the "
                                                   r"instant with its UTC offset"):  # fmt: skip
         write_export(HEAD_CSV, tmp_path / "naive", start="2016-01-01T00:00:00")
+    with pytest.raises(DataValidationError, match=r"start '1970-01-01T00:00:00Z': before 1980"):
+        write_export(HEAD_CSV, tmp_path / "epoch", start="1970-01-01T00:00:00Z")
 
 
 def test_a_sample_time_under_a_second_keeps_its_milliseconds(tmp_path):
@@ -94,4 +96,7 @@ def test_run_times_are_read_with_the_historians_timestamp_format_or_as_iso(tmp_p
     assert runs["run_id"].tolist() == ["r1", "r2"] and starts == ["06:00", "08:00"]
     with pytest.raises(DataValidationError, match=r"runs.csv row 1 run r1: start "
                                                   r"'01.03.2025 06:00:00' is not a timestamp"):
+        read_runs(path, timezone="UTC")
+    path.write_text("run_id,start,end\nr1,1975-03-01T06:00:00Z,1975-03-01T07:00:00Z\n")
+    with pytest.raises(DataValidationError, match=r"start '1975-03-01T06:00:00Z' is before 1980"):
         read_runs(path, timezone="UTC")

@@ -308,7 +308,8 @@ def test_an_instant_before_1980_is_a_placeholder_not_a_sample(write_text, tmp_pa
     frame = read_historian(path, **UTC).frame
     assert frame["timestamp_error"].astype(object).tolist()[:2] == ["unparseable_timestamp"] * 2
     assert frame["timestamp_text"].astype(object).tolist()[:2] == [
-        "1970-01-01T00:00:00.000+00:00", "1899-12-30T00:00:00.000+00:00"]  # fmt: skip
+        "1970-01-01T00:00:00.000+00:00 (before 1980: a placeholder)",
+        "1899-12-30T00:00:00.000+00:00 (before 1980: a placeholder)"]  # fmt: skip
     assert frame["timestamp_error"].isna().tolist()[2:] == [True, True]
     table = pa.table({"timestamp": pa.array([0, 1740808800], pa.timestamp("s", tz="UTC")),
                       "tag": ["FEED.SP"] * 2, "value": [9.0, 1.0]})  # fmt: skip
@@ -357,3 +358,31 @@ def test_a_tagname_column_and_a_pandas_index_are_the_long_layout(write_text, tmp
     indexed.to_parquet(tmp_path / "historian.parquet")
     read = read_historian(tmp_path / "historian.parquet", **UTC).frame
     assert read["timestamp"].tolist() == [pd.Timestamp("2025-03-01 06:00:00", tz="UTC")]
+
+
+def test_a_row_index_pandas_wrote_is_not_a_column_to_refuse(tmp_path):
+    # to_csv's default index=True and a concatenated frame's to_parquet add an index column
+    frame = pd.DataFrame({"timestamp": ["2025-03-01T06:00:00Z", "2025-03-01T06:00:05Z"],
+                          "tag": ["FEED.SP"] * 2, "value": [1.0, 2.0], "quality": ["Good"] * 2})
+    frame.to_csv(tmp_path / "historian.csv")  # header ",timestamp,tag,value,quality"
+    assert read_historian(tmp_path / "historian.csv", **UTC).frame["value"].tolist() == [1, 2]
+    pd.concat([frame, frame.iloc[:1]]).iloc[:2].to_parquet(tmp_path / "historian.parquet")
+    read = read_historian(tmp_path / "historian.parquet", **UTC).frame
+    assert read["value"].tolist() == [1.0, 2.0]
+    frame.set_index("timestamp").pivot(columns="tag", values="value").reset_index().to_csv(
+        tmp_path / "wide.csv")  # a wide file with its index too
+    assert read_historian(tmp_path / "wide.csv", **UTC).frame["tag"].astype(str).tolist() == [
+        "FEED.SP", "FEED.SP"]  # fmt: skip
+
+
+def test_a_utf8_character_cut_by_the_first_read_is_no_encoding_problem(tmp_path):
+    # the hint decoded the first 4096 bytes whole: a "µ" across byte 4096 made it "not UTF-8"
+    header = "timestamp,tag,value,quality\n"
+    pad = "2025-03-01T06:00:00Z,FEED.SP,1,Good\n"
+    text = header + pad * ((4095 - len(header)) // len(pad))
+    text += "x" * (4095 - len(text.encode())) + "\u00b5\n" + "a,b,c,d,e\n"
+    path = tmp_path / "historian.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"cannot read the file") as refused:
+        read_historian(path, **UTC)
+    assert "UTF-8" not in str(refused.value)

@@ -405,6 +405,9 @@ def test_refills_appear_in_events_and_in_the_hopper_mass(export, default_sim):
         ({"dt_sim_s": 0.3}, r"sim.dt_sim_s = 0.3 must divide 1 s"),
         ({"n_extrapolation_runs": 30}, r"n_extrapolation_runs = 30 must be in \[0, n_normal_runs"),
         ({"design": {"throughput_kg_h": [20.0, 40.0]}}, r"sim.design: missing key\(s\)"),
+        # generated, then every sample read by `twin prepare` as a placeholder
+        ({"start_utc": "1975-03-01T06:00:00Z"}, r"sim.start_utc = '1975-03-01T06:00:00Z' is "
+                                                r"before 1980"),
     ],
 )
 def test_bad_sim_config_names_the_key_and_what_is_allowed(default_sim, change, message):

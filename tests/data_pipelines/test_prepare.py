@@ -33,6 +33,10 @@ def test_unknown_data_key_raises_value_error_listing_the_valid_keys(tmp_path, sm
         _prepare(tmp_path, tmp_path / "out", small_tags, {"dt": 5.0})
     with pytest.raises(ValueError, match=r"data.split: unknown keys \['validation'\]"):
         _prepare(tmp_path, tmp_path / "out", small_tags, {"split": {"validation": 0.2}})
+    # null became the column name "None"
+    with pytest.raises(ValueError, match=r"data.quality_column: expected a column name, got "
+                                         r"None; a long export without a quality column"):
+        _prepare(tmp_path, tmp_path / "out", small_tags, {"quality_column": None})
 
 
 def test_a_config_value_that_is_not_a_number_is_refused_naming_its_key():
