@@ -49,6 +49,21 @@ def _label(client) -> str:
     return client.get("/v1/model").json()["label"]
 
 
+def _reload_counts(client) -> list[str]:
+    """The service's `twin_model_reloads_total` lines (none before its first reload)."""
+    return [x for x in client.get("/metrics").text.splitlines()
+            if x.startswith("twin_model_reloads_total")]  # fmt: skip
+
+
+def _first_reload_counts(client, tries: int) -> list[str]:
+    """`_reload_counts` once the poll has counted a reload, tried every 0.1 s."""
+    for _ in range(tries):
+        if counts := _reload_counts(client):
+            return counts
+        time.sleep(0.1)
+    return _reload_counts(client)
+
+
 def test_reload_under_load_drops_no_request_and_switches_once(file_server, twin, metadata,
                                                               runs):  # fmt: skip
     server, served = file_server
@@ -175,12 +190,7 @@ def test_the_poll_counts_an_incompatible_file_as_the_route_does(twin_build, tmp_
                      "PRESS.WEIGHT_SP": "g"}  # fmt: skip
             rewrite(served, tmp_path / "changed.pt", units=units)
             os.replace(tmp_path / "changed.pt", served)
-            for _ in range(100):
-                counts = [x for x in client.get("/metrics").text.splitlines()
-                          if x.startswith("twin_model_reloads_total")]  # fmt: skip
-                if counts:
-                    break
-                time.sleep(0.1)
+            counts = _first_reload_counts(client, 100)
             # "failed" before: a poll and the route named the same refusal differently
             assert counts == ['twin_model_reloads_total{result="incompatible"} 1.0'], counts
             assert _label(client) == before
@@ -333,8 +343,7 @@ def test_the_service_follows_the_registry_alias(registry, twin_build, tmp_path, 
             assert served["sha256"] == exported["sha256"]
             assert served["file"] == exported["file"]
             time.sleep(1.5)  # three polls: the alias has not moved, so nothing is reloaded
-            reloads = [x for x in http.get("/metrics").text.splitlines()
-                       if x.startswith("twin_model_reloads_total")]  # fmt: skip
+            reloads = _reload_counts(http)
             assert reloads == [], reloads
             # a version whose file does not match its tagged digest: refused once, not
             # fetched again at every poll while the alias stays on it
@@ -345,16 +354,9 @@ def test_the_service_follows_the_registry_alias(registry, twin_build, tmp_path, 
                                              else "0" * 64)  # fmt: skip
             client.set_registered_model_alias("cdc-line-twin", "production", broken.version)
 
-            def reload_counts() -> list[str]:
-                return [x for x in http.get("/metrics").text.splitlines()
-                        if x.startswith("twin_model_reloads_total")]  # fmt: skip
-
-            for _ in range(200):  # the first poll after the move refuses it
-                if reload_counts():
-                    break
-                time.sleep(0.1)
+            _first_reload_counts(http, 200)  # the first poll after the move refuses it
             time.sleep(2.0)  # four more polls while the alias stays on it
-            failed = reload_counts()
+            failed = _reload_counts(http)
             assert failed == ['twin_model_reloads_total{result="failed"} 1.0'], failed
             assert http.get("/v1/model").json()["version"] == str(first.version)
             # a newer export of the same run, registered as a new version, aliased production
