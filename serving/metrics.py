@@ -45,6 +45,8 @@ class ServiceMetrics:
                                    registry=r)  # fmt: skip
         self.sessions_expired = Counter("twin_sessions_expired",
                                         "sessions dropped after idle_expiry_s", registry=r)
+        self.posts_replayed = Counter("twin_posts_replayed", "observation posts that repeated "
+                                      "the last applied one, answered as it was", registry=r)
         self.reloads = Counter("twin_model_reloads", "model reload attempts by result",
                                ["result"], registry=r)  # fmt: skip
         self.housekeeping_errors = Counter(

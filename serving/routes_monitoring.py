@@ -172,6 +172,11 @@ def sessions_router(service: Service) -> APIRouter:
             if session.closed:
                 open_session(session_id)  # raises 404: closed while this post waited
             rows = body.observations
+            if session.last_post is not None and rows == session.last_post[0]:
+                # a retry of the post applied last (its client timed out): its answer again,
+                # not a 409 that loses the rows' results, alarms raised and cleared among them
+                service.metrics.posts_replayed.inc()
+                return FastJSONResponse(session.last_post[1], headers={"X-Twin-Replayed": "1"})
             steps = grid_steps(rows, session.grid_origin, session.n_updates, schemas.dt_s,
                                limits.max_gap_steps, ["body", "observations"])  # fmt: skip
             twin = service.store.current  # the whole post runs on the twin served now
@@ -190,6 +195,7 @@ def sessions_router(service: Service) -> APIRouter:
             body_out = {"session_id": session.session_id, "line_id": session.line_id,
                         "model_version": twin.label, "n_updates": session.n_updates,
                         "results": results}  # fmt: skip
+            session.last_post = (rows, body_out)
             registry.used(session)
         return FastJSONResponse(body_out)
 

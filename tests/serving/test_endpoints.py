@@ -125,6 +125,31 @@ def test_a_gap_is_bridged_by_predicted_rows_with_the_inputs_held(server, twin, m
     _close([results[1]["state"][n] for n in metadata["state_names"]], expected[1][0][0])
 
 
+def test_a_retried_post_gets_its_first_answer_not_a_409(server, runs):
+    # A client whose post timed out after the service applied it retries: it got 409
+    # timestamp_not_after_last, and the rows' results (alarms raised and cleared among them)
+    # were lost. The same rows again are answered as the first time, and change nothing.
+    rows = runs[2][: PAST + 4]
+    with server.client() as client:
+        sid = _create(client, "LINE-retry", rows[:PAST])["session_id"]
+        path = f"/v1/sessions/{sid}/observations"
+        first = client.post(path, json={"observations": rows[PAST : PAST + 3]})
+        retry = client.post(path, json={"observations": rows[PAST : PAST + 3]})
+        n_updates = client.get(f"/v1/sessions/{sid}").json()["n_updates"]
+        # only the very last post is replayed: an older one, or rows overlapping it, is 409
+        older = client.post(path, json={"observations": rows[PAST : PAST + 2]})
+        metrics = client.get("/metrics").text
+        nxt = client.post(path, json={"observations": rows[PAST + 3 :]})
+        client.delete(f"/v1/sessions/{sid}")
+    assert first.status_code == retry.status_code == 200, retry.text
+    assert retry.json() == first.json() and retry.headers["x-twin-replayed"] == "1"
+    assert "x-twin-replayed" not in first.headers
+    assert n_updates == 3
+    assert older.status_code == 409
+    assert "twin_posts_replayed_total 1.0" in metrics
+    assert nxt.status_code == 200 and nxt.json()["n_updates"] == 4
+
+
 def _at(row: dict, origin: str, seconds: float) -> dict:
     stamp = datetime.fromisoformat(origin) + timedelta(seconds=seconds)
     return {**row, "timestamp": stamp.isoformat()}
