@@ -19,10 +19,20 @@ LINE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 TIMESTAMP_YEARS = (1900, 2999)  # a plant's clock; near 9999 the grid arithmetic overflowed
 
 
+# How far a row may lie ahead of the service's clock: a day covers any skew and any offset
+# written wrong; a past window dated years ahead (a typo) made every later post a 409.
+CLOCK_LEAD = timedelta(days=1)
+
+
 def _plausible_year(stamp: datetime) -> datetime:
     low, high = TIMESTAMP_YEARS
     if not low <= stamp.astimezone(UTC).year <= high:
         raise ValueError(f"a timestamp in the years {low}-{high} (UTC), got {stamp.isoformat()}")
+    now = datetime.now(UTC)
+    if stamp > now + CLOCK_LEAD:
+        clock = now.isoformat(timespec="seconds")
+        raise ValueError(f"a timestamp at most a day after the service's clock ({clock}), got "
+                         f"{stamp.isoformat()}")  # fmt: skip
     return stamp
 
 

@@ -4,7 +4,7 @@ import asyncio
 import dataclasses
 import json
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
@@ -230,6 +230,20 @@ def test_a_timestamp_outside_a_plants_years_is_422_not_500(server, session):
     assert response.status_code == 422, response.text
     assert _loc(response) == ["body", "observations", 0, "timestamp"]
     assert "years 1900-2999" in response.json()["detail"][0]["msg"]
+
+
+def test_a_past_window_dated_ahead_of_the_clock_is_refused(server, session):
+    # a past window dated in 2999 (a typo of the year) opened a session that refused every
+    # later post (409): each real row was before its last timestamp
+    _, rows = session
+    ahead = datetime.now(UTC) + timedelta(days=2)
+    past = [{**row, "timestamp": (ahead + timedelta(seconds=5 * k)).isoformat()}
+            for k, row in enumerate(rows[:6])]  # fmt: skip
+    with server.client() as client:
+        response = client.post("/v1/sessions", json={"line_id": "LINE-ahead", "past": past})
+    assert response.status_code == 422, response.text
+    assert _loc(response) == ["body", "past", 0, "timestamp"]
+    assert "at most a day after the service's clock" in response.json()["detail"][0]["msg"]
 
 
 class DivergingTwin:
