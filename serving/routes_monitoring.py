@@ -8,11 +8,12 @@ other; every row is placed on the session's time grid (`grid_steps`) before any 
 post runs on one twin, and one refused midway is undone (the session restored as it was).
 """
 
+import hashlib
 import math
 from datetime import datetime, timedelta
 
 import torch
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request, Response
 
 from serving.errors import field_error
 from serving.schemas import ErrorResponse, ObservationResponse, SessionInfo, SessionSummary
@@ -163,8 +164,8 @@ def sessions_router(service: Service) -> APIRouter:
     @router.post("/{session_id}/observations", response_model=ObservationResponse,
                  responses=errors(401, 404, 409, 413, 422), summary="post observations")
     async def post_observations(
-        body: schemas.ObservationBatch, session_id: str = SESSION_ID
-    ) -> FastJSONResponse:
+        body: schemas.ObservationBatch, request: Request, session_id: str = SESSION_ID
+    ) -> Response:
         """Run the twin over new rows, in time order: one result per row. All of them or
         none: a post refused midway leaves the session as it was."""
         session = open_session(session_id)
@@ -172,11 +173,15 @@ def sessions_router(service: Service) -> APIRouter:
             if session.closed:
                 open_session(session_id)  # raises 404: closed while this post waited
             rows = body.observations
-            if session.last_post is not None and rows == session.last_post[0]:
+            # the body as sent (FastAPI has read it already): a retry sends the same bytes
+            digest = hashlib.sha256(await request.body()).digest()
+            if session.last_post is not None and digest == session.last_post[0]:
                 # a retry of the post applied last (its client timed out): its answer again,
                 # not a 409 that loses the rows' results, alarms raised and cleared among them
                 service.metrics.posts_replayed.inc()
-                return FastJSONResponse(session.last_post[1], headers={"X-Twin-Replayed": "1"})
+                registry.used(session)
+                return Response(session.last_post[1], media_type="application/json",
+                                headers={"X-Twin-Replayed": "1"})  # fmt: skip
             steps = grid_steps(rows, session.grid_origin, session.n_updates, schemas.dt_s,
                                limits.max_gap_steps, ["body", "observations"])  # fmt: skip
             twin = service.store.current  # the whole post runs on the twin served now
@@ -195,9 +200,10 @@ def sessions_router(service: Service) -> APIRouter:
             body_out = {"session_id": session.session_id, "line_id": session.line_id,
                         "model_version": twin.label, "n_updates": session.n_updates,
                         "results": results}  # fmt: skip
-            session.last_post = (rows, body_out)
+            response = FastJSONResponse(body_out)
+            session.last_post = (digest, response.body)
             registry.used(session)
-        return FastJSONResponse(body_out)
+        return response
 
     async def run_rows(session: Session, twin, rows, steps: list[int]) -> list[dict]:
         """Each row's steps through the batcher, a gap's missing grid points bridged first.

@@ -76,9 +76,9 @@ class Session:
     n_updates: int = 0
     alarm: bool = False
     last_result: dict | None = None
-    # The last applied post, its rows and its response: the same rows posted again (a retry
-    # after a client timeout) get that response back instead of a 409.
-    last_post: tuple[list, dict] | None = None
+    # The last applied post: the SHA-256 of its body and its response as sent. The same body
+    # posted again (a retry after a client timeout) gets that response back, not a 409.
+    last_post: tuple[bytes, bytes] | None = None
     last_used: float = 0.0
     closed: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

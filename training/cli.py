@@ -36,7 +36,6 @@ USER_ERRORS = (
     ("training.dataset", "DatasetError"),
     ("training.export", "TwinFileError"),
     ("training.export", "ExportMismatchError"),
-    ("training.export_formats", "TwinFormatError"),
     ("serving.settings", "SettingsError"),
     ("serving.twin_file", "TwinFileError"),
     ("serving.twin_formats", "ProgramFileError"),

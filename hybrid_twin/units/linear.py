@@ -136,6 +136,20 @@ class LinearStateSpace(AbstractUnit):
         )
         self.output_specs = tuple(OutputSpec(s["name"], s["unit"]) for s in outs)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        # Weights saved when A was learnt entry by entry (a_i_j) have as many values as S and
+        # L: loaded as those, they made another, wrong A without a word. Those files lack
+        # the S / L positions.
+        if prefix + "skew_at" not in state_dict:
+            raise ConfigError(
+                f"{prefix.rstrip('.') or self.name}: these weights were saved when the linear "
+                "prior's A was learnt entry by entry (a_i_j); it is now S - S^T - L L^T - eps I "
+                "(s_i_j, l_i_j), and they do not convert: train the run again"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+
     def _matrix(self, theta: list[Tensor], start: int, rows: int, cols: int) -> Tensor:
         """Parameters theta[start : start + rows * cols] as (1 or batch, rows, cols)."""
         return torch.cat(theta[start : start + rows * cols], dim=1).reshape(-1, rows, cols)

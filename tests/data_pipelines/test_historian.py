@@ -336,7 +336,10 @@ def test_a_cell_of_spaces_is_an_empty_cell(write_text):
      "the file is not UTF-8"),
     (b"timestamp,tag,value\n" + b"2025-03-01T06:00:00Z,FEED.SP,1\n" * 1500
      + "2025-03-01T06:00:00Z,Gest\u00f6rt,1\n".encode("cp1252"), "row 1501 is not UTF-8"),
-], ids=["utf-16", "cp1252-header", "cp1252-row"])  # fmt: skip
+    # within the header's first 8 KB read, Python's decoder fails, not arrow's
+    (b"timestamp,tag,value\n2025-03-01T06:00:00Z,FEED.SP,1\n"
+     + "2025-03-01T06:00:00Z,Gest\u00f6rt,1\n".encode("cp1252"), "row 2 is not UTF-8"),
+], ids=["utf-16", "cp1252-header", "cp1252-row", "cp1252-early-row"])  # fmt: skip
 def test_a_csv_in_another_encoding_is_named_as_such(tmp_path, content, hint):
     # the refusal named a byte or a column count, not what to do
     path = tmp_path / "historian.csv"
@@ -383,6 +386,15 @@ def test_a_utf8_character_cut_by_the_first_read_is_no_encoding_problem(tmp_path)
     text += "x" * (4095 - len(text.encode())) + "\u00b5\n" + "a,b,c,d,e\n"
     path = tmp_path / "historian.csv"
     path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"cannot read the file") as refused:
+        read_historian(path, **UTC)
+    assert "UTF-8" not in str(refused.value)
+    # a wide header over 4 KB (240 tags in degC) with the cut inside it: the first "°"
+    # (2 bytes) at bytes 4095-4096
+    header = "timestamp,A" + "x" * 4082 + " [\u00b0C]," + ",".join(
+        f"T{i:03d} [\u00b0C]" for i in range(40)) + "\n"  # fmt: skip
+    assert header.encode().index("\u00b0".encode()) == 4095
+    path.write_text(header + "2025-03-01T06:00:00Z,1\n" + "a," * 500 + "\n", encoding="utf-8")
     with pytest.raises(DataValidationError, match=r"cannot read the file") as refused:
         read_historian(path, **UTC)
     assert "UTF-8" not in str(refused.value)

@@ -94,3 +94,14 @@ def test_the_state_matrix_stays_stable_for_any_parameters(float64):
             theta[k] = 10.0 * torch.randn(1, 1, generator=generator, dtype=torch.float64)
         eigenvalues = torch.linalg.eigvals(unit.state_matrix(theta)[0])
         assert float(eigenvalues.real.max()) < 0.0
+
+
+def test_weights_of_the_entry_by_entry_a_are_refused_not_misread(float64):
+    # a_i_j and s_i_j + l_i_j are both n^2 values: old weights loaded as S and L without a
+    # word and made an oscillating A out of a chain of lags
+    flowsheet = build_flowsheet(FLOWSHEETS["cascaded_tanks_linear"]())
+    state = {k: v for k, v in flowsheet.state_dict().items() if not k.endswith(("skew_at",
+                                                                                "factor_at"))}
+    with pytest.raises(ConfigError, match=r"learnt entry by entry \(a_i_j\).*train the run"):
+        flowsheet.load_state_dict(state, strict=False)
+    flowsheet.load_state_dict(flowsheet.state_dict())  # its own weights load
