@@ -245,7 +245,7 @@ def _timestamp_column(names: list[str], file: str) -> str:
     for candidate in _TIMESTAMP_NAMES:  # in their order: a named column before an index
         if candidate in by_name:
             return by_name[candidate]
-    if names and (names[0].strip() == "" or names[0].startswith("Unnamed: 0")):
+    if names and _nameless(names[0]):
         return names[0]
     raise DataValidationError(
         f"{file}: no timestamp column; expected one named {list(_TIMESTAMP_NAMES)} or an "
@@ -298,9 +298,12 @@ def _long_columns(names: list[str], ts_col: str, lower: dict, quality_column: st
 def _pandas_index(name: str, position: int) -> bool:
     """A row index pandas wrote beside the data (`to_csv` with its default index=True: a
     nameless first column; `to_parquet` of a concatenated frame: `__index_level_0__`)."""
-    if _INDEX_LEVEL.match(name):
-        return True
-    return position == 0 and (not name.strip() or name.startswith("Unnamed: 0"))
+    return bool(_INDEX_LEVEL.match(name)) or (position == 0 and _nameless(name))
+
+
+def _nameless(name: str) -> bool:
+    """A header cell with no name (pandas reads it back as `Unnamed: 0`)."""
+    return not name.strip() or name.startswith("Unnamed: 0")
 
 
 def _long_table(table: pa.Table, parsed, lower: dict, quality_column: str | None, file: str,

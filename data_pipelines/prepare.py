@@ -72,9 +72,11 @@ class DataConfig:
             if f.type is float and f.name in values:
                 values[f.name] = _number(f.name, values[f.name])
         if "good_quality" in values:
-            values["good_quality"] = _good_quality(values["good_quality"])
+            values["good_quality"] = _strings(values["good_quality"], "good_quality",
+                                              "quality strings")  # fmt: skip
         if "ignore_columns" in values:
-            values["ignore_columns"] = _names(values["ignore_columns"], "ignore_columns")
+            names = _strings(values["ignore_columns"], "ignore_columns", "column names")
+            values["ignore_columns"] = tuple(name.strip() for name in names)
         if "quality_column" in values:
             column = values["quality_column"]
             if not isinstance(column, str) or not column.strip():
@@ -254,23 +256,14 @@ def find_historian_files(raw_dir: Path, pattern: str) -> list[Path]:
     return found
 
 
-def _good_quality(value: object) -> tuple[str, ...]:
-    """The quality strings that mark a good sample; a lone string is one of them."""
+def _strings(value: object, key: str, what: str) -> tuple[str, ...]:
+    """A list of strings from the config (`data.<key>`); a lone string is one of them."""
     # Iterating a string would accept its letters: 'Good' would reject every 'Good' row.
     if isinstance(value, str):
         return (value,)
     if value is None or isinstance(value, Mapping) or not isinstance(value, Iterable):
-        raise ConfigError(f"data.good_quality must be a list of quality strings, got {value!r}")
-    return tuple(str(q) for q in value)
-
-
-def _names(value: object, key: str) -> tuple[str, ...]:
-    """A list of column names (a lone string is one)."""
-    if isinstance(value, str):
-        return (value.strip(),)
-    if value is None or isinstance(value, Mapping) or not isinstance(value, Iterable):
-        raise ConfigError(f"data.{key} must be a list of column names, got {value!r}")
-    return tuple(str(name).strip() for name in value)
+        raise ConfigError(f"data.{key} must be a list of {what}, got {value!r}")
+    return tuple(str(item) for item in value)
 
 
 def _check_split(split: object) -> dict:
