@@ -137,7 +137,8 @@ def tanks_in_series(m: Tensor, inflow_kg_s: Tensor, rate_1_s: Tensor) -> tuple[T
     Args:
         m: component masses, (batch, n_tanks, n_components), kg.
         inflow_kg_s: feed to tank 1, (batch, n_components), kg/s.
-        rate_1_s: outflow rate constant k = 1 / (per-tank residence time), (batch, 1), 1/s.
+        rate_1_s: outflow rate constant k = 1 / (per-tank residence time), (batch, 1), or one
+            per tank, (batch, n_tanks), 1/s.
 
     Returns:
         dm/dt, (batch, n_tanks, n_components), kg/s; outflow of the last tank,

@@ -3,18 +3,38 @@
 Sits between the feeders and the press; the NIR probe sees the composition of its last tank.
 
     H(F, w)  = H_ref (F / F_ref)^a (w_ref / w)^b         total hold-up at steady state [kg]
-    k        = N F / (3600 H(F, w))                      per-tank outflow rate [1/s]
-                                                         (1/k smoothly floored at 2 s)
-    dm_1/dt  = in / 3600 - k m_1,  dm_i/dt = k (m_(i-1) - m_i)     per component [kg/s]
+    Q(M, w)  = F_ref (M / H_ref)^(1/a) (w / w_ref)^(b/a) discharge of a blender holding M [kg/h]
+    k_i      = N Q(N m_i, w) / (3600 N m_i)              outflow rate of tank i [1/s]
+                                                         (1/k_i smoothly floored at 2 s / a)
+    dm_1/dt  = in / 3600 - k_1 m_1,  dm_i/dt = k_(i-1) m_(i-1) - k_i m_i   per component [kg/s]
     dw/dt    = (w_sp - w) / tau_drive                    impeller speed [rpm/s]
 
-F is the blender's throughput (summed inflow, kg/h) and w the impeller speed (rpm); both pass
-through a smooth floor (softplus, width `flow_floor_kg_h` / `speed_floor_rpm`, exact above
-~20 widths) so the law stays finite when feeding or the impeller stops; a <= 1 keeps k finite
-as F goes to 0. At constant F and w
-each tank holds H/N and a tracer leaves with the Erlang (gamma) residence time distribution
-E(t) = t^(N-1) e^(-k t) k^N / (N-1)!, mean N/k = H/F. The real blender's hold-up is more
-nonlinear (dead zones, speed thresholds); that is what the hybrid residual is there to learn.
+m_i is the mass tank i holds (all components) and Q the inverse of the hold-up law: each tank
+discharges according to its own hold-up, not the feed (a cascade of hold-up laws). When feeding
+stops, the blender goes on discharging what it holds (the discharge is continuous at the
+stop), slower as it empties; when feeding starts, it discharges little until its hold-up has
+built up. (k from the feed F instead, N F / (3600 H(F, w)), has the same steady states but
+stops the discharge within a second of a feed stop, with the hold-up left in the blender.)
+
+Why per tank, and the floor: a tank discharging q(m) = k(m) m relaxes its mass at the rate
+dq/dm = k / a. With each tank's rate a function of its own mass, the Jacobian of the tank
+masses is lower triangular, its eigenvalues are -k_i / a, real, and the floor 1/k >= 2 s / a
+keeps h dq/dm <= 2.5 < 2.785 for one RK4 step of h = 5 s (the project's default solver) at
+every point of the parameter box, and each tank's step is a stable scalar map driven by the
+tank before it. (One rate for all tanks from the total hold-up M splits the tanks' Jordan block
+into complex eigenvalues, about -k (1/a - 1) / N and k (e^(2 pi i j / N) - 1): one RK4 step per
+5 s was unstable, or found a spurious periodic orbit, in 214 of 576 corners of the box.) The
+floor is the 2 s residence floor of the other units for a = 1 and acts only where a / k, the
+tank's hold-up time constant, is below 2 s: there it sets the steady state (`steady_tank_kg`)
+instead of H(F, w) / N, as the residence floor does (the default blender: 1/k = 14.4 s > 4 s).
+That is why a >= 0.2 (floor <= 10 s a tank): as a goes to 0 the discharge becomes a weir's
+threshold, which no fixed step resolves, and the floor would hold most blenders' hold-up up.
+N m_i and w pass through a smooth floor (softplus, width `holdup_floor_kg` / `speed_floor_rpm`,
+exact above ~20 widths) so the law stays finite when the blender is empty or the impeller
+stops. At constant feed F and w each tank holds H(F, w)/N and a tracer (replacing bulk) leaves
+with the Erlang (gamma) residence time distribution E(t) = t^(N-1) e^(-k t) k^N / (N-1)!,
+mean N/k = H/F. The real blender's hold-up is more nonlinear (dead zones, speed thresholds);
+that is what the hybrid residual is there to learn.
 """
 
 from collections.abc import Mapping, Sequence
@@ -27,11 +47,13 @@ from hybrid_twin.errors import ConfigError
 from hybrid_twin.specs import InputSpec, OutputSpec, ParamSpec, StateSpec
 from hybrid_twin.units.base import (
     AbstractUnit,
-    floored_residence_s,
     positive_int,
     tank_state_specs,
     tanks_in_series,
 )
+
+# Version of the discharge law, kept in the weights: 2 = each tank's hold-up drives it.
+DISCHARGE_LAW = 2
 
 BLENDER_PARAMS = (
     ParamSpec(
@@ -40,7 +62,10 @@ BLENDER_PARAMS = (
     ParamSpec("throughput_ref_kg_h", "kg/h", 30.0, (0.1, 1000.0), False, "reference throughput"),
     ParamSpec("speed_ref_rpm", "rpm", 400.0, (1.0, 5000.0), False, "reference impeller speed"),
     # a <= 1: hold-up grows no faster than throughput (mean residence time falls with F).
-    ParamSpec("holdup_flow_exp", "1", 0.5, (0.0, 1.0), True, "a in H ~ F^a"),
+    # a >= 0.2: each tank discharges as (hold-up)^(1/a), whose stiffness 1/a the floor of
+    # `_floored_rate` (2 s / a) pays for; below 0.2 that floor (> 10 s a tank) would set the
+    # steady state of most blenders. Measured hold-up rises about in proportion to the feed.
+    ParamSpec("holdup_flow_exp", "1", 0.5, (0.2, 1.0), True, "a in H ~ F^a"),
     ParamSpec("holdup_speed_exp", "1", 0.5, (0.0, 2.0), True, "b in H ~ w^-b"),
     ParamSpec("drive_tau_s", "s", 3.0, (2.0, 120.0), True, "impeller speed response time constant"),
 )
@@ -59,8 +84,9 @@ class TanksInSeriesBlender(AbstractUnit):
         n_tanks: number of tanks N (sets the RTD's shape; variance = mean^2 / N).
         nominal_speed_rpm: typical impeller speed setpoint, rpm.
         speed_range_rpm: valid setpoint range (low, high), rpm.
-        flow_floor_kg_h: width of the smooth throughput floor, kg/h.
+        flow_floor_kg_h: width of the smooth throughput floor of `rate_1_s`, kg/h.
         speed_floor_rpm: width of the smooth speed floor, rpm.
+        holdup_floor_kg: width of the smooth hold-up floor of the discharge law, kg.
         params: parameter overrides (see BLENDER_PARAMS).
 
     Raises:
@@ -76,6 +102,7 @@ class TanksInSeriesBlender(AbstractUnit):
         speed_range_rpm: Sequence[float] = (0.0, 1500.0),
         flow_floor_kg_h: float = 0.1,
         speed_floor_rpm: float = 5.0,
+        holdup_floor_kg: float = 1e-3,
         params: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(name, components, BLENDER_PARAMS, params)
@@ -85,13 +112,20 @@ class TanksInSeriesBlender(AbstractUnit):
             raise ConfigError(
                 f"{name}: nominal_speed_rpm {nominal_speed_rpm} outside ({low}, {high}] rpm"
             )
-        if flow_floor_kg_h <= 0 or speed_floor_rpm <= 0:
-            raise ConfigError(f"{name}: flow_floor_kg_h and speed_floor_rpm must be > 0")
+        if flow_floor_kg_h <= 0 or speed_floor_rpm <= 0 or holdup_floor_kg <= 0:
+            raise ConfigError(
+                f"{name}: flow_floor_kg_h, speed_floor_rpm and holdup_floor_kg must be > 0"
+            )
         self.flow_beta = 1.0 / float(flow_floor_kg_h)
         self.speed_beta = 1.0 / float(speed_floor_rpm)
+        self.holdup_beta = 1.0 / float(holdup_floor_kg)
         self.flow_epsilon = 1e-6 * float(flow_floor_kg_h)
         self.speed_epsilon = 1e-6 * float(speed_floor_rpm)
+        self.holdup_epsilon = 1e-6 * float(holdup_floor_kg)
         self.n_tank_states = self.n_tanks * self.n_components
+        # Marks weights saved since the discharge follows the hold-up (see the module's
+        # docstring); older ones were fitted to the feed-driven law (`_load_from_state_dict`).
+        self.register_buffer("discharge_law", torch.tensor(DISCHARGE_LAW))
         tank_kg = self.param_value("holdup_ref_kg")
         self.state_specs = (
             *tank_state_specs("tank", self.n_tanks, self.components, tank_kg / self.n_tanks),
@@ -109,27 +143,126 @@ class TanksInSeriesBlender(AbstractUnit):
             ),
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        # Weights fitted while the discharge followed the feed lack the marker: loaded under
+        # the hold-up law, they would make another blender without a word.
+        saved = state_dict.get(prefix + "discharge_law")
+        if saved is None:
+            raise ConfigError(
+                f"{self.unit_name}: these weights were saved when the "
+                "blender's discharge followed its feed (k = N F / (3600 H(F, w))); it now "
+                "follows each tank's hold-up, and they do not carry over: train the run again"
+            )
+        if int(saved) != DISCHARGE_LAW:
+            raise ConfigError(
+                f"{self.unit_name}: these weights were saved under the "
+                f"blender's discharge law {int(saved)}; this code has law {DISCHARGE_LAW}"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+
+    def _floored_rate(self, log_rate: Tensor, theta: list[Tensor]) -> Tensor:
+        """k from log k with the hold-up mode's floor: 1/k >= floor / a, smooth, exact 2 s above.
+
+        A tank discharging q(m) = k(m) m with k ~ m^(1/a - 1) relaxes its mass at the rate
+        dq/dm = k / a (its hold-up time constant is a / k, a times its residence time). The
+        floor keeps that rate <= 1 / (2 s), so that one RK4 step of 5 s (h dq/dm <= 2.5 < 2.785)
+        is stable for every a; a = 1 (the hold-up proportional to the throughput) gives the 2 s
+        residence floor of the other units. log k is clamped so that exp stays finite in float32
+        (an empty tank with a small a): exp(60) s is a residence no run reaches.
+        """
+        floor_s = 2.0 / theta[3]
+        residence = torch.exp(-log_rate.clamp(-60.0, 60.0))
+        return 1.0 / (floor_s + F.softplus(residence - floor_s, beta=10.0))
+
+    def _log_rate_ref(self, speed_rpm: Tensor, theta: list[Tensor]) -> Tensor:
+        """log of N F_ref / (3600 H_ref) (w / w_ref)^(b/a), (batch, 1)."""
+        speed = F.softplus(speed_rpm, beta=self.speed_beta) + self.speed_epsilon
+        return torch.log(
+            theta[1] * (self.n_tanks / 3600.0) / theta[0]
+        ) + theta[4] / theta[3] * torch.log(speed / theta[2])
+
     def rate_1_s(self, throughput_kg_h: Tensor, speed_rpm: Tensor, theta: list[Tensor]) -> Tensor:
-        """Per-tank outflow rate k = N F / (3600 H(F, w)), (batch, 1), 1/s.
+        """Per-tank outflow rate at steady state where the floor is inactive, k = N F / (3600
+        H(F, w)), (batch, 1), 1/s.
 
         Written as k = N F_ref / (3600 H_ref) (F / F_ref)^(1 - a) (w / w_ref)^b, which stays
         finite as F or w go to 0 (a <= 1, b >= 0); the floors keep F and w strictly positive
         even where float32's softplus underflows (a millionth of their width). 1/k has the
-        line's smooth 2 s floor (`floored_residence_s`): the bounds of H_ref, a and b alone
-        allow k of several 1/s at a high throughput and speed, where a 5 s RK4 step diverges.
+        hold-up mode's smooth floor 2 s / a (`_floored_rate`); where that floor acts, the
+        steady state of the discharge law is `steady_tank_kg`, not H(F, w) / N.
         """
         holdup_ref, flow_ref, speed_ref = theta[0], theta[1], theta[2]
         flow = F.softplus(throughput_kg_h, beta=self.flow_beta) + self.flow_epsilon
         speed = F.softplus(speed_rpm, beta=self.speed_beta) + self.speed_epsilon
-        rate = torch.pow(flow / flow_ref, 1.0 - theta[3]) * torch.pow(speed / speed_ref, theta[4])
-        rate = rate * flow_ref * (self.n_tanks / 3600.0) / holdup_ref
-        return 1.0 / floored_residence_s(1.0 / rate)
+        log_rate = (
+            torch.log(flow_ref * (self.n_tanks / 3600.0) / holdup_ref)
+            + (1.0 - theta[3]) * torch.log(flow / flow_ref)
+            + theta[4] * torch.log(speed / speed_ref)
+        )
+        return self._floored_rate(log_rate, theta)
+
+    def discharge_rate_1_s(
+        self, tank_kg: Tensor, speed_rpm: Tensor, theta: list[Tensor]
+    ) -> Tensor:
+        """Outflow rate of tanks holding `tank_kg` each (any shape broadcasting with the speed's
+        (batch, 1)), 1/s: k = N Q(N m, w) / (3600 N m), the hold-up law at the hold-up N m.
+
+        k = N F_ref / (3600 H_ref) (N m / H_ref)^(1/a - 1) (w / w_ref)^(b/a): at m = H(F, w) / N
+        it is `rate_1_s(F, w)`. N m passes through the smooth hold-up floor (softplus, width
+        `holdup_floor_kg`); 1/k has the floor of `_floored_rate`.
+        """
+        holdup = F.softplus(tank_kg * float(self.n_tanks), beta=self.holdup_beta)
+        holdup = holdup + self.holdup_epsilon
+        log_rate = self._log_rate_ref(speed_rpm, theta) + (1.0 / theta[3] - 1.0) * torch.log(
+            holdup / theta[0]
+        )
+        return self._floored_rate(log_rate, theta)
+
+    def steady_tank_kg(
+        self, throughput_kg_h: Tensor, speed_rpm: Tensor, theta: list[Tensor]
+    ) -> Tensor:
+        """Mass m of each tank at steady state: k(m) m = F / 3600, (batch, 1), kg.
+
+        Starts at F / (3600 k) with k = `rate_1_s(F, w)` (exact, H(F, w) / N, where the floor
+        is inactive) and takes Newton steps in log m, d log(m k) / d log m = 1 + (1/a - 1) s,
+        s the slope of the floors (residence and hold-up): steps that remove what the floors
+        add where they are inactive and converge inside their knees. F <= 0 gives 0.
+        """
+        flow = throughput_kg_h * (1.0 / 3600.0)
+        # where nothing is fed, a stand-in feed keeps the steps finite; the result is then 0
+        fed = flow > 0.0
+        flow = torch.where(fed, flow, torch.ones_like(flow))
+        tank = flow / self.rate_1_s(flow * 3600.0, speed_rpm, theta)
+        floor_s = 2.0 / theta[3]
+        for _ in range(6):
+            scaled = tank * float(self.n_tanks)
+            holdup = F.softplus(scaled, beta=self.holdup_beta) + self.holdup_epsilon
+            log_rate = self._log_rate_ref(speed_rpm, theta) + (
+                1.0 / theta[3] - 1.0
+            ) * torch.log(holdup / theta[0])
+            residence = torch.exp(-log_rate.clamp(-60.0, 60.0))
+            excess = residence - floor_s
+            floored = floor_s + F.softplus(excess, beta=10.0)
+            # d log(1/k) / d log m: the residence floor's slope times the hold-up floor's
+            slope = residence * torch.sigmoid(10.0 * excess) / floored
+            slope = slope * scaled * torch.sigmoid(self.holdup_beta * scaled) / holdup
+            step = torch.log(tank / (flow * floored)) / (1.0 + (1.0 / theta[3] - 1.0) * slope)
+            tank = tank * torch.exp(-step)
+        return torch.where(fed, tank, torch.zeros_like(tank))
 
     def mean_residence_time_s(
         self, throughput_kg_h: Tensor, speed_rpm: Tensor, theta: list[Tensor]
     ) -> Tensor:
-        """Mean residence time N / k = H(F, w) / F, (batch, 1), s."""
-        return self.n_tanks / self.rate_1_s(throughput_kg_h, speed_rpm, theta)
+        """Mean residence time at steady state, N m / F (= H(F, w) / F above the floor), s;
+        where nothing is fed (an empty blender), N / `rate_1_s` at the throughput floor: large
+        and finite, as the feed-driven law gave it (N m / F is 0 / 0 there)."""
+        tank = self.steady_tank_kg(throughput_kg_h, speed_rpm, theta)
+        fed = throughput_kg_h > 0.0
+        flow = torch.where(fed, throughput_kg_h, torch.ones_like(throughput_kg_h))
+        return torch.where(fed, tank * (3600.0 * self.n_tanks) / flow,
+                           self.n_tanks / self.rate_1_s(throughput_kg_h, speed_rpm, theta))
 
     def _tanks(self, x: Tensor) -> Tensor:
         return x.narrow(1, 0, self.n_tank_states).unflatten(1, (self.n_tanks, self.n_components))
@@ -139,8 +272,9 @@ class TanksInSeriesBlender(AbstractUnit):
     ) -> tuple[Tensor, Tensor]:
         """See `AbstractUnit.derivative`."""
         speed = x.narrow(1, self.n_tank_states, 1)
-        rate = self.rate_1_s(inflow.sum(dim=1, keepdim=True), speed, theta)
-        d_mass, out_kg_s = tanks_in_series(self._tanks(x), inflow * (1.0 / 3600.0), rate)
+        tanks = self._tanks(x)
+        rate = self.discharge_rate_1_s(tanks.sum(dim=2), speed, theta)  # (batch, n_tanks)
+        d_mass, out_kg_s = tanks_in_series(tanks, inflow * (1.0 / 3600.0), rate)
         d_speed = (u - speed) / theta[5]
         return torch.cat([d_mass.flatten(1), d_speed], dim=1), out_kg_s * 3600.0
 
@@ -158,8 +292,12 @@ class TanksInSeriesBlender(AbstractUnit):
         return self._tanks(x).sum(dim=1)
 
     def steady_state(self, u: Tensor, inflow: Tensor, theta: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Each tank holds in / (3600 k) of each component; speed at its setpoint."""
-        rate = self.rate_1_s(inflow.sum(dim=1, keepdim=True), u, theta)
+        """Each tank holds in / (3600 k(m)) of each component, m = `steady_tank_kg` (H(F, w) / N
+        above the floor): the derivative vanishes here to rounding. Speed at its setpoint. A
+        blender fed nothing is empty."""
+        flow = inflow.sum(dim=1, keepdim=True)
+        tank_kg = self.steady_tank_kg(flow, u, theta)
+        rate = self.discharge_rate_1_s(tank_kg, u, theta)
         tank = inflow / (3600.0 * rate)
         tanks = tank.unsqueeze(1).expand(-1, self.n_tanks, -1).flatten(1)
         return torch.cat([tanks, u], dim=1), inflow

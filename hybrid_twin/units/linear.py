@@ -143,7 +143,7 @@ class LinearStateSpace(AbstractUnit):
         # the S / L positions.
         if prefix + "skew_at" not in state_dict:
             raise ConfigError(
-                f"{prefix.rstrip('.') or self.name}: these weights were saved when the linear "
+                f"{self.unit_name}: these weights were saved when the linear "
                 "prior's A was learnt entry by entry (a_i_j); it is now S - S^T - L L^T - eps I "
                 "(s_i_j, l_i_j), and they do not convert: train the run again"
             )

@@ -143,13 +143,19 @@ def test_blender_impulse_response_is_the_erlang_distribution(tracer_line):
     line, dt_s, steps, n_tanks, tracer_kg = tracer_line, 2.0, 250, 4, 1e-3
     theta, u = line.theta().detach(), line.nominal_inputs()
     x0 = line.steady_state(u, theta)
+    holdup_kg = float(x0[0, line.state_names.index("blender.tank1.bulk_kg")]) * n_tanks
+    # The tracer replaces as much bulk (a tracer experiment): each tank's mass, and with it the
+    # discharge law's rate, stays at its steady state, so that the response is linear.
     x0[0, line.state_names.index("blender.tank1.tracer_kg")] += tracer_kg
+    x0[0, line.state_names.index("blender.tank1.bulk_kg")] -= tracer_kg
     with torch.no_grad():
         states = integrate_zoh(
             line, x0, u.unsqueeze(1).expand(1, steps, -1), dt_s, method="rk4", n_substeps=4
         ).states[0]
     blender = line.units[1]
-    k = blender.rate_1_s(torch.tensor([[30.0]]), torch.tensor([[350.0]]), blender.theta()).item()
+    # the rate of the discharge law at the steady tank mass (rate_1_s(30, 350) within 1e-8)
+    tank_kg = torch.tensor([[holdup_kg / n_tanks]])
+    k = blender.discharge_rate_1_s(tank_kg, torch.tensor([[350.0]]), blender.theta()).item()
     t = torch.arange(steps + 1) * dt_s
     rtd = (
         k * states[:, line.state_names.index("blender.tank4.tracer_kg")] / tracer_kg
@@ -157,7 +163,6 @@ def test_blender_impulse_response_is_the_erlang_distribution(tracer_line):
     erlang = k**n_tanks * t ** (n_tanks - 1) * torch.exp(-k * t) / math.factorial(n_tanks - 1)
     # RK4 with k h = 0.03: relative error about 1e-9 of the peak; 1e-7 leaves room.
     torch.testing.assert_close(rtd, erlang, rtol=0.0, atol=1e-7 * float(erlang.max()))
-    holdup_kg = float(x0[0, line.state_names.index("blender.tank1.bulk_kg")]) * n_tanks
     mean_s = float(torch.trapezoid(t * rtd, t))
     # Mean residence time = hold-up / throughput; trapezoid with dt = 2 s on a ~90 s mean: 1e-3.
     assert mean_s == pytest.approx(holdup_kg / (30.0 / 3600.0), rel=1e-3)
@@ -177,6 +182,9 @@ def test_blender_holdup_grows_with_throughput_and_falls_with_speed(tracer_line):
     speeds = torch.tensor([[200.0], [400.0], [800.0]])
     mrt = blender.mean_residence_time_s(torch.full_like(speeds, 25.0), speeds, theta).flatten()
     assert mrt[0] > mrt[1] > mrt[2]
+    # nothing fed: finite and long (N m / F is 0 / 0 there)
+    stopped = blender.mean_residence_time_s(torch.zeros(1, 1), torch.full((1, 1), 400.0), theta)
+    assert math.isfinite(float(stopped)) and float(stopped) > 1000.0
 
 
 def test_feeder_feed_rate_follows_the_setpoint_as_a_first_order_lag(float64):
@@ -505,3 +513,163 @@ def test_default_blender_and_press_are_untouched_by_the_residence_floor(float64)
     torch.testing.assert_close(
         x[0, :3], torch.tensor([3.0, 26.7, 0.3]) * 5.0 / 3600.0, rtol=1e-15, atol=0.0
     )
+
+
+def _plant_holdup_after_feed_stop_kg(t_s, holdup_kg, flow_ref_kg_h, holdup_ref_kg, a):
+    """The plant's law (data_pipelines/plant_sim/blender.py, `outflow_kg_h`) after a feed stop:
+    dM/dt = -Q(M) / 3600, Q = F_ref (M / H_s)^(1/a), solved in closed form (at w = w_ref)."""
+    p = 1.0 / a
+    rate = (p - 1.0) * flow_ref_kg_h / 3600.0 * holdup_kg ** (p - 1.0) / holdup_ref_kg**p
+    return holdup_kg * (1.0 + rate * t_s) ** (-1.0 / (p - 1.0))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("a", [0.5, 0.6])
+def test_blender_goes_on_discharging_its_holdup_after_a_feed_stop(float64, a):
+    """Feed 30 -> 0 kg/h from steady state, one RK4 step per 5 s: the discharge is continuous
+    at the stop (the hold-up drives it, not the feed) and the blender empties, close to the
+    plant's lumped law; a discharge driven by the feed stopped within a second and kept 63 % of
+    the hold-up after 300 s (plant, a = 0.6: 14 %)."""
+    blender = UNITS["tanks_in_series_blender"](
+        "blender", COMPONENTS, params={"holdup_flow_exp": a}
+    )
+    theta = blender.theta()
+    feed, speed = torch.tensor([[3.0, 26.7, 0.3]]), torch.tensor([[400.0]])
+    x, before = blender.steady_state(speed, feed, theta)
+    holdup_0 = float(blender.outputs(x, theta)[0, 1])
+    assert holdup_0 == pytest.approx(0.6, rel=1e-7)
+    stopped = torch.zeros_like(feed)
+
+    def f(state):
+        return blender.derivative(state, speed, stopped, theta)
+
+    discharge, holdup = [], []
+    for _ in range(61):
+        dx, out = f(x)
+        discharge.append(float(out.sum()))
+        holdup.append(float(blender.outputs(x, theta)[0, 1]))
+        k2 = f(x + 2.5 * dx)[0]
+        k3 = f(x + 2.5 * k2)[0]
+        k4 = f(x + 5.0 * k3)[0]
+        x = x + 5.0 / 6.0 * (dx + 2.0 * k2 + 2.0 * k3 + k4)
+    assert discharge[0] == pytest.approx(float(before.sum()), rel=1e-9)  # 30 kg/h, continuous
+    assert all(later < earlier for earlier, later in zip(holdup, holdup[1:], strict=False))
+    assert all(d > 0.0 for d in discharge) and discharge[-1] < 0.05 * discharge[0]
+    assert bool((x >= 0.0).all())
+    for step in (6, 12, 24, 60):  # 30 s .. 300 s
+        plant = _plant_holdup_after_feed_stop_kg(5.0 * step, holdup_0, 30.0, 0.6, a)
+        assert abs(holdup[step] - plant) < 0.2 * holdup_0, (step, holdup[step], plant)
+    assert holdup[60] < 0.2 * holdup_0
+
+
+@torch.no_grad()
+def test_blender_is_stable_with_one_rk4_step_per_5_s_across_its_parameter_box(float64):
+    """Corners of the box (a, H_ref, b) x operating points (F, w) x n_tanks, 10 % and 50 %
+    upsets of the first tank from steady state, 5 s RK4 steps: every run ends back at its
+    steady state or on a 0.5 s RK4 reference (runs with residence times of hours are slow,
+    not unstable), finite. The hold-up mode's floor (1/k >= 2 s / a) keeps h dq/dm <= 2.5."""
+    corners = [
+        (up, a, holdup_ref, b, flow, speed)
+        for up in (1.1, 0.5)
+        for a in (0.2001, 0.3, 0.5, 1.0 - 1e-3)
+        for holdup_ref in (0.1001, 0.6, 19.99)
+        for b in (1e-3, 1.99)
+        for flow in (1.0, 60.0)
+        for speed in (100.0, 1200.0)
+    ]
+    table = torch.tensor(corners)
+    ones = torch.ones(len(corners), 1)
+    theta = [
+        table[:, 2:3], 30.0 * ones, 400.0 * ones, table[:, 1:2], table[:, 3:4], 3.0 * ones
+    ]
+    feed = torch.tensor([[0.1, 0.89, 0.01]]) * table[:, 4:5]
+    speed = table[:, 5:6]
+    for n_tanks in (1, 3, 8):
+        blender = UNITS["tanks_in_series_blender"]("blender", COMPONENTS, n_tanks=n_tanks)
+        x_steady, _ = blender.steady_state(speed, feed, theta)
+
+        def f(state, blender=blender):
+            return blender.derivative(state, speed, feed, theta)[0]
+
+        # to rounding
+        assert float(f(x_steady).abs().max()) < 1e-10
+        x = x_steady.clone()
+        x[:, :3] *= table[:, :1]
+        reference = x.clone()
+        for _ in range(200):
+            for state, h, n in ((x, 5.0, 1), (reference, 0.5, 10)):
+                for _ in range(n):
+                    k1 = f(state)
+                    k2 = f(state + 0.5 * h * k1)
+                    k3 = f(state + 0.5 * h * k2)
+                    k4 = f(state + h * k3)
+                    state += h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+        scale = x_steady[:, :-1].abs().amax(dim=1)
+        back = (x - x_steady).abs().amax(dim=1) < 1e-3 * scale
+        tracks = (x - reference).abs().amax(dim=1) < 1e-3 * scale
+        assert bool(torch.isfinite(x).all())
+        settled = (back | tracks).tolist()
+        assert all(settled), [c for c, ok in zip(corners, settled, strict=True) if not ok]
+
+
+@pytest.mark.parametrize("a", [0.2001, 0.5, 1.0 - 1e-3])
+def test_blender_law_has_finite_values_and_gradients_at_an_empty_blender_in_float32(a):
+    """Empty tanks (and slightly negative ones, as an RK4 stage can make), a stopped impeller,
+    no feed: derivative, outputs and steady state stay finite in float32, and so do their
+    gradients with respect to the state and the parameters."""
+    blender = UNITS["tanks_in_series_blender"](
+        "blender", COMPONENTS, n_tanks=3, params={"holdup_flow_exp": a, "holdup_speed_exp": 1.99}
+    )
+    n_tank_states = blender.n_tank_states
+    tanks = torch.tensor(
+        [[0.0] * n_tank_states, [-1e-6] * n_tank_states, [1e-9, 0.0, 0.0] * 3, [0.05] * 9]
+    )
+    speeds = torch.tensor([[0.0], [-5.0], [400.0], [0.0]])
+    x = torch.cat([tanks, speeds], dim=1).float().requires_grad_(True)
+    feed = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [3.0, 26.7, 0.3]])
+    theta = [column.float().requires_grad_(True) for column in blender.theta()]
+    dx, out = blender.derivative(x, speeds.float(), feed.float(), theta)
+    y = blender.outputs(x, theta)
+    x_steady, _ = blender.steady_state(speeds.float(), feed.float(), theta)
+    total = dx.sum() + out.sum() + y.sum() + x_steady.sum()
+    grads = torch.autograd.grad(total, [x, *theta])
+    for tensor in (dx, out, y, x_steady, *grads):
+        assert bool(torch.isfinite(tensor).all()), tensor
+
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("a", [0.3, 0.5, 1.0 - 1e-3])
+def test_blender_steady_holdup_is_the_holdup_law_where_the_floor_is_inactive(float64, a):
+    """The discharge law's steady state is H(F, w) = H_ref (F / F_ref)^a (w_ref / w)^b from
+    5 to 60 kg/h (per-tank residence 1/k >= 7.9 s, over a second above the floor
+    2 s / a <= 6.7 s, where its softplus is exact), and
+    the derivative vanishes there."""
+    blender = UNITS["tanks_in_series_blender"](
+        "blender", COMPONENTS, params={"holdup_flow_exp": a}
+    )
+    theta = blender.theta()
+    flows = torch.tensor([[5.0], [30.0], [60.0]])
+    speed = torch.tensor([[300.0], [400.0], [500.0]])
+    feed = flows * torch.tensor([[0.1, 0.89, 0.01]])
+    x, _ = blender.steady_state(speed, feed, theta)
+    holdup = blender.outputs(x, theta)[:, 1:2]
+    expected = 0.6 * (flows / 30.0) ** a * (400.0 / speed) ** 0.5
+    # rtol: the floors of N m and w add a millionth of their widths
+    torch.testing.assert_close(holdup, expected, rtol=1e-6, atol=0.0)
+    assert float(blender.derivative(x, speed, feed, theta)[0].abs().max()) < 1e-15
+
+
+def test_blender_refuses_weights_fitted_under_another_discharge_law():
+    """Weights saved while the discharge followed the feed (no `discharge_law` marker) or
+    under another law's number would load silently into the hold-up law; they are refused."""
+    blender = UNITS["tanks_in_series_blender"]("blender", COMPONENTS)
+    weights = blender.state_dict()
+    assert int(weights["discharge_law"]) == 2
+    blender.load_state_dict(weights)  # its own weights load
+    old = {key: value for key, value in weights.items() if key != "discharge_law"}
+    with pytest.raises(ConfigError, match=r"blender: .*followed its feed.*train the run again"):
+        blender.load_state_dict(old)
+    newer = {**weights, "discharge_law": torch.tensor(3)}
+    with pytest.raises(ConfigError, match="discharge law 3; this code has law 2"):
+        blender.load_state_dict(newer)
