@@ -156,7 +156,9 @@ class InnovationMonitor(nn.Module):
         _check_options(ewma_lambda, persistence, where="InnovationMonitor")
         if not (bool(torch.all(std > 0)) and bool(torch.all(ewma_rms > 0)) and ewma_limit > 0):
             raise ConfigError("InnovationMonitor: std, ewma_rms and ewma_limit must be > 0")
-        dtype = torch.get_default_dtype()
+        # the statistics' own dtype (fit_monitor's `dtype`): limits fitted in float64 keep
+        # their digits in a float64 twin
+        dtype = mean.dtype if mean.is_floating_point() else torch.get_default_dtype()
         for name, (value, _) in shapes.items():
             self.register_buffer(name, value.detach().to(dtype).clone())
         self.register_buffer("ewma_limit", torch.tensor(float(ewma_limit), dtype=dtype))
@@ -439,6 +441,7 @@ def fit_monitor(
     tags: Sequence[str] | None = None,
     calibration: str = "in_sample",
     calibration_data: tuple[Tensor, Tensor, Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> InnovationMonitor:
     """Fit statistics and thresholds on innovations of normal operation.
 
@@ -463,6 +466,7 @@ def fit_monitor(
             limits are.
         calibration_data: (innovation, innovation_var, mask) of other normal runs, shaped as
             above with the same n_tags; required by "split", refused by "in_sample".
+        dtype: of the monitor's buffers (the fit runs in float64); None: torch's default.
 
     Returns:
         An InnovationMonitor; its attributes `fit_exceed_rate` (the rate reached on these
@@ -516,7 +520,7 @@ def fit_monitor(
         scale, exceed_rate = _split_scale(calibration_data, reference, tags, false_alarm_rate)
         limits, ewma_limit = limits * scale, ewma_limit * math.sqrt(scale)  # _split_scale
 
-    dtype = torch.get_default_dtype()
+    dtype = dtype or torch.get_default_dtype()
     monitor = InnovationMonitor(
         mean.to(dtype),
         std.to(dtype),

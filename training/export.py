@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -208,8 +209,8 @@ def check_formats(formats) -> list[str]:
 
 def check_out_path(out: Path, formats: list[str]) -> None:
     """Refuse an `out` no file can be written to, before minutes of building: a folder gave
-    IsADirectoryError at the end (and left `<out>.partial`), a file as its folder a
-    FileExistsError naming only that file.
+    IsADirectoryError at the end (and left a partial file), a file as its folder a
+    FileExistsError naming only that file, a read-only folder a RuntimeError naming none.
 
     Raises:
         ConfigError: naming `out` and what is in the way.
@@ -221,6 +222,11 @@ def check_out_path(out: Path, formats: list[str]) -> None:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ConfigError(f"out: {out} cannot be written: {blocking} is a file, not a folder")
+    # the folder that exists and would hold the file (or its new folders): a read-only one
+    # failed only after the build, in torch's C++ with no path
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out: {out} cannot be written: {existing} is not writable")
 
 
 def _format_record(check: dict, timing: dict) -> dict:
@@ -463,8 +469,12 @@ def build_online_twin(
     """The eager OnlineTwin with its monitor fitted on the fit split's normal runs."""
     noise = noise_settings(twin, dataset, cfg.filter)
     n_y = len(dataset.measurement_tags)
-    online = OnlineTwin(twin, noise["q"], noise["r"], noise["p0_std"], placeholder_monitor(n_y))
-    online = online.to(dtype).eval()
+    # In the file's dtype before the filter copies q, r and p0 into its own (a float32 model
+    # rounded them inside a float64 file), and frozen: a caller's loop without no_grad would
+    # otherwise chain every update into one autograd graph (0.4 MB more a row).
+    online = OnlineTwin(twin.to(dtype), noise["q"], noise["r"], noise["p0_std"],
+                        placeholder_monitor(n_y))  # fmt: skip
+    online = online.to(dtype).eval().requires_grad_(False)
     fit_split = cfg.monitor.fit_split
     fit_split = fit_split if isinstance(fit_split, str) else list(fit_split)
     runs = monitor_fit_runs(dataset, fit_split, past_steps)
@@ -484,6 +494,7 @@ def build_online_twin(
         tags=dataset.measurement_tags,
         calibration="split" if cal_runs else "in_sample",
         calibration_data=(innovation[n:], innovation_var[n:], mask[n:]) if cal_runs else None,
+        dtype=dtype,
     )  # fmt: skip
     online.monitor = monitor.to(dtype)
     record = {
@@ -678,19 +689,23 @@ def twin_metadata(
 
 
 def write_bytes_atomically(data: bytes, out: Path) -> None:
-    """A temporary file, then a rename: a reader never sees half a file."""
+    """A temporary file, then a rename: a reader never sees half a file. The temporary name
+    is this writer's own: two exports to one `out` shared `<out>.partial`, and one of them
+    failed when the other renamed it away."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, out)
+    partial = out.with_name(f"{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def write_twin_file(scripted, metadata: dict, out: Path) -> None:
-    """Save atomically (a temporary file, then rename) with metadata.json in _extra_files."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    torch.jit.save(scripted, str(partial), _extra_files={METADATA_FILE: json.dumps(metadata)})
-    os.replace(partial, out)
+    """Save atomically (`write_bytes_atomically`) with metadata.json in _extra_files."""
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
+    write_bytes_atomically(buffer.getvalue(), out)
 
 
 def load_twin_file(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:

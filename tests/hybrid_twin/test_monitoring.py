@@ -378,3 +378,16 @@ def test_the_padding_of_a_shorter_run_does_not_change_the_fit(float64):
     # the held EWMA of the padding weighed the third tag's spread by pad length (2.4x at 30k)
     torch.testing.assert_close(more.ewma_rms, padded.ewma_rms, rtol=1e-12, atol=0.0)
     assert float(more.ewma_limit) == pytest.approx(float(padded.ewma_limit), rel=1e-12)
+
+
+def test_a_monitor_fitted_for_a_float64_twin_keeps_the_fit_s_digits(float64, rng):
+    # the fit runs in float64, but its limits were rounded to float32 before a float64
+    # twin's file took them (ewma_limit 8.951200485229492)
+    data = normal_innovations(rng, 20, 500)
+    wide = fit_monitor(*data, false_alarm_rate=0.01, ewma_lambda=0.1, dtype=torch.float64)
+    narrow = fit_monitor(*data, false_alarm_rate=0.01, ewma_lambda=0.1, dtype=torch.float32)
+    for name in ("mean", "std", "corr", "t2_limits", "ewma_rms", "ewma_limit"):
+        value, rounded = getattr(wide, name), getattr(narrow, name)
+        assert value.dtype == torch.float64 and rounded.dtype == torch.float32, name
+        assert torch.equal(value.to(torch.float32), rounded), name
+    assert not torch.equal(wide.std, wide.std.to(torch.float32).to(torch.float64))
