@@ -10,8 +10,16 @@ fixed options and no pandas metadata, the manifest with sorted keys and no wall-
 import hashlib
 import json
 import math
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import pandas as pd
@@ -28,6 +36,8 @@ RUNS_DIR = "runs"
 # Names this stage owns inside out_dir; only these are removed before writing, so a stale
 # run file of an earlier prepare can never sit beside a new manifest.
 OWNED = ("rejects.csv", "events.csv", "fault_labels.csv", "manifest.json")
+# The folder a prepare writes into before its files replace the dataset's (`write_dataset`).
+STAGING_PREFIX = ".writing-"
 
 
 def split_runs(runs: pd.DataFrame, *, fractions: dict, seed: int) -> dict[str, str]:
@@ -131,7 +141,8 @@ def write_dataset(
     """Write run files, rejects.csv, copies and manifest.json; hash every file.
 
     Args:
-        out_dir: created if missing; earlier run files and the OWNED names are replaced.
+        out_dir: created if missing; earlier run files and the OWNED names are replaced once
+            every new file is written (a failure leaves the dataset there as it was).
         segments: from align_runs.
         split: {run_id: split} from split_runs.
         rejects: rejects.csv rows.
@@ -145,8 +156,54 @@ def write_dataset(
         DataValidationError: two segments would write the same file (a run id that looks
             like another run's later segment, e.g. "A_s1" beside a split run "A").
     """
-    _clear(out_dir, out_dir / RUNS_DIR)
-    runs = _write_runs(out_dir, segments, split)
+    runs_dir = out_dir / RUNS_DIR
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(out_dir) as locked:
+        # Every file is written into a staging folder first, the run files into one inside
+        # runs/ (it may link to another disk, where a rename cannot reach), then moved in,
+        # the manifest last, and stale files removed only then: a prepare stopped half way
+        # (a full disk, Ctrl-C) emptied the folder of the last good dataset.
+        staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}"
+        staged_runs = runs_dir / f"{STAGING_PREFIX}{os.getpid()}"
+        if locked:  # no other writer: staging folders left are of writers killed outright
+            for folder in (out_dir, runs_dir):
+                for stale in folder.glob(STAGING_PREFIX + "*"):
+                    shutil.rmtree(stale)
+        try:
+            staging.mkdir()
+            staged_runs.mkdir()
+            try:
+                text = _write_files(staging, staged_runs, segments, split, rejects, copies,
+                                    manifest)  # fmt: skip
+            except OSError as error:
+                raise DataValidationError(
+                    f"{out_dir}: the prepared dataset could not be written ({error}); the one "
+                    "there before is left as it was"
+                ) from error
+            new_runs = sorted(staged_runs.iterdir())
+            for path in new_runs:
+                os.replace(path, runs_dir / path.name)
+            new_files = sorted(p for p in staging.iterdir() if p.name != "manifest.json")
+            for path in new_files:
+                os.replace(path, out_dir / path.name)
+            os.replace(staging / "manifest.json", out_dir / "manifest.json")
+            kept = {path.name for path in new_runs}
+            for stale in runs_dir.glob("*.parquet"):
+                if stale.name not in kept:
+                    stale.unlink()
+            for name in set(OWNED) - {path.name for path in new_files} - {"manifest.json"}:
+                (out_dir / name).unlink(missing_ok=True)  # e.g. events.csv of an earlier raw
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staged_runs, ignore_errors=True)
+    return json.loads(text)
+
+
+def _write_files(out_dir: Path, runs_out: Path, segments: list[Segment], split: dict[str, str],
+                 rejects: pd.DataFrame, copies: dict[str, Path], manifest: dict) -> str:
+    """Every file of the dataset into `out_dir`, the run files into `runs_out`, manifest.json
+    last; returns its text."""
+    runs = _write_runs(runs_out, segments, split)
     files = {entry["file"]: entry["sha256"] for entry in runs.values()}
     rejects.to_csv(out_dir / "rejects.csv", index=False, lineterminator="\n")
     files["rejects.csv"] = sha256_file(out_dir / "rejects.csv")
@@ -157,21 +214,39 @@ def write_dataset(
     manifest = {**manifest, "runs": runs, "files": files, "splits": splits}
     text = json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False) + "\n"
     (out_dir / "manifest.json").write_text(text, encoding="utf-8")
-    return json.loads(text)
+    return text
 
 
-def _write_runs(out_dir: Path, segments: list[Segment], split: dict[str, str]) -> dict:
-    """One Parquet file per segment; returns the manifest's "runs" entries."""
+@contextmanager
+def _writer_lock(out_dir: Path) -> Iterator[bool]:
+    """One writer of `out_dir` at a time (a lock on the folder itself, released when the
+    process ends however it ends): two prepares into one folder deleted each other's run
+    files. A second writer waits for the first; readers are not held. Yields whether it
+    holds the lock."""
+    if fcntl is None:  # not POSIX: no lock
+        yield False
+        return
+    handle = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _write_runs(runs_out: Path, segments: list[Segment], split: dict[str, str]) -> dict:
+    """One Parquet file per segment into `runs_out`; returns the manifest's "runs" entries
+    (their files under RUNS_DIR)."""
     runs = {}
     for seg in segments:
         if seg.segment_id in runs:
             raise DataValidationError(f"run segment id {seg.segment_id} is not unique")
-        relative = f"{RUNS_DIR}/{seg.segment_id}.parquet"
-        write_parquet(seg.frame, out_dir / relative)
+        name = f"{seg.segment_id}.parquet"
+        write_parquet(seg.frame, runs_out / name)
         start, end = iso_utc(np.array([seg.start_ns, seg.end_ns]))
         runs[seg.segment_id] = {
-            "file": relative,
-            "sha256": sha256_file(out_dir / relative),
+            "file": f"{RUNS_DIR}/{name}",
+            "sha256": sha256_file(runs_out / name),
             "n_rows": len(seg.frame),
             "start": start,
             "end": end,
@@ -209,11 +284,3 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _clear(out_dir: Path, runs_dir: Path) -> None:
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    for stale in runs_dir.glob("*.parquet"):
-        stale.unlink()
-    for name in OWNED:
-        (out_dir / name).unlink(missing_ok=True)

@@ -8,9 +8,11 @@ Each stage's root config is `configs/<stage>.yaml`; see training/config_dir.py f
 configs are looked up.
 """
 
+import itertools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import hydra
@@ -167,6 +169,30 @@ def _path_safe(text: str, limit: int = 120) -> str:
     return str(text).replace("/", "_")[:limit]
 
 
+_OWN_FOLDERS: dict[str, str] = {}
+
+
+def _own_folder(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ...: the first of them this process creates.
+
+    The stages' folders are named to the second: two runs started in the same second shared
+    one, and the later one's config, log and checkpoint replaced the first's. mkdir is the
+    claim (one process wins each name); Hydra resolves the name more than once, so each
+    process keeps its answer.
+    """
+    path = os.path.abspath(str(path))
+    if path not in _OWN_FOLDERS:
+        for n in itertools.count(1):
+            candidate = path if n == 1 else f"{path}-{n}"
+            try:
+                Path(candidate).mkdir(parents=True)
+            except FileExistsError:
+                continue
+            _OWN_FOLDERS[path] = candidate
+            break
+    return _OWN_FOLDERS[path]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `twin <stage> ...` to the stage's Hydra application."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -191,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     # configs/train.yaml names a sweep job's folder after its overrides: a `/` in one (a
     # path, monitor=val/loss) made nested folders of it, and many of them a name too long
     OmegaConf.register_new_resolver("path_safe", _path_safe, replace=True)
+    OmegaConf.register_new_resolver("own_folder", _own_folder, replace=True)
+    _OWN_FOLDERS.clear()  # a second `main` in this process is another run
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
     app(_reporting(name, stages[name].run))()
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
@@ -225,7 +226,8 @@ class PreparedDataset:
         if run_id not in self.manifest["runs"]:
             raise DatasetError(f"unknown run {run_id!r}: not in the manifest's runs")
         entry = self.manifest["runs"][run_id]
-        columns = _read_columns(self.root, entry["file"], self.input_tags, self.measurement_tags)
+        columns = _read_columns(self.root, entry["file"], entry["sha256"], self.input_tags,
+                                self.measurement_tags)  # fmt: skip
         name = entry["file"]
         time_s = columns["time_s"]
         if "n_rows" in entry and len(time_s) != int(entry["n_rows"]):
@@ -340,9 +342,15 @@ def _verify_files(root: Path, manifest: dict) -> None:
 
 
 def _read_columns(
-    root: Path, relative: str, input_tags: list[str], measurement_tags: list[str]
+    root: Path, relative: str, sha256: str, input_tags: list[str], measurement_tags: list[str]
 ) -> dict[str, np.ndarray]:
-    """The columns training needs, as numpy arrays (floats as float64, counts as int64)."""
+    """The columns training needs, as numpy arrays (floats as float64, counts as int64).
+
+    The file's bytes are read once and checked against the manifest's `sha256` before they
+    are parsed: `open` checked every file, but a `twin prepare` into the same folder since
+    then (minutes later, in a plot or an export's monitor fit) would otherwise be read as the
+    hashed data.
+    """
     path = _resolve(root, relative)
     wanted = [
         "time_s",
@@ -351,14 +359,24 @@ def _read_columns(
         *(tag + COUNT_SUFFIX for tag in measurement_tags),
     ]
     try:
-        names = set(pq.read_schema(path).names)
+        content = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{relative}: unreadable file ({exc})") from exc
+    actual = hashlib.sha256(content).hexdigest()
+    if actual != sha256:
+        raise HashMismatchError(
+            f"{relative}: SHA-256 mismatch, manifest expects {sha256}, file has {actual}; the "
+            "file changed after the dataset was opened (a `twin prepare` into the same folder?)"
+        )
+    try:
+        names = set(pq.read_schema(pa.BufferReader(content)).names)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise DatasetError(f"{relative}: unreadable Parquet file ({exc})") from exc
     missing = [name for name in wanted if name not in names]
     if missing:
         raise DatasetError(f"{relative}: missing columns {missing}")
     try:
-        table = pq.read_table(path, columns=wanted)
+        table = pq.read_table(pa.BufferReader(content), columns=wanted)
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{relative}: unreadable Parquet file ({exc})") from exc
     columns = {}

@@ -312,8 +312,9 @@ def read_checkpoint(path: Path, max_epochs: int | None, lr_schedule: str | None 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     # what torch.load raises on a file that is not a checkpoint varies with its bytes
+    # (a file cut short can also end in OSError EINVAL, from the zip reader's seek)
     except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, KeyError,
-            ValueError) as error:  # fmt: skip
+            ValueError, OSError) as error:  # fmt: skip
         raise ConfigError(
             f"resume_from: {str(path)!r} is not a Lightning checkpoint ({type(error).__name__})"
         ) from error

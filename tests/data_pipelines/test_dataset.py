@@ -2,11 +2,17 @@
 
 import hashlib
 import json
+import os
+import shutil
+import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from data_pipelines import prepare_dataset, split_runs
+from data_pipelines.errors import DataValidationError
 
 
 def _sha256(path) -> str:
@@ -131,6 +137,82 @@ def test_a_second_prepare_leaves_no_stale_run_file(
     (out / "runs").mkdir(parents=True)
     (out / "runs" / "OLD_s1.parquet").write_bytes(b"stale")
     manifest = _prepare(raw, out, small_tags, data_config)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        f"{seg}.parquet" for seg in manifest["runs"]
+    )
+
+
+def test_a_prepare_that_cannot_write_leaves_the_dataset_there_as_it_was(
+    six_run_export, tmp_path, small_tags, data_config
+):
+    # a full disk (or Ctrl-C) half way emptied the folder of the last good dataset
+    resource = pytest.importorskip("resource")  # POSIX
+    raw, _, _ = six_run_export
+    out = tmp_path / "out"
+    _prepare(raw, out, small_tags, data_config)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))  # no file past 1 KB: a full disk
+    try:
+        with pytest.raises(DataValidationError, match=r"could not be written \(.*File too large"
+                           r".*the one there before is left as it was"):  # fmt: skip
+            _prepare(raw, out, small_tags, {**data_config, "dt_s": 10.0})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_runs_folder_on_another_disk_is_written_through_its_link(
+    six_run_export, tmp_path, small_tags, data_config
+):
+    # runs/ as a link to a bigger disk: staged beside the dataset, the run files could not
+    # be renamed across disks, after the old ones were deleted
+    raw, _, _ = six_run_export
+    out, elsewhere = tmp_path / "out", Path("/dev/shm") / f"twin_runs_{os.getpid()}"
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's folder")
+    elsewhere.mkdir()
+    try:
+        out.mkdir()
+        (out / "runs").symlink_to(elsewhere)
+        for dt_s in (5.0, 10.0):
+            manifest = _prepare(raw, out, small_tags, {**data_config, "dt_s": dt_s})
+            for relative, sha256 in manifest["files"].items():
+                assert _sha256(out / relative) == sha256, relative
+            assert sorted(p.name for p in elsewhere.iterdir()) == sorted(
+                f"{seg}.parquet" for seg in manifest["runs"]
+            )
+    finally:
+        shutil.rmtree(elsewhere)
+
+
+def test_prepares_into_one_folder_at_once_leave_one_whole_dataset(
+    six_run_export, tmp_path, small_tags, data_config
+):
+    # each deleted the other's run files: one failed on a missing file, or the manifest of
+    # one listed the other's files
+    raw, _, _ = six_run_export
+    out = tmp_path / "out"
+    errors = []
+
+    def prepare(dt_s):
+        try:
+            for _ in range(3):
+                _prepare(raw, out, small_tags, {**data_config, "dt_s": dt_s})
+        except Exception as error:  # noqa: BLE001 - any failure is the finding
+            errors.append(error)
+
+    threads = [threading.Thread(target=prepare, args=(dt_s,)) for dt_s in (5.0, 10.0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    for relative, sha256 in manifest["files"].items():
+        assert _sha256(out / relative) == sha256, relative
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
         f"{seg}.parquet" for seg in manifest["runs"]
     )

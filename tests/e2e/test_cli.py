@@ -70,3 +70,34 @@ def test_a_refused_input_is_reported_as_its_message_not_a_traceback(tmp_path):
     full = subprocess.run([TWIN, "prepare", *overrides], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr
+
+
+def test_a_stage_started_in_the_same_second_as_another_gets_a_folder_of_its_own(tmp_path):
+    # The folders are named to the second: two runs started in the same second shared one,
+    # and the later one's config, log and checkpoint replaced the first's. Here the other run
+    # holds every folder of the next minute.
+    import datetime
+
+    now = datetime.datetime.now()
+    taken = [(now + datetime.timedelta(seconds=s)).strftime("%Y-%m-%d_%H-%M-%S")
+             for s in range(-1, 60)]  # fmt: skip
+    for stamp in taken:
+        (tmp_path / "outputs" / "prepare" / stamp).mkdir(parents=True)
+    result = run_twin("prepare", f"data.raw_dir={tmp_path / 'no_such_folder'}", cwd=tmp_path)
+    assert result.returncode == 1
+    folders = sorted(p.name for p in (tmp_path / "outputs" / "prepare").iterdir())
+    [own] = [name for name in folders if name not in taken]
+    assert own.endswith("-2") and own.removesuffix("-2") in taken
+    assert (tmp_path / "outputs" / "prepare" / own / ".hydra" / "config.yaml").is_file()
+    assert not [p for stamp in taken for p in (tmp_path / "outputs" / "prepare" / stamp).iterdir()]
+
+
+def test_a_process_keeps_the_folder_it_claimed(tmp_path, monkeypatch):
+    # Hydra resolves the folder's name more than once; each must give the same folder
+    from training.cli import _own_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "x").mkdir(parents=True)  # another run's
+    first = _own_folder("outputs/x")
+    assert first == str(tmp_path / "outputs" / "x-2") and _own_folder("outputs/x") == first
+    assert (tmp_path / "outputs" / "x-2").is_dir() and not (tmp_path / "outputs" / "x-3").exists()

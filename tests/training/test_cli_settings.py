@@ -4,7 +4,10 @@ false, a scenario name given without its list, a recorded start on another time 
 checkpoint that is not one, filter fractions below zero."""
 
 import dataclasses
+import os
 import re
+import threading
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -198,3 +201,47 @@ def test_an_export_path_no_file_can_be_written_to_is_refused_before_the_build(tm
     with pytest.raises(ConfigError, match=r"x.aoti.pt2 is a folder"):
         check_out_path(tmp_path / "x.pt", formats)
     check_out_path(tmp_path / "x.pt", ["torchscript"])
+
+
+def test_an_export_into_a_read_only_folder_is_refused_before_the_build(tmp_path, monkeypatch):
+    # a read-only mount failed after the build in torch's C++, naming no path; the tests run
+    # as root, whom file modes do not stop, so the mount's answer is stood in for
+    import training.export
+    from training.export import check_out_path
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(training.export.os, "access", lambda path, mode: (
+        False if Path(path) == read_only and mode & os.W_OK else real_access(path, mode)))
+    with pytest.raises(ConfigError, match=r"ro/twin.pt cannot be written: .*ro is not writable"):
+        check_out_path(read_only / "twin.pt", ["torchscript"])
+    with pytest.raises(ConfigError, match=r"cannot be written: .*ro is not writable"):
+        check_out_path(read_only / "models" / "twin.pt", ["torchscript"])  # folder to be made
+    check_out_path(tmp_path / "twin.pt", ["torchscript"])
+
+
+def test_writers_of_one_file_do_not_share_a_temporary_file(tmp_path):
+    # two exports to one `out` shared `<out>.partial`: one renamed it away from the other,
+    # which failed with FileNotFoundError after its whole build
+    from training.export import write_bytes_atomically
+
+    out = tmp_path / "twin.pt"
+    payloads = [bytes([n]) * 200_000 for n in (1, 2)]
+    errors = []
+
+    def write(data):
+        try:
+            for _ in range(40):
+                write_bytes_atomically(data, out)
+        except OSError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(data,)) for data in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert out.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["twin.pt"]  # no temporary file left

@@ -40,6 +40,19 @@ def test_changed_run_file_error_names_file_and_both_hashes(prepared):
     assert isinstance(info.value, ValueError)
 
 
+def test_a_run_file_changed_after_open_is_refused_when_loaded(prepared):
+    """An export's monitor fit or a training's plots load runs minutes after `open` checked
+    them; a `twin prepare` into the same folder in between was read as the hashed data."""
+    dataset = PreparedDataset.open(prepared.path)
+    path = prepared.path / "runs" / "R004.parquet"
+    frame = pd.read_parquet(path)
+    frame.loc[10, "NIR.API_CONC"] += 0.1
+    frame.to_parquet(path, index=False)
+    with pytest.raises(HashMismatchError, match=r"runs/R004.parquet: .*after the dataset was"):
+        dataset.load_run("R004")
+    dataset.load_run("R001")  # the files that did not change still load
+
+
 def test_changed_rejects_file_is_caught_too(prepared):
     with open(prepared.path / "rejects.csv", "a") as handle:
         handle.write("historian.parquet,18,,NIR.API_CONC,,Bad,bad quality\n")

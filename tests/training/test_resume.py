@@ -229,6 +229,16 @@ def test_read_checkpoint_refuses_a_file_that_is_no_checkpoint(tmp_path, content)
         read_checkpoint(path, 4)
 
 
+def test_read_checkpoint_refuses_a_checkpoint_cut_short(resumed, tmp_path):
+    # a copy cut short (a full disk, a transfer stopped) ended in a bare OSError traceback
+    content = resumed.first_checkpoint.read_bytes()
+    for size in (len(content) // 2, len(content) - 30):
+        path = tmp_path / f"cut_{size}.ckpt"
+        path.write_bytes(content[:size])
+        with pytest.raises(ConfigError, match="is not a Lightning checkpoint"):
+            read_checkpoint(path, 4)
+
+
 def test_read_checkpoint_wants_max_epochs_past_the_epochs_done(resumed):
     with pytest.raises(ConfigError, match="has trained 2 epochs; set trainer.max_epochs above 2"):
         read_checkpoint(resumed.first_checkpoint, 2)
