@@ -33,8 +33,8 @@ from data_pipelines.timestamps import iso_utc
 
 SPLITS = ("train", "val", "test", "fault")
 RUNS_DIR = "runs"
-# Names this stage owns inside out_dir; only these are removed before writing, so a stale
-# run file of an earlier prepare can never sit beside a new manifest.
+# Names this stage owns inside out_dir; only these and run files are replaced or removed
+# (after the new manifest is in place; a reader never takes a file the manifest does not list).
 OWNED = ("rejects.csv", "events.csv", "fault_labels.csv", "manifest.json")
 # The folder a prepare writes into before its files replace the dataset's (`write_dataset`).
 STAGING_PREFIX = ".writing-"
