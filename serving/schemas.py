@@ -157,8 +157,9 @@ def _tag_model(name: str, tags: list[str], units: dict, value: Any, required: bo
         description = f"{tag} [{units.get(tag, '?')}]"
         if required:
             fields[f"f{k}"] = (value, Field(alias=tag, description=description))
-        else:
-            description += "; null or absent = not sampled"
+        else:  # a measurement: as the detector was fitted on it (docs/serving.md)
+            description += ("; the mean of its samples over the row's dt_s interval; null or "
+                            "absent = not sampled")
             fields[f"f{k}"] = (value | None, Field(None, alias=tag, description=description))
     return create_model(name, __config__=STRICT, **fields)
 
