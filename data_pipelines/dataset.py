@@ -142,7 +142,9 @@ def write_dataset(
 
     Args:
         out_dir: created if missing; earlier run files and the OWNED names are replaced once
-            every new file is written (a failure leaves the dataset there as it was).
+            every new file is written: a failure while writing leaves the dataset there as it
+            was; one during the moves that follow (a second) leaves one that `open` refuses
+            (its hashes), never one read silently.
         segments: from align_runs.
         split: {run_id: split} from split_runs.
         rejects: rejects.csv rows.
@@ -181,12 +183,19 @@ def write_dataset(
                     "there before is left as it was"
                 ) from error
             new_runs = sorted(staged_runs.iterdir())
-            for path in new_runs:
-                os.replace(path, runs_dir / path.name)
             new_files = sorted(p for p in staging.iterdir() if p.name != "manifest.json")
-            for path in new_files:
-                os.replace(path, out_dir / path.name)
-            os.replace(staging / "manifest.json", out_dir / "manifest.json")
+            try:
+                for path in new_runs:
+                    os.replace(path, runs_dir / path.name)
+                for path in new_files:
+                    os.replace(path, out_dir / path.name)
+                os.replace(staging / "manifest.json", out_dir / "manifest.json")
+            except OSError as error:
+                raise DataValidationError(
+                    f"{out_dir}: moving the new dataset in failed ({error}); the folder now "
+                    "mixes old and new files, which the manifest's hashes refuse: run `twin "
+                    "prepare` again"
+                ) from error
             kept = {path.name for path in new_runs}
             for stale in runs_dir.glob("*.parquet"):
                 if stale.name not in kept:

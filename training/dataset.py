@@ -341,25 +341,18 @@ def _verify_files(root: Path, manifest: dict) -> None:
             )
 
 
-def _read_columns(
-    root: Path, relative: str, sha256: str, input_tags: list[str], measurement_tags: list[str]
-) -> dict[str, np.ndarray]:
-    """The columns training needs, as numpy arrays (floats as float64, counts as int64).
+def verified_bytes(root: Path, relative: str, sha256: str) -> bytes:
+    """A dataset file's bytes, read once and checked against the manifest's `sha256`.
 
-    The file's bytes are read once and checked against the manifest's `sha256` before they
-    are parsed: `open` checked every file, but a `twin prepare` into the same folder since
-    then (minutes later, in a plot or an export's monitor fit) would otherwise be read as the
-    hashed data.
+    `open` checked every file, but a `twin prepare` into the same folder since then (minutes
+    later: a plot, an export's monitor fit, the fault labels of an evaluation) would
+    otherwise be read as the hashed data.
+
+    Raises:
+        DatasetError: the file cannot be read; HashMismatchError: its bytes changed.
     """
-    path = _resolve(root, relative)
-    wanted = [
-        "time_s",
-        *input_tags,
-        *measurement_tags,
-        *(tag + COUNT_SUFFIX for tag in measurement_tags),
-    ]
     try:
-        content = path.read_bytes()
+        content = _resolve(root, relative).read_bytes()
     except OSError as exc:
         raise DatasetError(f"{relative}: unreadable file ({exc})") from exc
     actual = hashlib.sha256(content).hexdigest()
@@ -368,6 +361,21 @@ def _read_columns(
             f"{relative}: SHA-256 mismatch, manifest expects {sha256}, file has {actual}; the "
             "file changed after the dataset was opened (a `twin prepare` into the same folder?)"
         )
+    return content
+
+
+def _read_columns(
+    root: Path, relative: str, sha256: str, input_tags: list[str], measurement_tags: list[str]
+) -> dict[str, np.ndarray]:
+    """The columns training needs, as numpy arrays (floats as float64, counts as int64), from
+    the file's bytes as the manifest hashed them (`verified_bytes`)."""
+    wanted = [
+        "time_s",
+        *input_tags,
+        *measurement_tags,
+        *(tag + COUNT_SUFFIX for tag in measurement_tags),
+    ]
+    content = verified_bytes(root, relative, sha256)
     try:
         names = set(pq.read_schema(pa.BufferReader(content)).names)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError

@@ -13,6 +13,7 @@ and an MLflow run `evaluate-faults-<time>`.
 """
 
 import datetime
+import io
 import logging
 import math
 import time
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from hybrid_twin import ConfigError
 from hybrid_twin.errors import config_number
-from training.dataset import PreparedDataset, RunTensors
+from training.dataset import PreparedDataset, RunTensors, verified_bytes
 from training.export import (
     build_online_twin,
     engineering_runs,
@@ -353,7 +354,12 @@ def load_labels(dataset: PreparedDataset, runs: list[str]) -> pd.DataFrame:
     path = Path(dataset.root) / LABELS_FILE
     if not path.is_file():
         raise ConfigError(f"{path}: no fault labels in the prepared dataset")
-    labels = pd.read_csv(path)
+    listed = dataset.manifest["files"].get(LABELS_FILE)
+    if listed is None:
+        raise ConfigError(f"{path}: not listed in the dataset's manifest (so not hashed): "
+                          "run `twin prepare` again")  # fmt: skip
+    # as hashed at open: a prepare since then may have written other labels
+    labels = pd.read_csv(io.BytesIO(verified_bytes(Path(dataset.root), LABELS_FILE, listed)))
     manifest_runs = dataset.manifest["runs"]
     source = {r: str(manifest_runs.get(r, {}).get("source_run", r)) for r in runs}
     labelled = set(labels.run_id)

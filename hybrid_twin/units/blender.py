@@ -255,14 +255,11 @@ class TanksInSeriesBlender(AbstractUnit):
     def mean_residence_time_s(
         self, throughput_kg_h: Tensor, speed_rpm: Tensor, theta: list[Tensor]
     ) -> Tensor:
-        """Mean residence time at steady state, N m / F (= H(F, w) / F above the floor), s;
-        where nothing is fed (an empty blender), N / `rate_1_s` at the throughput floor: large
-        and finite, as the feed-driven law gave it (N m / F is 0 / 0 there)."""
+        """Mean residence time at steady state, N / k(m) = N m / F (= H(F, w) / F above the
+        floor), s. Written as N / k: at no feed (an empty blender) N m / F is 0 / 0, N / k the
+        limit at the hold-up floor, large and finite."""
         tank = self.steady_tank_kg(throughput_kg_h, speed_rpm, theta)
-        fed = throughput_kg_h > 0.0
-        flow = torch.where(fed, throughput_kg_h, torch.ones_like(throughput_kg_h))
-        return torch.where(fed, tank * (3600.0 * self.n_tanks) / flow,
-                           self.n_tanks / self.rate_1_s(throughput_kg_h, speed_rpm, theta))
+        return self.n_tanks / self.discharge_rate_1_s(tank, speed_rpm, theta)
 
     def _tanks(self, x: Tensor) -> Tensor:
         return x.narrow(1, 0, self.n_tank_states).unflatten(1, (self.n_tanks, self.n_components))

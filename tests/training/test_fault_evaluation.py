@@ -1,5 +1,6 @@
 """The fault table's metrics on hand-made alarms and labels, and the PCA baseline's calibration."""
 
+import hashlib
 import math
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 
 from hybrid_twin import ConfigError
 from tests.training.shipped import stage_config
-from training.dataset import RunTensors
+from training.dataset import HashMismatchError, RunTensors
 from training.fault_evaluation import (
     LABELS_FILE,
     PCAMonitor,
@@ -146,7 +147,7 @@ def test_a_fault_run_split_at_a_data_gap_is_scored_once_from_its_segments(tmp_pa
     later = "2025-03-01T08:32:00.000+00:00"
     manifest = {"runs": {"f1": {"kind": "fault", "source_run": "f1", "start": START},
                          "f1_s1": {"kind": "fault", "source_run": "f1", "start": later}}}
-    labels = load_labels(SimpleNamespace(root=tmp_path, manifest=manifest), ["f1_s1", "f1"])
+    labels = load_labels(_labelled(tmp_path, manifest), ["f1_s1", "f1"])
     assert list(labels.run_id) == ["f1_s1", "f1"] and set(labels.source_run) == {"f1"}
 
     # the first segment, all before the onset: 2 false alarms; the second: a false alarm at
@@ -240,7 +241,29 @@ def test_two_labels_for_one_run_are_refused_naming_it(tmp_path):
     row = "run_027,nir_fouling,2025-03-01T08:40:00Z,2025-03-01T09:00:00Z,NIR.API_CONC,NIR\n"
     (tmp_path / LABELS_FILE).write_text(header + row + row.replace("08:40", "08:50"))
     with pytest.raises(ConfigError, match=r"more than one label for runs \['run_027'\]"):
-        load_labels(SimpleNamespace(root=tmp_path, manifest={"runs": {}}), ["run_027"])
+        load_labels(_labelled(tmp_path, {"runs": {}}), ["run_027"])
+
+
+def _labelled(root, manifest):
+    """A dataset stand-in whose manifest hashes the labels file written in `root`."""
+    listed = {LABELS_FILE: hashlib.sha256((root / LABELS_FILE).read_bytes()).hexdigest()}
+    return SimpleNamespace(root=root, manifest={**manifest, "files": listed})
+
+
+def test_labels_changed_since_the_dataset_was_opened_are_refused(tmp_path):
+    # a prepare into the folder during an evaluation wrote other labels: they were scored
+    # against the runs of the manifest the evaluation opened
+    header = "run_id,fault_kind,onset,end,affected_tag,affected_unit\n"
+    row = "run_027,nir_fouling,2025-03-01T08:40:00Z,2025-03-01T09:00:00Z,NIR.API_CONC,NIR\n"
+    (tmp_path / LABELS_FILE).write_text(header + row)
+    dataset = _labelled(tmp_path, {"runs": {}})
+    assert list(load_labels(dataset, ["run_027"]).run_id) == ["run_027"]
+    (tmp_path / LABELS_FILE).write_text(header + row.replace("08:40", "08:45"))
+    with pytest.raises(HashMismatchError, match=r"fault_labels\.csv: SHA-256 mismatch"):
+        load_labels(dataset, ["run_027"])
+    unlisted = SimpleNamespace(root=tmp_path, manifest={"runs": {}, "files": {}})
+    with pytest.raises(ConfigError, match=r"not listed in the dataset's manifest"):
+        load_labels(unlisted, ["run_027"])
 
 
 def test_the_false_alarm_rate_is_not_scored_on_the_runs_that_set_the_limits():
@@ -309,7 +332,7 @@ def test_normal_runs_given_as_fault_runs_blame_fault_split_not_the_labels(tmp_pa
     manifest = {"runs": {"run_003": {"kind": "normal", "split": "test"},
                          "run_027": {"kind": "fault", "split": "fault"},
                          "run_028": {"kind": "fault", "split": "fault"}}}
-    dataset = SimpleNamespace(root=tmp_path, manifest=manifest)
+    dataset = _labelled(tmp_path, manifest)
     with pytest.raises(ConfigError, match=r"^fault_split: split 'test' holds runs that are not "
                                           r"fault runs and have no fault label \(\['run_003'\]"):
         load_labels(dataset, ["run_003"])
