@@ -172,9 +172,22 @@ class TanksInSeriesBlender(AbstractUnit):
         residence floor of the other units. log k is clamped so that exp stays finite in float32
         (an empty tank with a small a): exp(60) s is a residence no run reaches.
         """
+        return 1.0 / self._floored_residence(log_rate, theta)[2]
+
+    def _floored_residence(self, log_rate: Tensor, theta: list[Tensor]
+                           ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """(1/k, its floor 2 s / a, 1/k floored) from log k; see `_floored_rate`."""
         floor_s = 2.0 / theta[3]
         residence = torch.exp(-log_rate.clamp(-60.0, 60.0))
-        return 1.0 / (floor_s + F.softplus(residence - floor_s, beta=10.0))
+        return residence, floor_s, floor_s + F.softplus(residence - floor_s, beta=10.0)
+
+    def _holdup_log_rate(self, tank_kg: Tensor, log_rate_ref: Tensor, theta: list[Tensor]
+                         ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(N m through the hold-up floor, log k of the discharge law before the residence
+        floor) for tanks holding `tank_kg`; log_rate_ref from `_log_rate_ref`."""
+        holdup = F.softplus(tank_kg * float(self.n_tanks), beta=self.holdup_beta)
+        holdup = holdup + self.holdup_epsilon
+        return holdup, log_rate_ref + (1.0 / theta[3] - 1.0) * torch.log(holdup / theta[0])
 
     def _log_rate_ref(self, speed_rpm: Tensor, theta: list[Tensor]) -> Tensor:
         """log of N F_ref / (3600 H_ref) (w / w_ref)^(b/a), (batch, 1)."""
@@ -213,11 +226,7 @@ class TanksInSeriesBlender(AbstractUnit):
         it is `rate_1_s(F, w)`. N m passes through the smooth hold-up floor (softplus, width
         `holdup_floor_kg`); 1/k has the floor of `_floored_rate`.
         """
-        holdup = F.softplus(tank_kg * float(self.n_tanks), beta=self.holdup_beta)
-        holdup = holdup + self.holdup_epsilon
-        log_rate = self._log_rate_ref(speed_rpm, theta) + (1.0 / theta[3] - 1.0) * torch.log(
-            holdup / theta[0]
-        )
+        _, log_rate = self._holdup_log_rate(tank_kg, self._log_rate_ref(speed_rpm, theta), theta)
         return self._floored_rate(log_rate, theta)
 
     def steady_tank_kg(
@@ -235,18 +244,13 @@ class TanksInSeriesBlender(AbstractUnit):
         fed = flow > 0.0
         flow = torch.where(fed, flow, torch.ones_like(flow))
         tank = flow / self.rate_1_s(flow * 3600.0, speed_rpm, theta)
-        floor_s = 2.0 / theta[3]
+        log_rate_ref = self._log_rate_ref(speed_rpm, theta)
         for _ in range(6):
-            scaled = tank * float(self.n_tanks)
-            holdup = F.softplus(scaled, beta=self.holdup_beta) + self.holdup_epsilon
-            log_rate = self._log_rate_ref(speed_rpm, theta) + (
-                1.0 / theta[3] - 1.0
-            ) * torch.log(holdup / theta[0])
-            residence = torch.exp(-log_rate.clamp(-60.0, 60.0))
-            excess = residence - floor_s
-            floored = floor_s + F.softplus(excess, beta=10.0)
+            holdup, log_rate = self._holdup_log_rate(tank, log_rate_ref, theta)
+            residence, floor_s, floored = self._floored_residence(log_rate, theta)
             # d log(1/k) / d log m: the residence floor's slope times the hold-up floor's
-            slope = residence * torch.sigmoid(10.0 * excess) / floored
+            scaled = tank * float(self.n_tanks)
+            slope = residence * torch.sigmoid(10.0 * (residence - floor_s)) / floored
             slope = slope * scaled * torch.sigmoid(self.holdup_beta * scaled) / holdup
             step = torch.log(tank / (flow * floored)) / (1.0 + (1.0 / theta[3] - 1.0) * slope)
             tank = tank * torch.exp(-step)
